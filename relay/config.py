@@ -1,0 +1,227 @@
+"""Every setting of the relay, declared once: defaults, types, checks and environment overrides.
+
+Sources, later ones winning: the built-in defaults below, `config.json` (or the file named by
+`RELAY_CONFIG`), then the environment (`RELAY_<KEY>` with `__` for nesting, plus `PORT`, `REDIS_URL`,
+`CLAUDE_BIN` and `API_KEYS`). A wrong value raises `ConfigError` naming the key, at start-up.
+Imports only the standard library, so `gunicorn.conf.py` may use it in the master process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting is missing, of the wrong type or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type | tuple[type, ...]
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] | None = None
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else "must be one of " + ", ".join(choices)
+
+
+def _check_keys(value: Any) -> str | None:
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                return f"item {i} is an empty key"
+            continue
+        if not isinstance(item, dict) or not item.get("name"):
+            return f"item {i} must be a key string or an object with a name"
+        if not (item.get("key") or item.get("key_sha256")):
+            return f"item {i} ({item['name']}) needs key or key_sha256"
+    return None
+
+
+def _check_models(value: Any) -> str | None:
+    for i, item in enumerate(value):
+        if isinstance(item, str) and item:
+            continue
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
+            continue
+        return f"item {i} must be a model id or an object with an id"
+    return None
+
+
+_POS = _between(0.001, 1e9)
+_NONNEG = _between(0, 1e12)
+
+# One entry per setting: dotted key -> Field. README's configuration table mirrors this.
+SCHEMA: dict[str, Field] = {
+    "host": Field(str, "127.0.0.1", "Address to bind. Keep 127.0.0.1 behind nginx."),
+    "port": Field(int, 3456, "TCP port.", _between(1, 65535)),
+    "workers": Field(int, 2, "gunicorn gevent worker processes.", _between(1, 64)),
+    "worker_connections": Field(int, 200, "Concurrent connections per gevent worker.", _between(1, 10000)),
+    "graceful_timeout_s": Field(int, 30, "On SIGTERM, how long running streams may finish before the kill.",
+                                _between(1, 3600)),
+    "redis_url": Field(str, "", "Redis URL; empty means the private Redis that `make run` starts."),
+    "claude_bin": Field(str, "claude", "Claude Code CLI executable (name on PATH or a path)."),
+    "claude_config_dir": Field(str, "", "CLAUDE_CONFIG_DIR for the CLI; empty passes the relay's through."),
+    "default_model": Field(str, "sonnet", "CLI model for names the relay does not recognise."),
+    "extra_models": Field(list, [], "More model ids to list and accept: strings or {id, cli_model}.",
+                          _check_models),
+    "system_prompt_mode": Field(str, "replace", "replace | append | embed (see README).",
+                                _one_of("replace", "append", "embed")),
+    "max_concurrent_runs": Field(int, 4, "CLI processes allowed at once on this host.", _between(1, 1000)),
+    "queue_timeout_s": Field(float, 10.0, "How long a request waits for a free run slot before 429.",
+                             _NONNEG),
+    "first_token_timeout_s": Field(float, 120.0, "Kill a run with no model output after this long.", _POS),
+    "idle_timeout_s": Field(float, 120.0, "Kill a run whose output stops for this long.", _POS),
+    "total_timeout_s": Field(float, 900.0, "Kill a run that lasts longer than this.", _POS),
+    "keepalive_s": Field(float, 5.0, "SSE keep-alive comment interval while the model is silent.", _POS),
+    "cli_max_retries": Field(int, 1, "CLAUDE_CODE_MAX_RETRIES for the CLI (0-15).", _between(0, 15)),
+    "upstream_retry_after_s": Field(int, 30, "Retry-After for an upstream 429 that gives no reset time.",
+                                    _between(1, 86400)),
+    "max_requests_per_day": Field(int, 1000, "Requests kept per day in log/stats.json.", _between(0, 10**7)),
+    "var_dir": Field(str, "var", "Runtime state: CLI working dir, private Redis, temp files."),
+    "log_dir": Field(str, "log", "Where stats.json is written."),
+    "log_level": Field(str, "info", "debug | info | warning | error.",
+                       _one_of("debug", "info", "warning", "error")),
+    "cache.ttl": Field(int, 0, "Seconds an identical non-streaming answer is served from cache (0 = off).",
+                       _between(0, 10**7)),
+    "cache.min_tokens": Field(int, 1000, "Only prompts of at least this many tokens are cached.",
+                              _between(0, 10**9)),
+    "rate_limit.max_requests_per_minute": Field(int, 60, "Global requests per minute (0 = no limit).",
+                                                _between(0, 10**9)),
+    "rate_limit.max_tokens_per_day": Field(int, 0, "Global tokens per day (0 = no limit).", _between(0, 10**12)),
+    "auth.enabled": Field(bool, False, "Require an API key on /v1/*."),
+    "auth.api_keys": Field(list, [], "Keys: strings, or objects {name, key | key_sha256, ...}.", _check_keys),
+    "sessions.enabled": Field(bool, True, "Map conversations onto CLI sessions (resume)."),
+    "sessions.ttl_hours": Field(float, 24.0, "How long an idle conversation is kept.", _POS),
+    "sessions.lock_wait_s": Field(float, 30.0, "How long a second request for a busy conversation waits.",
+                                  _NONNEG),
+    "stats.log_first_message": Field(bool, True, "Keep the first user message (truncated) in stats."),
+    "stats.snapshot_interval_s": Field(float, 5.0, "How often log/stats.json is rewritten.", _POS),
+    "prices": Field(dict, {}, "Override USD prices per million tokens, per model family."),
+}
+
+
+class Settings(Mapping[str, Any]):
+    """Validated settings, read with dotted keys: `settings["rate_limit.max_requests_per_minute"]`."""
+
+    def __init__(self, values: dict[str, Any], source: str) -> None:
+        self._values = values
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def path(self, key: str) -> Path:
+        """A directory setting as an absolute path (relative ones are under the checkout)."""
+        p = Path(self._values[key]).expanduser()
+        return p if p.is_absolute() else ROOT / p
+
+    def replace(self, **changes: Any) -> "Settings":
+        values = dict(self._values)
+        for k, v in changes.items():
+            values[k.replace("__", ".")] = v
+        return Settings(_validate(values), self.source)
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if key.startswith("_"):
+            continue  # comments
+        dotted = prefix + key
+        if isinstance(value, dict) and dotted not in SCHEMA:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _coerce(key: str, raw: Any, from_env: bool) -> Any:
+    field = SCHEMA[key]
+    value = raw
+    if from_env and isinstance(raw, str) and field.kind is not str:
+        if field.kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ConfigError(f"config: {key} must be true or false, got {raw!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"config: {key} must be {field.kind.__name__}, got {raw!r}") from None
+    if field.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and field.kind is not bool:
+        raise ConfigError(f"config: {key} must be {_name(field.kind)}, got {value!r}")
+    if not isinstance(value, field.kind):
+        raise ConfigError(f"config: {key} must be {_name(field.kind)}, got {value!r}")
+    return value
+
+
+def _name(kind: type | tuple[type, ...]) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            list: "a list", dict: "an object"}.get(kind, str(kind))  # type: ignore[call-overload]
+
+
+def _validate(values: dict[str, Any]) -> dict[str, Any]:
+    for key, value in values.items():
+        field = SCHEMA[key]
+        problem = field.check(value) if field.check else None
+        if problem:
+            raise ConfigError(f"config: {key} {problem} (got {value!r})")
+    return values
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Read defaults, the JSON file and the environment; raise ConfigError on the first bad value."""
+    env = os.environ if env is None else env
+    file = Path(path or env.get("RELAY_CONFIG") or ROOT / "config.json")
+    values = {k: f.default for k, f in SCHEMA.items()}
+    if file.exists():
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config: cannot read {file}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {file} must hold a JSON object")
+        for key, raw in _flatten(data).items():
+            if key not in SCHEMA:
+                raise ConfigError(f"config: unknown key {key} in {file}")
+            values[key] = _coerce(key, raw, from_env=False)
+    elif path or env.get("RELAY_CONFIG"):
+        raise ConfigError(f"config: file {file} does not exist")
+    for name, raw in env.items():
+        if not name.startswith("RELAY_") or name == "RELAY_CONFIG":
+            continue
+        key = name[len("RELAY_"):].lower().replace("__", ".")
+        if key not in SCHEMA:
+            raise ConfigError(f"config: unknown setting {name} in the environment")
+        values[key] = _coerce(key, raw, from_env=True)
+    for name, key in (("PORT", "port"), ("REDIS_URL", "redis_url"), ("CLAUDE_BIN", "claude_bin")):
+        if env.get(name):
+            values[key] = _coerce(key, env[name], from_env=True)
+    if env.get("API_KEYS"):
+        extra = [k.strip() for k in env["API_KEYS"].split(",") if k.strip()]
+        values["auth.api_keys"] = list(values["auth.api_keys"]) + extra
+    return Settings(_validate(values), str(file))

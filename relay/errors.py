@@ -1,0 +1,112 @@
+"""The relay's error tree and the OpenAI error body it becomes at the HTTP boundary.
+
+    RelayError (500 server_error)
+    ├── BadRequest (400 invalid_request_error)          malformed body, bad field, n>1, ...
+    │   └── PayloadTooLarge (413)
+    ├── Unauthorized (401) / Forbidden (403)
+    ├── NotFound (404)                                   unknown route or model
+    ├── Conflict (409)                                   conversation busy
+    ├── RateLimited (429 requests/rate_limit_exceeded)   relay limits, upstream 429, subscription limit
+    │   └── QuotaExceeded (429 insufficient_quota)
+    ├── UpstreamError (502)                              upstream 5xx, CLI crash, garbage output
+    ├── Unavailable (503)                                CLI missing, login expired, overloaded, Redis down
+    └── Timeout (504)                                    first-token / idle / total timeout
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RelayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response_headers(self) -> dict[str, str]:
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            secs = max(1, int(self.retry_after + 0.999))
+            headers["Retry-After"] = str(secs)
+            headers["retry-after-ms"] = str(max(1000, int(self.retry_after * 1000)))
+        return headers
+
+
+class BadRequest(RelayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class Unauthorized(RelayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(RelayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFound(RelayError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class Conflict(RelayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conversation_busy"
+
+
+class RateLimited(RelayError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(RateLimited):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class UpstreamError(RelayError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class Unavailable(RelayError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class Timeout(RelayError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+def not_found_route(path: str) -> NotFound:
+    return NotFound(f"Unknown route: {path}", code="unknown_url")

@@ -1,0 +1,204 @@
+"""Fold the CLI's stream-json events into one turn: deltas to stream, full text, usage, errors. Pure.
+
+`Turn.feed(event)` returns what a client should see next (text and reasoning deltas, tool-call
+fragments); after the `result` event `Turn.error()` says whether the turn failed and how.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TOOL_PREFIX = "mcp__client__"
+
+
+@dataclass
+class Delta:
+    kind: str            # "text" | "reasoning" | "tool_start" | "tool_args"
+    text: str = ""
+    index: int = 0       # tool call index (0, 1, ...) for tool deltas
+    call_id: str = ""
+    name: str = ""
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str = ""
+    input: dict[str, Any] | None = None
+
+
+@dataclass
+class Turn:
+    model: str | None = None
+    session_id: str | None = None
+    committed: bool = False            # the upstream API accepted the request (or the turn ended)
+    done: bool = False                 # the result event arrived
+    result: dict[str, Any] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)   # final text of each API message, in order
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    error_kind: str | None = None       # the `error` of a synthetic assistant message
+    rate_limit: dict[str, Any] | None = None
+    stop_reasons: list[str] = field(default_factory=list)
+    retries: int = 0
+    _msg_text: dict[str, str] = field(default_factory=dict)      # message id -> assembled text
+    _streamed: dict[str, str] = field(default_factory=dict)      # message id -> streamed text
+    _current: str = ""
+    _stream_id: str = ""
+    _tool_index: dict[str, int] = field(default_factory=dict)    # tool_use id -> call index
+    _block_tool: dict[int, str] = field(default_factory=dict)    # content block index -> tool_use id
+
+    # -- feeding ---------------------------------------------------------------------------------
+    def feed(self, ev: dict[str, Any]) -> list[Delta]:
+        kind = ev.get("type")
+        if kind == "system":
+            sub = ev.get("subtype")
+            if sub == "init":
+                self.model = ev.get("model") or self.model
+                self.session_id = ev.get("session_id") or self.session_id
+            elif sub == "api_retry":
+                self.retries += 1
+            return []
+        if kind == "stream_event":
+            if ev.get("parent_tool_use_id"):
+                return []
+            event = ev.get("event") or {}
+            msg_id = ev.get("api_message_id") or (event.get("message") or {}).get("id") or self._stream_id
+            self._stream_id = str(msg_id)
+            return self._stream(event, self._stream_id)
+        if kind == "assistant":
+            if ev.get("parent_tool_use_id"):
+                return []
+            return self._assistant(ev)
+        if kind == "rate_limit_event":
+            self.rate_limit = ev.get("rate_limit_info") or {}
+            return []
+        if kind == "result":
+            self.done = self.committed = True
+            self.result = ev
+            self.session_id = ev.get("session_id") or self.session_id
+            if not self.model and ev.get("modelUsage"):
+                self.model = next(iter(ev["modelUsage"]))
+            return []
+        return []
+
+    def _separator(self, msg_id: str) -> str:
+        """Text of separate API messages is joined by a blank line, except a max_tokens continuation."""
+        if msg_id == self._current:
+            return ""
+        previous = [t for t in self.messages if t]
+        cut = bool(self.stop_reasons) and self.stop_reasons[-1] == "max_tokens"
+        return "" if not previous or cut else "\n\n"
+
+    def _open(self, msg_id: str) -> str:
+        sep = ""
+        if msg_id != self._current:
+            sep = self._separator(msg_id)
+            self._current = msg_id
+            self.messages.append("")
+        return sep
+
+    def _stream(self, e: dict[str, Any], msg_id: str) -> list[Delta]:
+        et = e.get("type")
+        if et == "message_start":
+            self.committed = True
+            msg = e.get("message") or {}
+            self.model = msg.get("model") or self.model
+            return []
+        if et == "message_delta":
+            reason = (e.get("delta") or {}).get("stop_reason")
+            if reason:
+                self.stop_reasons.append(reason)
+            return []
+        if et == "content_block_start":
+            block = e.get("content_block") or {}
+            if block.get("type") == "tool_use" and str(block.get("name", "")).startswith(TOOL_PREFIX):
+                return self._tool_start(str(block.get("id")), str(block["name"]), e.get("index", 0))
+            return []
+        if et != "content_block_delta":
+            return []
+        d = e.get("delta") or {}
+        dt = d.get("type")
+        if dt == "text_delta" and d.get("text"):
+            sep = self._open(msg_id)
+            self._streamed[msg_id] = self._streamed.get(msg_id, "") + d["text"]
+            return [Delta("text", sep + d["text"])]
+        if dt == "thinking_delta" and d.get("thinking"):
+            return [Delta("reasoning", d["thinking"])]
+        if dt == "input_json_delta":
+            tool_id = self._block_tool.get(e.get("index", -1))
+            if tool_id is not None and d.get("partial_json"):
+                idx = self._tool_index[tool_id]
+                self.tool_calls[idx].arguments += d["partial_json"]
+                return [Delta("tool_args", d["partial_json"], index=idx)]
+        return []
+
+    def _tool_start(self, tool_id: str, name: str, block_index: int) -> list[Delta]:
+        if tool_id in self._tool_index:
+            return []
+        idx = len(self.tool_calls)
+        self._tool_index[tool_id] = idx
+        self._block_tool[block_index] = tool_id
+        short = name[len(TOOL_PREFIX):]
+        self.tool_calls.append(ToolCall(tool_id, short))
+        return [Delta("tool_start", index=idx, call_id=tool_id, name=short)]
+
+    def _assistant(self, ev: dict[str, Any]) -> list[Delta]:
+        msg = ev.get("message") or {}
+        if ev.get("error") or msg.get("model") == "<synthetic>":
+            self.error_kind = ev.get("error") or self.error_kind
+            return []  # CLI-made error text: reported through the result, never as an answer
+        self.committed = True
+        self.model = msg.get("model") or self.model
+        msg_id = str(msg.get("id") or "")
+        out: list[Delta] = []
+        for block in msg.get("content") or []:
+            btype = block.get("type")
+            if btype == "text":
+                out += self._assistant_text(msg_id, block.get("text") or "")
+            elif btype == "thinking":
+                if not self.reasoning or self.reasoning[-1] != block.get("thinking"):
+                    self.reasoning.append(block.get("thinking") or "")
+            elif btype == "tool_use" and str(block.get("name", "")).startswith(TOOL_PREFIX):
+                out += self._tool_start(str(block.get("id")), str(block["name"]), -1)
+                call = self.tool_calls[self._tool_index[str(block.get("id"))]]
+                call.input = block.get("input") or {}
+        return out
+
+    def _assistant_text(self, msg_id: str, text: str) -> list[Delta]:
+        """A complete text block: emit whatever streaming did not deliver (e.g. a non-stream retry)."""
+        sep = self._open(msg_id)
+        assembled = self._msg_text.get(msg_id, "") + text
+        self._msg_text[msg_id] = assembled
+        self.messages[-1] = assembled
+        streamed = self._streamed.get(msg_id, "")
+        if len(assembled) > len(streamed) and assembled.startswith(streamed):
+            self._streamed[msg_id] = assembled
+            return [Delta("text", sep + assembled[len(streamed):])]
+        return []
+
+    # -- results ---------------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        parts = [t for t in self.messages if t]
+        out = ""
+        for i, t in enumerate(parts):
+            out += t if i == 0 else "\n\n" + t
+        return out
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        u = self.result.get("usage")
+        if not isinstance(u, dict):
+            return None
+        keys = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+        out = {k: int(u.get(k) or 0) for k in keys}
+        details = u.get("output_tokens_details") or {}
+        out["reasoning_tokens"] = int(details.get("thinking_tokens") or 0)
+        return out
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.result.get("stop_reason") or (self.stop_reasons[-1] if self.stop_reasons else None)

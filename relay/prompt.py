@@ -1,0 +1,100 @@
+"""Turn OpenAI messages into what the CLI reads: one stream-json user line and a system prompt. Pure.
+
+The CLI reorders `assistant` lines given on stdin (see CLI-PROTOCOL §3), so history that the CLI's
+own session does not hold yet is rendered as a tagged transcript inside a single user message.
+Every line carries `"client_composed": true`: no `@file` expansion, no slash commands.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .images import to_anthropic_block
+
+HISTORY_INTRO = "Here is the conversation so far:\n\n"
+HISTORY_OUTRO = "\n\nContinue the conversation: reply to the latest message above as the assistant."
+
+
+@dataclass
+class Prompt:
+    system_text: str          # goes to a --system-prompt-file / --append-system-prompt-file
+    system_flag: str | None   # which flag carries it (None in embed mode)
+    content: list[dict[str, Any]]  # Anthropic content blocks of the single user line
+
+    def stdin_line(self) -> bytes:
+        line = {"type": "user", "client_composed": True, "session_id": "", "parent_tool_use_id": None,
+                "message": {"role": "user", "content": self.content}}
+        return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def _tool_call_text(call: Any) -> str:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return ""
+    return (f'<tool_call id="{call.get("id", "")}" name="{fn.get("name", "")}">'
+            f'{fn.get("arguments", "")}</tool_call>')
+
+
+def _blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """A message's parts as Anthropic blocks (text and images)."""
+    out: list[dict[str, Any]] = []
+    for part in msg["content"]:
+        if part.get("type") == "text":
+            if part["text"]:
+                out.append({"type": "text", "text": part["text"]})
+        else:
+            out.append(to_anthropic_block(part))
+    return out
+
+
+def _merge_text(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    merged: list[dict[str, Any]] = []
+    for b in blocks:
+        if b["type"] == "text" and merged and merged[-1]["type"] == "text":
+            merged[-1] = {"type": "text", "text": merged[-1]["text"] + b["text"]}
+        elif b["type"] != "text" or b["text"]:
+            merged.append(b)
+    return merged
+
+
+def transcript(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as tagged turns: `<user>…</user>`, `<assistant>…</assistant>`, `<tool_result …>`."""
+    blocks: list[dict[str, Any]] = []
+    for msg in messages:
+        role = msg["role"]
+        if role == "tool":
+            name = f' name="{msg["name"]}"' if msg.get("name") else ""
+            blocks.append({"type": "text", "text": f'<tool_result tool_call_id="{msg["tool_call_id"]}"{name}>\n'})
+            blocks += _blocks(msg)
+            blocks.append({"type": "text", "text": "\n</tool_result>\n\n"})
+            continue
+        blocks.append({"type": "text", "text": f"<{role}>\n"})
+        blocks += _blocks(msg)
+        for call in msg.get("tool_calls") or []:
+            blocks.append({"type": "text", "text": "\n" + _tool_call_text(call)})
+        blocks.append({"type": "text", "text": f"\n</{role}>\n\n"})
+    return blocks
+
+
+def build_prompt(system: str, messages: list[dict[str, Any]], mode: str, first_turn: bool) -> Prompt:
+    """The prompt for `messages` (the ones the CLI session has not seen yet).
+
+    One trailing user message is sent as it is; anything more (history for a fresh session, or
+    several new messages) becomes a transcript. In `embed` mode the system text leads the first turn.
+    """
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        content = _blocks(messages[0])
+    else:
+        content = [{"type": "text", "text": HISTORY_INTRO}] + transcript(messages)
+        content.append({"type": "text", "text": HISTORY_OUTRO.lstrip("\n") if not content else HISTORY_OUTRO})
+    if mode == "embed" and system and first_turn:
+        content.insert(0, {"type": "text", "text": f"<system_instructions>\n{system}\n</system_instructions>\n\n"})
+    content = _merge_text(content)
+    if not content:
+        content = [{"type": "text", "text": "(empty message)"}]
+    if mode == "embed":
+        return Prompt("", None, content)
+    flag = "--append-system-prompt-file" if mode == "append" else "--system-prompt-file"
+    return Prompt(system, flag, content)

@@ -1,0 +1,177 @@
+"""Validate an OpenAI chat-completions body into a `ChatRequest`. Pure: no Flask, no I/O.
+
+Every problem is a `BadRequest` naming the offending `param`, so the client sees a clear 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BadRequest
+from .models import ModelCatalog
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# Accepted and ignored: the CLI has no way to apply them (listed in the README).
+IGNORED = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "logit_bias",
+           "top_logprobs", "service_tier", "store", "metadata", "prompt_cache_key", "safety_identifier",
+           "verbosity", "prediction", "web_search_options", "audio", "modalities", "stop")
+
+
+@dataclass
+class ChatRequest:
+    model: str                      # what the client asked for
+    cli_model: str                  # what the CLI gets as --model
+    messages: list[dict[str, Any]]  # non-system messages, content normalised to a list of parts
+    system: str                     # system + developer texts, joined
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    reasoning_effort: str | None = None
+    max_tokens: int | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    legacy_functions: bool = False
+    response_format: dict[str, Any] | None = None
+    expose_reasoning: bool | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _expect(cond: bool, message: str, param: str) -> None:
+    if not cond:
+        raise BadRequest(message, param=param)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def normalise_content(content: Any, param: str, role: str) -> list[dict[str, Any]]:
+    """A message's content as a list of parts; strings become one text part."""
+    if content is None:
+        _expect(role in ("assistant", "function", "tool"), f"{param} must not be null", param)
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    _expect(isinstance(content, list), f"{param} must be a string or an array of content parts", param)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        p = f"{param}[{j}]"
+        if isinstance(part, str):  # lenient: some clients send bare strings
+            parts.append({"type": "text", "text": part})
+            continue
+        _expect(isinstance(part, dict), f"{p} must be an object", p)
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            text = part.get("text")
+            _expect(isinstance(text, str), f"{p}.text must be a string", f"{p}.text")
+            parts.append({"type": "text", "text": text})
+        elif kind == "refusal":
+            parts.append({"type": "text", "text": str(part.get("refusal") or "")})
+        elif kind in ("image_url", "image", "input_image"):
+            parts.append(part)  # checked and converted by images.py
+        elif kind == "input_audio":
+            raise BadRequest("Audio input is not supported by Claude.", param=p, code="unsupported_content")
+        elif kind == "file":
+            parts.append(part)
+        else:
+            raise BadRequest(f"{p}.type {kind!r} is not a supported content part type", param=f"{p}.type")
+    return parts
+
+
+def text_of(parts: list[dict[str, Any]]) -> str:
+    return "\n".join(p["text"] for p in parts if p.get("type") == "text")
+
+
+def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
+    _expect(isinstance(body, dict), "The request body must be a JSON object.", "body")
+    msgs = body.get("messages")
+    if msgs is None and "input" in body:
+        raise BadRequest("This route takes `messages`; use /v1/responses for `input`.", param="messages")
+    _expect(msgs is not None, "Missing required parameter: 'messages'.", "messages")
+    _expect(isinstance(msgs, list), "'messages' must be an array of message objects.", "messages")
+    _expect(len(msgs) > 0, "'messages' must contain at least one message.", "messages")
+
+    model = body.get("model")
+    _expect(model is None or isinstance(model, str), "'model' must be a string.", "model")
+    n = body.get("n", 1)
+    _expect(n is None or _is_int(n), "'n' must be an integer.", "n")
+    if n not in (None, 1):
+        raise BadRequest("Only n=1 is supported: the Claude CLI produces one answer per run.", param="n",
+                         code="unsupported_parameter")
+    stream = body.get("stream", False)
+    _expect(stream is None or isinstance(stream, bool), "'stream' must be a boolean.", "stream")
+    opts = body.get("stream_options")
+    _expect(opts is None or isinstance(opts, dict), "'stream_options' must be an object.", "stream_options")
+    include_usage = bool((opts or {}).get("include_usage"))
+    for key in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
+        _expect(body.get(key) is None or _is_num(body[key]), f"'{key}' must be a number.", key)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    _expect(max_tokens is None or (_is_int(max_tokens) and max_tokens > 0),
+            "'max_completion_tokens' must be a positive integer.", "max_completion_tokens")
+    effort = body.get("reasoning_effort")
+    _expect(effort is None or effort in EFFORTS, "'reasoning_effort' must be one of " + ", ".join(EFFORTS),
+            "reasoning_effort")
+    user = body.get("user")
+    _expect(user is None or isinstance(user, str), "'user' must be a string.", "user")
+    if body.get("logprobs"):
+        raise BadRequest("logprobs are not available from Claude.", param="logprobs",
+                         code="unsupported_parameter")
+    stop = body.get("stop")
+    _expect(stop is None or isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4 and
+            all(isinstance(s, str) for s in stop)), "'stop' must be a string or up to 4 strings.", "stop")
+
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for i, msg in enumerate(msgs):
+        p = f"messages[{i}]"
+        _expect(isinstance(msg, dict), f"{p} must be an object", p)
+        role = msg.get("role")
+        _expect(role in ROLES, f"{p}.role must be one of " + ", ".join(ROLES), f"{p}.role")
+        parts = normalise_content(msg.get("content"), f"{p}.content", role)
+        if role in ("system", "developer"):
+            for part in parts:
+                _expect(part["type"] == "text", f"{p}.content may only hold text", f"{p}.content")
+            system.append(text_of(parts))
+            continue
+        out: dict[str, Any] = {"role": role, "content": parts}
+        if role == "assistant":
+            calls = msg.get("tool_calls")
+            _expect(calls is None or isinstance(calls, list), f"{p}.tool_calls must be an array", f"{p}.tool_calls")
+            if calls:
+                out["tool_calls"] = calls
+            if isinstance(msg.get("function_call"), dict):
+                out["tool_calls"] = [{"id": "call_legacy", "type": "function", "function": msg["function_call"]}]
+        if role == "tool":
+            _expect(isinstance(msg.get("tool_call_id"), str), f"{p}.tool_call_id must be a string",
+                    f"{p}.tool_call_id")
+            out["tool_call_id"] = msg["tool_call_id"]
+        if role == "function":
+            out = {"role": "tool", "content": parts, "tool_call_id": "call_legacy", "name": msg.get("name")}
+        messages.append(out)
+    _expect(bool(messages), "'messages' must contain at least one user message.", "messages")
+
+    expose = body.get("expose_reasoning")
+    _expect(expose is None or isinstance(expose, bool), "'expose_reasoning' must be a boolean.", "expose_reasoning")
+    return ChatRequest(
+        model=model or catalog.default_model,
+        cli_model=catalog.resolve(model),
+        messages=messages,
+        system="\n\n".join(s for s in system if s),
+        stream=bool(stream),
+        include_usage=include_usage,
+        user=user,
+        reasoning_effort=effort,
+        max_tokens=max_tokens,
+        tool_choice=body.get("tool_choice"),
+        parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+        response_format=body.get("response_format"),
+        expose_reasoning=expose,
+        extras={k: body[k] for k in IGNORED if k in body},
+    )

@@ -1,0 +1,158 @@
+"""One CLI run seen from the relay: its timeouts, its events folded into a `Turn`, its clean-up.
+
+`Run.pump()` yields lists of deltas as the model produces them and `None` when it is time for a
+keep-alive; it raises a `RelayError` on timeouts and crashes. `Run.finish()` always runs last.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from .cli import EOF, CliProcess, RunSpec
+from .errors import RelayError, Timeout, UpstreamError
+from .events import Delta, Turn
+from .upstream import SessionMissing
+
+log = logging.getLogger("relay.run")
+
+
+class Limits:
+    def __init__(self, first_token: float, idle: float, total: float, keepalive: float) -> None:
+        self.first_token, self.idle, self.total, self.keepalive = first_token, idle, total, keepalive
+
+
+class Run:
+    def __init__(self, spec: RunSpec, limits: Limits,
+                 on_control: Callable[["Run", dict[str, Any]], None] | None = None) -> None:
+        self.spec = spec
+        self.limits = limits
+        self.proc = CliProcess(spec)
+        self.turn = Turn()
+        self.on_control = on_control
+        self.started = 0.0
+        self.first_token_at: float | None = None
+        self.last_event_at = 0.0
+        self.cancelled = False
+        self.finished = False
+
+    def start(self) -> None:
+        self.started = self.last_event_at = time.monotonic()
+        self.proc.start()
+
+    @property
+    def ttft_ms(self) -> int | None:
+        return None if self.first_token_at is None else int((self.first_token_at - self.started) * 1000)
+
+    def _wait_budget(self, now: float) -> tuple[float, RelayError | None]:
+        """Seconds to wait for the next event, or the timeout that has fired."""
+        lim = self.limits
+        total_left = self.started + lim.total - now
+        if total_left <= 0:
+            return 0, Timeout(f"The run took longer than total_timeout_s ({lim.total:g} s) and was stopped.",
+                              code="total_timeout")
+        if self.first_token_at is None:
+            left = self.started + lim.first_token - now
+            if left <= 0:
+                return 0, Timeout(f"The model produced no output within first_token_timeout_s "
+                                  f"({lim.first_token:g} s); the run was stopped.", code="first_token_timeout")
+        else:
+            left = self.last_event_at + lim.idle - now
+            if left <= 0:
+                return 0, Timeout(f"The model's output stopped for idle_timeout_s ({lim.idle:g} s); "
+                                  "the run was stopped.", code="idle_timeout")
+        return min(left, total_left, lim.keepalive), None
+
+    def pump(self, until_committed: bool = False) -> Iterator[list[Delta] | None]:
+        while not self.turn.done:
+            if until_committed and self.turn.committed:
+                return
+            wait, fired = self._wait_budget(time.monotonic())
+            if fired:
+                raise fired
+            ev = self.proc.next_event(wait)
+            if ev is None:
+                if self._wait_budget(time.monotonic())[1] is None:
+                    yield None  # keep-alive tick
+                continue
+            if ev is EOF:
+                raise self._crash()
+            now = self.last_event_at = time.monotonic()
+            if ev.get("type") == "control_request" and self.on_control:
+                self.on_control(self, ev)
+                continue
+            deltas = self.turn.feed(ev)
+            if deltas:
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                yield deltas
+
+    def _crash(self) -> RelayError:
+        if self.cancelled:
+            return UpstreamError("The run was cancelled.", code="cancelled")
+        rc = self.proc.wait_exit(2)
+        err = self.proc.stderr_text
+        if "No conversation found" in err:
+            return SessionMissing(err)
+        tail = err.splitlines()[-1][:300] if err else "no error output"
+        log.error("cli exited without a result: rc=%s stderr=%s", rc, err[-2000:])
+        return UpstreamError(f"The Claude CLI exited (code {rc}) without an answer: {tail}", code="cli_crashed")
+
+    def finish(self) -> None:
+        """Let a finished CLI exit by itself (it may still be saving the session), then kill the rest."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.turn.done and not self.cancelled:
+            self.proc.close_stdin()
+            self.proc.wait_exit(3)
+        self.proc.kill()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.proc.kill()
+
+
+class DisconnectWatcher:
+    """Notices a client that hung up while the relay is still working, and calls `on_gone` once.
+
+    Peeks at the client socket: EOF means the client closed it. Works for streaming and
+    non-streaming requests alike (a worker otherwise notices only when it next writes).
+    """
+
+    def __init__(self, sock: Any, on_gone: Callable[[], None]) -> None:
+        self.sock = sock
+        self.on_gone = on_gone
+        self._stop = threading.Event()
+        self.gone = False
+
+    def start(self) -> "DisconnectWatcher":
+        if self.sock is not None:
+            threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                readable, _, _ = select.select([self.sock], [], [], 0.2)
+                if self._stop.is_set():
+                    return
+                if readable:
+                    data = self.sock.recv(1, socket.MSG_PEEK)
+                    if data:
+                        return  # a pipelined request: nothing to learn here
+                    self.gone = True
+                    self.on_gone()
+                    return
+            except (OSError, ValueError):
+                if not self._stop.is_set():
+                    self.gone = True
+                    self.on_gone()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,145 @@
+"""Redis: the connection, and leases (run slots and conversation locks) that expire on their own.
+
+A lease is held by a live run and renewed by a heartbeat; if the worker dies (even by SIGKILL) the
+lease lapses after `LEASE_TTL` seconds, so nothing stays stuck.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import redis
+
+from .errors import Unavailable
+
+log = logging.getLogger("relay.store")
+LEASE_TTL = 15.0          # seconds a lease survives without renewal
+PREFIX = "relay:"
+
+_ACQUIRE_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+  redis.call('EXPIRE', KEYS[1], 3600)
+  return 1
+end
+return 0
+"""
+_RENEW_SLOT = "if redis.call('ZSCORE', KEYS[1], ARGV[2]) then redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2]) " \
+              "return 1 end return 0"
+_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) " \
+              "end return 0"
+
+
+def connect(url: str) -> "redis.Redis[Any]":
+    if not url:
+        raise Unavailable("No Redis configured: start the relay with `make run` (which starts a private "
+                          "Redis) or set REDIS_URL.", code="redis_unconfigured")
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+                                health_check_interval=30)
+
+
+def host_id() -> str:
+    return socket.gethostname()
+
+
+class Leases:
+    """Slot sets (at most N members) and exclusive locks, all expiring without a heartbeat."""
+
+    def __init__(self, r: "redis.Redis[Any]") -> None:
+        self.r = r
+        self._acquire = r.register_script(_ACQUIRE_SLOT)
+        self._renew_slot = r.register_script(_RENEW_SLOT)
+        self._release_lock = r.register_script(_RELEASE_LOCK)
+        self._renew_lock = r.register_script(_RENEW_LOCK)
+
+    # slots ---------------------------------------------------------------------------------------
+    def try_slot(self, key: str, limit: int, member: str) -> bool:
+        now = time.time()
+        return bool(self._acquire(keys=[key], args=[now, limit, now + LEASE_TTL, member]))
+
+    def slot_count(self, key: str) -> int:
+        self.r.zremrangebyscore(key, "-inf", time.time())
+        return int(self.r.zcard(key))
+
+    def release_slot(self, key: str, member: str) -> None:
+        self.r.zrem(key, member)
+
+    # locks ---------------------------------------------------------------------------------------
+    def try_lock(self, key: str, token: str) -> bool:
+        return bool(self.r.set(key, token, nx=True, px=int(LEASE_TTL * 1000)))
+
+    def release_lock(self, key: str, token: str) -> None:
+        self._release_lock(keys=[key], args=[token])
+
+    def renew(self, kind: str, key: str, member: str) -> bool:
+        if kind == "slot":
+            return bool(self._renew_slot(keys=[key], args=[time.time() + LEASE_TTL, member]))
+        return bool(self._renew_lock(keys=[key], args=[member, int(LEASE_TTL * 1000)]))
+
+    def wait_for(self, attempt: Callable[[], bool], timeout: float, queued_key: str | None = None) -> bool:
+        """Retry `attempt` until it succeeds or `timeout` passes; counts waiters in `queued_key`."""
+        if attempt():
+            return True
+        if timeout <= 0:
+            return False
+        if queued_key:
+            self.r.incr(queued_key)
+        try:
+            deadline = time.monotonic() + timeout
+            delay = 0.02
+            while time.monotonic() < deadline:
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                if attempt():
+                    return True
+                delay = min(delay * 1.5, 0.25)
+            return False
+        finally:
+            if queued_key:
+                self.r.decr(queued_key)
+
+
+class Heartbeat:
+    """Renews a run's leases every few seconds until stopped."""
+
+    def __init__(self, leases: Leases) -> None:
+        self.leases = leases
+        self.held: list[tuple[str, str, str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, kind: str, key: str, member: str) -> None:
+        self.held.append((kind, key, member))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEASE_TTL / 3):
+            for kind, key, member in list(self.held):
+                try:
+                    self.leases.renew(kind, key, member)
+                except redis.RedisError as exc:  # pragma: no cover - logged, lease may lapse
+                    log.warning("lease renewal failed for %s: %s", key, exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        for kind, key, member in reversed(self.held):
+            try:
+                if kind == "slot":
+                    self.leases.release_slot(key, member)
+                else:
+                    self.leases.release_lock(key, member)
+            except redis.RedisError as exc:
+                log.warning("lease release failed for %s: %s (it expires by itself)", key, exc)
+        self.held.clear()
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex

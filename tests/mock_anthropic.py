@@ -1,0 +1,337 @@
+"""A small mock of the Anthropic Messages API for driving the real Claude Code CLI in tests.
+
+The reply is chosen by markers in the text of the last user message (so concurrent CLI runs from
+several gunicorn workers each get their own behaviour), and every request body is recorded.
+
+Markers (any number, anywhere in the last user message):
+  MOCK:error=<status>[:<retry-after>]   answer with an HTTP error (401/403/404/429/500/529 ...)
+  MOCK:subscription_limit               429 with the unified subscription headers (status rejected)
+  MOCK:stall=<seconds>                  send headers + message_start, then go silent
+  MOCK:delay=<seconds>                  wait before answering at all
+  MOCK:slow=<ms>                        pause between text deltas
+  MOCK:words=<n>                        answer with n words, one delta each
+  MOCK:thinking                         a thinking block before the answer
+  MOCK:max_tokens                       stop with stop_reason max_tokens
+  MOCK:refusal                          stop with stop_reason refusal
+  MOCK:tool=<name>                      answer with a tool_use block for tool <name> (suffix match)
+  MOCK:tools=<n1>,<n2>                  parallel tool_use blocks
+  MOCK:structured                       call the StructuredOutput tool with MOCK_STRUCTURED_INPUT
+  MOCK:usage=<in>,<cache_create>,<cache_read>,<out>
+Without markers the answer is "Hello from mock. You said: <last text>".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_USAGE = (100, 200, 300)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or []:
+        if isinstance(block, dict):
+            if block.get("type") == "text":
+                parts.append(block.get("text", ""))
+            elif block.get("type") == "tool_result":
+                parts.append(_text_of(block.get("content")))
+    return "\n".join(parts)
+
+
+def last_user_text(body: dict) -> str:
+    for msg in reversed(body.get("messages") or []):
+        if msg.get("role") == "user":
+            return _text_of(msg.get("content"))
+    return ""
+
+
+def all_text(body: dict) -> str:
+    """Every text the model received: system blocks and all messages."""
+    parts = [_text_of(body.get("system"))]
+    for msg in body.get("messages") or []:
+        parts.append(_text_of(msg.get("content")))
+    return "\n".join(parts)
+
+
+class MockAnthropic:
+    """Threaded HTTP server speaking enough of /v1/messages for the CLI."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+        self.structured_input: dict = {"name": "Alice", "age": 30}
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> "MockAnthropic":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def bodies(self, marker: str | None = None) -> list[dict]:
+        """Recorded /v1/messages bodies, optionally those whose text contains `marker`."""
+        with self.lock:
+            found = [r["body"] for r in self.requests if r["path"].startswith("/v1/messages")]
+        if marker is None:
+            return found
+        return [b for b in found if marker in all_text(b)]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        mock = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no"}})
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    body = {"_raw": raw.decode("utf-8", "replace")}
+                with mock.lock:
+                    mock.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "t": time.time()}
+                    )
+                if "count_tokens" in self.path:
+                    self._json(200, {"input_tokens": 10})
+                    return
+                if not self.path.startswith("/v1/messages"):
+                    self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no"}})
+                    return
+                with mock.lock:
+                    mock.active += 1
+                    mock.max_active = max(mock.max_active, mock.active)
+                try:
+                    self._messages(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                finally:
+                    with mock.lock:
+                        mock.active -= 1
+
+            # -- helpers -------------------------------------------------------------------------
+            def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("request-id", "req_mock_" + uuid.uuid4().hex[:12])
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+                self.wfile.flush()
+
+            def _event(self, kind: str, data: dict) -> None:
+                self.wfile.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+
+            def _messages(self, body: dict) -> None:
+                text = last_user_text(body)
+                markers = dict(
+                    (m.group(1), m.group(2) or "")
+                    for m in re.finditer(r"MOCK:([a-z_]+)(?:=([^\s\]]+))?", text)
+                )
+                if "delay" in markers:
+                    time.sleep(float(markers["delay"]))
+                if "error" in markers:
+                    return self._error(markers["error"])
+                if "subscription_limit" in markers:
+                    reset = int(time.time()) + 3600
+                    return self._json(
+                        429,
+                        {"type": "error", "error": {"type": "rate_limit_error", "message": "limit"}},
+                        {
+                            "anthropic-ratelimit-unified-status": "rejected",
+                            "anthropic-ratelimit-unified-reset": str(reset),
+                            "anthropic-ratelimit-unified-representative-claim": "five_hour",
+                            "retry-after": "3600",
+                        },
+                    )
+                blocks = self._plan(body, text, markers)
+                usage = DEFAULT_USAGE
+                out_tokens = None
+                if "usage" in markers:
+                    nums = [int(x) for x in markers["usage"].split(",")]
+                    usage, out_tokens = tuple(nums[:3]), nums[3]
+                stop = "end_turn"
+                if any(b["type"] == "tool_use" for b in blocks):
+                    stop = "tool_use"
+                if "max_tokens" in markers:
+                    stop = "max_tokens"
+                if "refusal" in markers:
+                    stop = "refusal"
+                model = body.get("model", "claude-mock")
+                msg_id = "msg_mock_" + uuid.uuid4().hex[:16]
+                n_out = out_tokens if out_tokens is not None else max(1, len(_words(blocks)))
+                usage_obj = {
+                    "input_tokens": usage[0],
+                    "cache_creation_input_tokens": usage[1],
+                    "cache_read_input_tokens": usage[2],
+                    "output_tokens": n_out,
+                }
+                if not body.get("stream"):
+                    return self._json(
+                        200,
+                        {
+                            "id": msg_id, "type": "message", "role": "assistant", "model": model,
+                            "content": blocks, "stop_reason": stop, "stop_sequence": None,
+                            "usage": usage_obj,
+                        },
+                    )
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("request-id", "req_mock_" + uuid.uuid4().hex[:12])
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                start_usage = dict(usage_obj, output_tokens=1)
+                self._event("message_start", {"type": "message_start", "message": {
+                    "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
+                    "stop_reason": None, "stop_sequence": None, "usage": start_usage}})
+                if "stall" in markers:
+                    time.sleep(float(markers["stall"]))
+                    return
+                slow = float(markers.get("slow") or 0) / 1000.0
+                self._event("ping", {"type": "ping"})
+                for i, block in enumerate(blocks):
+                    self._stream_block(i, block, slow)
+                self._event("message_delta", {"type": "message_delta",
+                                              "delta": {"stop_reason": stop, "stop_sequence": None},
+                                              "usage": {"output_tokens": n_out}})
+                self._event("message_stop", {"type": "message_stop"})
+
+            def _stream_block(self, i: int, block: dict, slow: float) -> None:
+                kind = block["type"]
+                if kind == "text":
+                    self._event("content_block_start", {"type": "content_block_start", "index": i,
+                                                        "content_block": {"type": "text", "text": ""}})
+                    for piece in _pieces(block["text"]):
+                        if slow:
+                            time.sleep(slow)
+                        self._event("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                            "delta": {"type": "text_delta", "text": piece}})
+                elif kind == "thinking":
+                    self._event("content_block_start", {"type": "content_block_start", "index": i,
+                                                        "content_block": {"type": "thinking", "thinking": "",
+                                                                          "signature": ""}})
+                    for piece in _pieces(block["thinking"]):
+                        self._event("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                            "delta": {"type": "thinking_delta",
+                                                                      "thinking": piece}})
+                    self._event("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                        "delta": {"type": "signature_delta",
+                                                                  "signature": block["signature"]}})
+                elif kind == "tool_use":
+                    self._event("content_block_start", {"type": "content_block_start", "index": i,
+                                                        "content_block": {"type": "tool_use", "id": block["id"],
+                                                                          "name": block["name"], "input": {}}})
+                    raw = json.dumps(block["input"])
+                    for piece in ["", raw[: len(raw) // 2], raw[len(raw) // 2:]]:
+                        self._event("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                            "delta": {"type": "input_json_delta",
+                                                                      "partial_json": piece}})
+                self._event("content_block_stop", {"type": "content_block_stop", "index": i})
+
+            def _plan(self, body: dict, text: str, markers: dict) -> list[dict]:
+                blocks: list[dict] = []
+                if "thinking" in markers:
+                    blocks.append({"type": "thinking", "thinking": "Let me think step by step about this.",
+                                   "signature": "sig_mock_" + uuid.uuid4().hex[:8]})
+                last = (body.get("messages") or [{}])[-1]
+                answered_tool = isinstance(last.get("content"), list) and any(
+                    isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"])
+                offered = [t.get("name", "") for t in body.get("tools") or []]
+                wanted: list[str] = []
+                if "structured" in markers and not answered_tool:
+                    wanted = ["StructuredOutput"]
+                elif "tool" in markers and not answered_tool:
+                    wanted = [markers["tool"]]
+                elif "tools" in markers and not answered_tool:
+                    wanted = markers["tools"].split(",")
+                for j, name in enumerate(wanted):
+                    real = next((o for o in offered if o == name or o.endswith("__" + name)), name)
+                    args: dict = {"city": f"City{j}"} if name != "StructuredOutput" else mock.structured_input
+                    if name == "Bash":
+                        args = {"command": "echo hi-from-bash", "description": "say hi"}
+                    blocks.append({"type": "tool_use", "id": "toolu_mock_" + uuid.uuid4().hex[:12],
+                                   "name": real, "input": args})
+                if wanted:
+                    return blocks
+                if answered_tool:
+                    reply = "Tool said: " + _text_of(last["content"])
+                elif "words" in markers:
+                    reply = " ".join(f"w{k}" for k in range(int(markers["words"])))
+                else:
+                    reply = "Hello from mock. You said: " + text.strip().splitlines()[-1] if text.strip() \
+                        else "Hello from mock."
+                blocks.append({"type": "text", "text": reply})
+                return blocks
+
+            def _error(self, spec: str) -> None:
+                status_s, _, retry = spec.partition(":")
+                status = int(status_s)
+                kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 529: "overloaded_error"}
+                headers = {"retry-after": retry} if retry else {}
+                self._json(status, {"type": "error", "error": {"type": kinds.get(status, "api_error"),
+                                                               "message": f"mock error {status}"}}, headers)
+
+        return Handler
+
+
+def _pieces(text: str) -> list[str]:
+    """Split text into word-sized deltas (keeping spaces) so streaming is visible."""
+    return re.findall(r"\S+\s*|\s+", text) or [""]
+
+
+def _words(blocks: list[dict]) -> list[str]:
+    out: list[str] = []
+    for b in blocks:
+        if b["type"] == "text":
+            out += b["text"].split()
+    return out
+
+
+if __name__ == "__main__":  # manual use: python tests/mock_anthropic.py
+    m = MockAnthropic().start()
+    print(m.url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        m.stop()
