@@ -168,7 +168,7 @@ def _coerce(key: str, raw: Any, from_env: bool) -> Any:
         try:
             value = json.loads(raw)
         except ValueError:
-            raise ConfigError(f"config: {key} must be {field.kind.__name__}, got {raw!r}") from None
+            raise ConfigError(f"config: {key} must be {_name(field.kind)}, got {raw!r}") from None
     if field.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) and field.kind is not bool:

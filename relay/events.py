@@ -47,6 +47,7 @@ class Turn:
     _streamed: dict[str, str] = field(default_factory=dict)      # message id -> streamed text
     _current: str = ""
     _stream_id: str = ""
+    _seps: list[str] = field(default_factory=list)               # separator before each message
     _tool_index: dict[str, int] = field(default_factory=dict)    # tool_use id -> call index
     _block_tool: dict[int, str] = field(default_factory=dict)    # content block index -> tool_use id
 
@@ -98,6 +99,7 @@ class Turn:
             sep = self._separator(msg_id)
             self._current = msg_id
             self.messages.append("")
+            self._seps.append(sep)
         return sep
 
     def _stream(self, e: dict[str, Any], msg_id: str) -> list[Delta]:
@@ -182,11 +184,7 @@ class Turn:
     # -- results ---------------------------------------------------------------------------------
     @property
     def text(self) -> str:
-        parts = [t for t in self.messages if t]
-        out = ""
-        for i, t in enumerate(parts):
-            out += t if i == 0 else "\n\n" + t
-        return out
+        return "".join(sep + text for sep, text in zip(self._seps, self.messages) if text)
 
     @property
     def usage(self) -> dict[str, int] | None:

@@ -87,11 +87,11 @@ def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError |
             return RateLimited(f"The Claude subscription behind this relay hit its usage limit: {text}",
                                code="rate_limit_exceeded", retry_after=wait)
         return RateLimited(f"Anthropic is rate limiting requests: {text}", retry_after=default_retry_after)
+    if status == 403:
+        return Unavailable(f"Anthropic refused the relay's credentials: {text}", code="upstream_forbidden")
     if status == 401 or turn.error_kind == "authentication_failed" or "Not logged in" in text \
             or "OAuth token" in text:
         return Unavailable(f"{LOGIN_HINT} (CLI said: {text})", code="cli_login_required")
-    if status == 403:
-        return Unavailable(f"Anthropic refused the relay's credentials: {text}", code="upstream_forbidden")
     if status == 404 or turn.error_kind == "model_not_found":
         return NotFound(text, code="model_not_found", param="model")
     if status == 413:

@@ -9,6 +9,8 @@ Markers (any number, anywhere in the last user message):
   MOCK:stall=<seconds>                  send headers + message_start, then go silent
   MOCK:delay=<seconds>                  wait before answering at all
   MOCK:slow=<ms>                        pause between text deltas
+  MOCK:pause=<seconds>                  go silent after the first text delta
+  MOCK:break_stream                     break the SSE stream after one delta; the non-stream retry fails
   MOCK:words=<n>                        answer with n words, one delta each
   MOCK:thinking                         a thinking block before the answer
   MOCK:max_tokens                       stop with stop_reason max_tokens
@@ -168,6 +170,8 @@ class MockAnthropic:
                     time.sleep(float(markers["delay"]))
                 if "error" in markers:
                     return self._error(markers["error"])
+                if "break_stream" in markers and not body.get("stream"):
+                    return self._error("500")
                 if "subscription_limit" in markers:
                     reset = int(time.time()) + 3600
                     return self._json(
@@ -227,6 +231,16 @@ class MockAnthropic:
                     return
                 slow = float(markers.get("slow") or 0) / 1000.0
                 self._event("ping", {"type": "ping"})
+                if "break_stream" in markers or "pause" in markers:
+                    self._event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                        "content_block": {"type": "text", "text": ""}})
+                    self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                        "delta": {"type": "text_delta", "text": "partial te"}})
+                    if "pause" in markers:
+                        time.sleep(float(markers["pause"]))
+                        return
+                    self._event("error", {"type": "error", "error": {"type": "api_error", "message": "broken"}})
+                    return
                 for i, block in enumerate(blocks):
                     self._stream_block(i, block, slow)
                 self._event("message_delta", {"type": "message_delta",
