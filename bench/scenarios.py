@@ -58,6 +58,10 @@ def _sample_rss(pid: int, n: int = 5, every: float = 0.2) -> float:
     return statistics.median(vals)
 
 
+def _has_content(chunk: dict[str, Any]) -> bool:
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])
+
+
 def memory(url: str, worker_pid: int, streams: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Worker RSS idle vs. with `streams` streams open (each past its first token); CLIs apart."""
     worker = psutil.Process(worker_pid)
@@ -79,7 +83,7 @@ def memory(url: str, worker_pid: int, streams: int, log: Callable[[str], None] =
                 if resp.status_code != 200:
                     raise RuntimeError(f"status {resp.status_code}: {resp.text[:300]}")
                 for line in resp.iter_lines(chunk_size=None):
-                    if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                    if line.startswith(b"data: {") and _has_content(json.loads(line[6:])):
                         break
                 else:
                     raise RuntimeError("stream ended before any content")
