@@ -31,6 +31,10 @@ timeout = 60
 graceful_timeout = _settings["graceful_timeout_s"]
 keepalive = 75  # longer than nginx's upstream keepalive_timeout default
 preload_app = False
+# Let oversized headers (e.g. a 10 KB X-Session-Id) reach the app, which answers a JSON 400;
+# beyond these sizes gunicorn itself answers a plain 400.
+limit_request_line = 16384
+limit_request_field_size = 32768
 forwarded_allow_ips = "127.0.0.1,::1"
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'

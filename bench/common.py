@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,18 @@ def _r(x: float | None, nd: int = 1) -> float | None:
 
 
 # -- one request through the relay -----------------------------------------------------------------
+def sse_lines(resp: requests.Response) -> Iterator[bytes]:
+    """Lines of a streamed response as soon as each HTTP chunk arrives (no read-ahead buffering)."""
+    pending = b""
+    for chunk in resp.iter_content(chunk_size=None):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if pending:
+        yield pending
+
+
 def user_msg(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 
@@ -68,7 +81,7 @@ def relay_stream(base_url: str, messages: list[dict[str, Any]], headers: dict[st
                        stream=True, timeout=(10, timeout)) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"relay answered {resp.status_code}: {resp.text[:500]}")
-        for line in resp.iter_lines(chunk_size=None):
+        for line in sse_lines(resp):
             if not line.startswith(b"data: "):
                 continue
             data = line[6:]

@@ -12,7 +12,7 @@ RATIO_LABELS = {"relay": "ratio relay / bare", "relay_nosessions": "ratio relay 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [[str(c) for c in head]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    fmt = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    fmt = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     fmt.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return fmt
 
@@ -51,7 +51,14 @@ def markdown(res: dict[str, Any]) -> str:
         out += _table(["Path", "TTFT p50", "TTFT p95", "Total p50", "Total p95"], rows)
         out += ["", f"Relay overhead (p50 relay TTFT - p50 bare TTFT): **{lat['overhead_ms']:.0f} ms**"
                 + (f" (sessions off: {lat['overhead_nosessions_ms']:.0f} ms)"
-                   if lat.get("overhead_nosessions_ms") is not None else ""), ""]
+                   if lat.get("overhead_nosessions_ms") is not None else "")
+                + ". Run-to-run noise of the CLI start-up is larger than that."]
+        inner = (lat.get("relay") or {}).get("outside_cli")
+        if inner:
+            out += ["", "Time the relay adds outside the CLI, per request (client TTFT minus the relay's recorded "
+                    "CLI-spawn-to-first-token; HTTP, parsing, Redis lock/slot, temp files, SSE): "
+                    f"p50 **{inner['p50_ms']:.1f} ms**, p95 {inner['p95_ms']:.1f} ms."]
+        out.append("")
     mem = res.get("memory")
     if mem:
         out += [f"**Memory** (1 gevent worker, {mem['streams']} streams held open past their first token; "
@@ -61,13 +68,17 @@ def markdown(res: dict[str, Any]) -> str:
                       [[f"{mem['worker_rss_idle_mb']:.1f} MB", f"{mem['worker_rss_loaded_mb']:.1f} MB",
                         f"{mem['worker_mb_per_stream']:.2f} MB", f"{mem['worker_rss_after_close_mb']:.1f} MB",
                         f"{mem['cli_rss_avg_mb']} MB x {mem['cli_processes']}"]])
+        if mem["worker_rss_after_close_mb"] - mem["worker_rss_loaded_mb"] > 20:
+            out += ["", "The jump after close is one-time: the hung-up streams are cancelled, have no usage from "
+                    "the CLI, and their token estimate loads tiktoken's cl100k table (~40 MB) lazily."]
         out.append("")
     rps = res.get("models_rps")
     if rps:
         out += [f"**Throughput of GET /v1/models** (2 gevent workers; {rps['threads']} client threads with "
                 f"keep-alive for {rps['duration_s']} s, client on the same machine):", ""]
-        out += _table(["Requests", "Requests/s", "Latency p50", "Latency p95"],
-                      [[rps["requests"], f"{rps['rps']:.0f}", f"{rps['p50_ms']:.1f} ms", f"{rps['p95_ms']:.1f} ms"]])
+        out += _table(["Requests", "Requests/s", "Latency p50", "Latency p95", "Worker CPU", "Client CPU"],
+                      [[rps["requests"], f"{rps['rps']:.0f}", f"{rps['p50_ms']:.1f} ms", f"{rps['p95_ms']:.1f} ms",
+                        f"{rps['server_cpu_cores']:.2f} cores", f"{rps['client_cpu_cores']:.2f} cores"]])
         out.append("")
     conv = res.get("conversation")
     if conv:
@@ -87,5 +98,6 @@ def markdown(res: dict[str, Any]) -> str:
                              f"{m['bytes_to_cli']:,}", "yes" if m["resumed"] else "no"])
         out += _table(["Turn N", "Mode", "TTFT", "Relay TTFT", "Total", "Bytes to CLI", "Resumed"], rows)
         out.append("")
-    out.append(f"Bench wall time: {res['wall_time_s']:.0f} s.")
+    out.append(f"Bench wall time: {res['wall_time_s']:.0f} s; 1-minute load average {env['loadavg_1m_at_start']} "
+               f"at the start, {env['loadavg_1m_at_end']} at the end.")
     return "\n".join(out)

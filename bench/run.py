@@ -8,7 +8,7 @@ Starts its own Redis, the mock API and the relay under gunicorn (gevent workers)
 Prints Markdown tables and writes every figure to bench/results.json.
 
 Run with `make bench`. Knobs: BENCH_RUNS (runs per latency variant, default 20), BENCH_STREAMS (10),
-BENCH_CONVERSATIONS (2), BENCH_REPLAY_REPEATS (3), BENCH_RPS_SECONDS (5), BENCH_TURNS (2,10,30).
+BENCH_CONVERSATIONS (3), BENCH_REPLAY_REPEATS (3), BENCH_RPS_SECONDS (5), BENCH_TURNS (2,10,30).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -55,12 +56,15 @@ class Servers:
         self.tmp = tmp
         self.cli_bin = cli_bin
         self._stops: list[tuple[str, Callable[[], Any]]] = []
-        (tmp / "redis").mkdir(parents=True)
-        self.redis = RedisServer(tmp / "redis")
+        self.bares: list[BareCli] = []
+
+    def start(self) -> Servers:
+        (self.tmp / "redis").mkdir(parents=True)
+        self.redis = RedisServer(self.tmp / "redis")
         self._stops.append(("redis", self.redis.stop))
         self.mock = MockAnthropic().start()
         self._stops.append(("mock API", self.mock.stop))
-        self.bares: list[BareCli] = []
+        return self
 
     def relay(self, name: str, extra: dict[str, str]) -> RelayServer:
         d = self.tmp / name
@@ -113,16 +117,17 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     res: dict[str, Any] = {}
     ok = False
-    servers: Servers | None = None
+    servers = Servers(tmp, cli_bin)
     try:
-        servers = Servers(tmp, cli_bin)
+        servers.start()
         main_relay = servers.relay("main", {"RELAY_WORKERS": "2"})
         replay_relay = servers.relay("replay", {"RELAY_WORKERS": "2", "RELAY_SESSIONS__ENABLED": "false"})
         health = requests.get(main_relay.url + "/health", timeout=10).json()
         res["environment"] = {
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "cli_version": health["cli"]["version"], "cli_path": health["cli"]["path"]}
+            "cli_version": health["cli"]["version"], "cli_path": health["cli"]["path"],
+            "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
 
         log(f"1/4 latency: {runs} runs each of relay, relay without sessions and bare CLI")
         bare = servers.bare(main_relay)
@@ -138,12 +143,13 @@ def main() -> int:
         res["latency"] = lat
 
         log("2/4 GET /v1/models throughput")
-        res["models_rps"] = models_rps(main_relay.url, threads=8, duration=float(env_int("BENCH_RPS_SECONDS", 5)))
+        res["models_rps"] = models_rps(main_relay.url, main_relay.worker_pids(), threads=8,
+                                       duration=float(env_int("BENCH_RPS_SECONDS", 5)))
 
         log("3/4 conversations: resume vs replay")
         turns = tuple(int(x) for x in os.environ.get("BENCH_TURNS", "2,10,30").split(","))
         res["conversation"] = conversation(main_relay.url, replay_relay.url, turns,
-                                           env_int("BENCH_CONVERSATIONS", 2), env_int("BENCH_REPLAY_REPEATS", 3),
+                                           env_int("BENCH_CONVERSATIONS", 3), env_int("BENCH_REPLAY_REPEATS", 3),
                                            log=log)
         servers.stop_relay(main_relay)
         servers.stop_relay(replay_relay)
@@ -160,14 +166,14 @@ def main() -> int:
         log(f"FAILED: {type(exc).__name__}: {exc}")
         raise
     finally:
-        if servers is not None:
-            log("stopping servers")
-            servers.stop_all()
+        log("stopping servers")
+        servers.stop_all()
         if ok:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             log(f"kept {tmp} (gunicorn logs, CLI stderr) for inspection")
     res["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    res["environment"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     RESULTS.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     print(markdown(res))
     log(f"figures written to {RESULTS.relative_to(ROOT)}")

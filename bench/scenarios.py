@@ -7,12 +7,12 @@ import statistics
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 import requests
-from common import (MODEL, BareCli, fetch_record, pct, relay_stream, rss_mb, summary_ms, user_msg,
-                    wait_for)
+from common import MODEL, BareCli, fetch_record, pct, relay_stream, rss_mb, sse_lines, summary_ms, user_msg, wait_for
 
 WORDS = "MOCK:words=40"
 
@@ -22,7 +22,7 @@ def latency(variants: dict[str, Callable[[str], dict[str, Any]]], runs: int, war
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every variant `runs` times, sequentially, rotating which one goes first in each round."""
     names = list(variants)
-    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "total": []} for n in names}
+    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "total": [], "inner": []} for n in names}
     for i in range(warmup):
         for name in names:
             variants[name](f"Warm-up {i} for {name}. {WORDS}")
@@ -32,17 +32,26 @@ def latency(variants: dict[str, Callable[[str], dict[str, Any]]], runs: int, war
             res = variants[name](f"Benchmark run {i}: please answer briefly. {WORDS}")
             samples[name]["ttft"].append(res["ttft"])
             samples[name]["total"].append(res["total"])
+            if res.get("relay_ttft_ms") is not None:  # client TTFT minus the CLI's own part
+                samples[name]["inner"].append(res["ttft"] - res["relay_ttft_ms"] / 1000.0)
         if (i + 1) % 5 == 0:
             log(f"  latency: {i + 1}/{runs} rounds")
     out: dict[str, Any] = {"runs": runs, "warmup": warmup, "prompt_marker": WORDS}
     for name in names:
         out[name] = {"ttft": summary_ms(samples[name]["ttft"]), "total": summary_ms(samples[name]["total"]),
                      "raw_ttft_ms": [round(x * 1000, 1) for x in samples[name]["ttft"]]}
+        if samples[name]["inner"]:
+            out[name]["outside_cli"] = summary_ms(samples[name]["inner"])
     return out
 
 
 def relay_variant(url: str) -> Callable[[str], dict[str, Any]]:
-    return lambda text: relay_stream(url, [user_msg(text)])
+    """One relay run, plus the relay's own TTFT (CLI spawn to first token) from its request record."""
+    def run(text: str) -> dict[str, Any]:
+        res = relay_stream(url, [user_msg(text)])
+        res["relay_ttft_ms"] = fetch_record(url, res["request_id"]).get("ttft_ms")
+        return res
+    return run
 
 
 def bare_variant(bare: BareCli) -> Callable[[str], dict[str, Any]]:
@@ -82,13 +91,17 @@ def memory(url: str, worker_pid: int, streams: int, log: Callable[[str], None] =
                                headers={"Content-Type": "application/json"}, timeout=(10, 120)) as resp:
                 if resp.status_code != 200:
                     raise RuntimeError(f"status {resp.status_code}: {resp.text[:300]}")
-                for line in resp.iter_lines(chunk_size=None):
+                # Keep a reference to the line iterator: a discarded one is closed, and that
+                # closes the connection (the relay would see a hang-up and stop the run).
+                lines = sse_lines(resp)
+                for line in lines:
                     if line.startswith(b"data: {") and _has_content(json.loads(line[6:])):
                         break
                 else:
                     raise RuntimeError("stream ended before any content")
                 ready[i].set()
                 release.wait(120)  # hold the stream open; closing the response hangs up
+                del lines
         except Exception as exc:  # reported below
             errors.append(f"stream {i}: {exc}")
             ready[i].set()
@@ -129,7 +142,16 @@ def memory(url: str, worker_pid: int, streams: int, log: Callable[[str], None] =
 
 
 # -- 3. GET /v1/models throughput ------------------------------------------------------------------
-def models_rps(url: str, threads: int = 8, duration: float = 5.0, max_requests: int = 50000) -> dict[str, Any]:
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def models_rps(url: str, worker_pids: list[int], threads: int = 8, duration: float = 5.0,
+               max_requests: int = 50000) -> dict[str, Any]:
     lat: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -164,17 +186,21 @@ def models_rps(url: str, threads: int = 8, duration: float = 5.0, max_requests: 
     for t in pool:
         t.start()
     stop_at[0] = time.perf_counter() + duration + 0.01
+    cpu0 = _cpu_s(worker_pids), _cpu_s([psutil.Process().pid])
     start.wait()
     t0 = time.perf_counter()
     for t in pool:
         t.join(duration + 30)
     elapsed = time.perf_counter() - t0
+    server_cpu, client_cpu = _cpu_s(worker_pids) - cpu0[0], _cpu_s([psutil.Process().pid]) - cpu0[1]
     if errors:
         raise RuntimeError("GET /v1/models failed: " + "; ".join(errors[:3]))
     ms = [x * 1000 for x in lat]
     return {"threads": threads, "duration_s": round(elapsed, 2), "requests": len(lat),
             "rps": round(len(lat) / elapsed, 1), "p50_ms": round(pct(ms, 50) or 0, 2),
-            "p95_ms": round(pct(ms, 95) or 0, 2), "p99_ms": round(pct(ms, 99) or 0, 2)}
+            "p95_ms": round(pct(ms, 95) or 0, 2), "p99_ms": round(pct(ms, 99) or 0, 2),
+            "workers": len(worker_pids), "server_cpu_cores": round(server_cpu / elapsed, 2),
+            "client_cpu_cores": round(client_cpu / elapsed, 2)}
 
 
 # -- 4. conversations: resume vs full-history replay -----------------------------------------------

@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ class Relay:
         self.started = time.time()
         self.catalog = ModelCatalog(settings["default_model"], settings["extra_models"])
         self.r = connect(settings["redis_url"])
-        self.leases = Leases(self.r)
+        self.leases = Leases(self.r, settings["lease_ttl_s"])
         self.sessions = Sessions(self.r, settings["sessions.ttl_hours"], settings["sessions.enabled"])
         var = settings.path("var_dir")
         self.cli_cwd = var / "cli-cwd"      # stable (sessions are scoped to it) and empty
@@ -75,7 +76,8 @@ class Relay:
 
     def expire_cli_sessions(self) -> int:
         """Remove CLI session files idle for longer than the conversation TTL (one worker at a time)."""
-        if not self.r.set(PREFIX + "janitor", "1", nx=True, ex=300):
+        interval = max(1, int(self.settings["sessions.cleanup_interval_s"]))
+        if not self.r.set(PREFIX + "janitor", "1", nx=True, ex=interval):
             return 0
         keep = {c["cli_session_id"] for c in self.sessions.list() if c.get("cli_session_id")}
         return expire_session_files(session_dir(self.config_dir(), self.cli_cwd.resolve()),
@@ -96,6 +98,20 @@ class Relay:
         self.stats.stop()
 
 
+def _start_janitor(relay: Relay) -> None:
+    def loop() -> None:
+        interval = relay.settings["sessions.cleanup_interval_s"]
+        while True:
+            time.sleep(interval)
+            try:
+                removed = relay.expire_cli_sessions()
+                if removed:
+                    log.info("removed %d expired CLI session files", removed)
+            except Exception as exc:  # keep going: Redis or the disk may recover
+                log.warning("session file cleanup failed: %s", exc)
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     logging.basicConfig(level=settings["log_level"].upper(),
@@ -109,6 +125,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     except Exception as exc:  # Redis may be down at boot: /health shows it
         log.error("stats: restore skipped: %s", exc)
     relay.stats.run_snapshots(settings["stats.snapshot_interval_s"])
+    _start_janitor(relay)
     atexit.register(relay.shutdown)
 
     from .routes_chat import bp as chat_bp

@@ -283,7 +283,7 @@ class Exchange:
             "ttft_ms": self.run.ttft_ms if self.run else None, "status": self.status,
             "error": (getattr(exc, "code", None) or type(exc).__name__) if exc is not None else None,
             "first_message": first_user[:200], "resumed": bool(self.plan and self.plan.resume),
-            "bytes_to_cli": self.bytes_to_cli,
+            "bytes_to_cli": self.bytes_to_cli, "worker": os.getpid(),
         }
         self.relay.record(rec)
 

@@ -14,7 +14,8 @@ from typing import Any
 from .images import to_anthropic_block
 
 HISTORY_INTRO = "Here is the conversation so far:\n\n"
-HISTORY_OUTRO = "\n\nContinue the conversation: reply to the latest message above as the assistant."
+HISTORY_OUTRO = "Continue the conversation: reply to the latest message above as the assistant."
+LATEST = "The user's latest message, to which you reply as the assistant:\n\n"
 
 
 @dataclass
@@ -86,9 +87,13 @@ def build_prompt(system: str, messages: list[dict[str, Any]], mode: str, first_t
     """
     if len(messages) == 1 and messages[0]["role"] == "user":
         content = _blocks(messages[0])
+    elif messages[-1]["role"] == "user":
+        content = [{"type": "text", "text": HISTORY_INTRO}] + transcript(messages[:-1])
+        content.append({"type": "text", "text": LATEST})
+        content += _blocks(messages[-1])
     else:
         content = [{"type": "text", "text": HISTORY_INTRO}] + transcript(messages)
-        content.append({"type": "text", "text": HISTORY_OUTRO.lstrip("\n") if not content else HISTORY_OUTRO})
+        content.append({"type": "text", "text": HISTORY_OUTRO})
     if mode == "embed" and system and first_turn:
         content.insert(0, {"type": "text", "text": f"<system_instructions>\n{system}\n</system_instructions>\n\n"})
     content = _merge_text(content)

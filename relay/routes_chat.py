@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .chat import Context, Exchange
-from .errors import BadRequest
+from .errors import BadRequest, RelayError
 from .images import check_limits
 from .request import parse_chat_request
 
@@ -45,11 +46,29 @@ def context() -> Context:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
+def record_rejection(exc: RelayError, t0: float, body: Any = None) -> None:
+    """A request refused before any run started still counts once in the stats."""
+    b = body if isinstance(body, dict) else {}
+    current_app.extensions["relay"].record({
+        "id": g.request_id, "request_id": g.request_id, "timestamp": time.time(), "key": getattr(g, "key_name", ""),
+        "model": "none", "requested_model": b.get("model") if isinstance(b.get("model"), str) else None,
+        "stream": b.get("stream") is True, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
+        "cache_creation_tokens": 0, "estimated": False, "response_time_ms": int((time.monotonic() - t0) * 1000),
+        "ttft_ms": None, "status": exc.status, "error": exc.code or type(exc).__name__, "first_message": None})
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Any:
     relay = current_app.extensions["relay"]
-    req = parse_chat_request(read_json(), relay.catalog)
-    check_limits(req.messages, MAX_IMAGES, MAX_IMAGE_BYTES)
+    t0 = time.monotonic()
+    body: Any = None
+    try:
+        body = read_json()
+        req = parse_chat_request(body, relay.catalog)
+        check_limits(req.messages, MAX_IMAGES, MAX_IMAGE_BYTES)
+    except RelayError as exc:
+        record_rejection(exc, t0, body)
+        raise
     ex = Exchange(relay, req, context())
     ex.open()
     if req.stream:

@@ -52,8 +52,9 @@ def host_id() -> str:
 class Leases:
     """Slot sets (at most N members) and exclusive locks, all expiring without a heartbeat."""
 
-    def __init__(self, r: "redis.Redis[Any]") -> None:
+    def __init__(self, r: "redis.Redis[Any]", ttl: float = LEASE_TTL) -> None:
         self.r = r
+        self.ttl = ttl
         self._acquire = r.register_script(_ACQUIRE_SLOT)
         self._renew_slot = r.register_script(_RENEW_SLOT)
         self._release_lock = r.register_script(_RELEASE_LOCK)
@@ -62,7 +63,7 @@ class Leases:
     # slots ---------------------------------------------------------------------------------------
     def try_slot(self, key: str, limit: int, member: str) -> bool:
         now = time.time()
-        return bool(self._acquire(keys=[key], args=[now, limit, now + LEASE_TTL, member]))
+        return bool(self._acquire(keys=[key], args=[now, limit, now + self.ttl, member]))
 
     def slot_count(self, key: str) -> int:
         self.r.zremrangebyscore(key, "-inf", time.time())
@@ -73,15 +74,15 @@ class Leases:
 
     # locks ---------------------------------------------------------------------------------------
     def try_lock(self, key: str, token: str) -> bool:
-        return bool(self.r.set(key, token, nx=True, px=int(LEASE_TTL * 1000)))
+        return bool(self.r.set(key, token, nx=True, px=int(self.ttl * 1000)))
 
     def release_lock(self, key: str, token: str) -> None:
         self._release_lock(keys=[key], args=[token])
 
     def renew(self, kind: str, key: str, member: str) -> bool:
         if kind == "slot":
-            return bool(self._renew_slot(keys=[key], args=[time.time() + LEASE_TTL, member]))
-        return bool(self._renew_lock(keys=[key], args=[member, int(LEASE_TTL * 1000)]))
+            return bool(self._renew_slot(keys=[key], args=[time.time() + self.ttl, member]))
+        return bool(self._renew_lock(keys=[key], args=[member, int(self.ttl * 1000)]))
 
     def wait_for(self, attempt: Callable[[], bool], timeout: float, queued_key: str | None = None) -> bool:
         """Retry `attempt` until it succeeds or `timeout` passes; counts waiters in `queued_key`."""
@@ -121,7 +122,7 @@ class Heartbeat:
             self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(LEASE_TTL / 3):
+        while not self._stop.wait(self.leases.ttl / 3):
             for kind, key, member in list(self.held):
                 try:
                     self.leases.renew(kind, key, member)

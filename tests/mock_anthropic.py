@@ -90,6 +90,12 @@ class MockAnthropic:
         with self.lock:
             self.requests.clear()
 
+    def records(self, marker: str) -> list[dict]:
+        """Recorded /v1/messages requests (with start `t` and `end` times) whose text holds `marker`."""
+        with self.lock:
+            found = [r for r in self.requests if r["path"].startswith("/v1/messages")]
+        return [r for r in found if marker in all_text(r["body"])]
+
     def bodies(self, marker: str | None = None) -> list[dict]:
         """Recorded /v1/messages bodies, optionally those whose text contains `marker`."""
         with self.lock:
@@ -122,10 +128,10 @@ class MockAnthropic:
                     body = json.loads(raw or b"{}")
                 except ValueError:
                     body = {"_raw": raw.decode("utf-8", "replace")}
+                record = {"path": self.path, "headers": dict(self.headers), "body": body, "t": time.time(),
+                          "end": None}
                 with mock.lock:
-                    mock.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body, "t": time.time()}
-                    )
+                    mock.requests.append(record)
                 if "count_tokens" in self.path:
                     self._json(200, {"input_tokens": 10})
                     return
@@ -140,6 +146,7 @@ class MockAnthropic:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
+                    record["end"] = time.time()
                     with mock.lock:
                         mock.active -= 1
 
