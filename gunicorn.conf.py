@@ -31,6 +31,7 @@ timeout = 60
 graceful_timeout = _settings["graceful_timeout_s"]
 keepalive = 75  # longer than nginx's upstream keepalive_timeout default
 preload_app = False
+control_socket_disable = True  # several relays (and test runs) on one host must not share ~/.gunicorn
 # Let oversized headers (e.g. a 10 KB X-Session-Id) reach the app, which answers a JSON 400;
 # beyond these sizes gunicorn itself answers a plain 400.
 limit_request_line = 16384

@@ -61,9 +61,9 @@ def markdown(res: dict[str, Any]) -> str:
         out.append("")
     mem = res.get("memory")
     if mem:
-        out += [f"**Memory** (1 gevent worker, {mem['streams']} streams held open past their first token; "
+        out += [f"**Memory** (1 gevent worker, {mem['in_flight_at_sample']} streams held open past their first token; "
                 "RSS of the worker process only, the CLIs are separate processes):", ""]
-        out += _table(["Worker RSS idle", f"Worker RSS, {mem['streams']} streams", "Per in-flight stream",
+        out += _table(["Worker RSS idle", f"Worker RSS, {mem['in_flight_at_sample']} streams", "Per in-flight stream",
                        "Worker RSS after close", "CLI process RSS (avg)"],
                       [[f"{mem['worker_rss_idle_mb']:.1f} MB", f"{mem['worker_rss_loaded_mb']:.1f} MB",
                         f"{mem['worker_mb_per_stream']:.2f} MB", f"{mem['worker_rss_after_close_mb']:.1f} MB",

@@ -118,7 +118,6 @@ def memory(url: str, worker_pid: int, streams: int, log: Callable[[str], None] =
         all_open_s = time.perf_counter() - t0
         log(f"  memory: {streams} streams open after {all_open_s:.1f} s")
         time.sleep(0.5)
-        loaded = _sample_rss(worker_pid)
         clis = worker.children()
         cli_rss = []
         for c in clis:
@@ -126,6 +125,10 @@ def memory(url: str, worker_pid: int, streams: int, log: Callable[[str], None] =
                 cli_rss.append(rss_mb(c.pid, with_children=True))
             except psutil.Error:
                 pass
+        loaded = _sample_rss(worker_pid)
+        in_flight = min(len(clis), len(worker.children()))  # a stream that already ended has no CLI
+        if in_flight < streams:
+            log(f"  memory: WARNING only {in_flight} of {streams} streams were still in flight when sampled")
     finally:
         release.set()
         for t in threads:
@@ -136,7 +139,7 @@ def memory(url: str, worker_pid: int, streams: int, log: Callable[[str], None] =
     return {"streams": streams, "worker_pid": worker_pid, "seconds_until_all_streaming": round(all_open_s, 2),
             "worker_rss_idle_mb": round(idle, 2), "worker_rss_loaded_mb": round(loaded, 2),
             "worker_rss_after_close_mb": round(after, 2),
-            "worker_mb_per_stream": round((loaded - idle) / streams, 3),
+            "in_flight_at_sample": in_flight, "worker_mb_per_stream": round((loaded - idle) / max(1, in_flight), 3),
             "cli_processes": len(clis), "cli_rss_avg_mb": round(statistics.mean(cli_rss), 1) if cli_rss else None,
             "cli_rss_total_mb": round(sum(cli_rss), 1), "clis_gone_after_close": gone}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -33,9 +34,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="validate config.json / environment and the Claude CLI")
+    keys = sub.add_parser("keys", help="manage API keys (stored as SHA-256 in the config file and Redis)")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    add = ksub.add_parser("add", help="create a key; it is printed once")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true")
+    add.add_argument("--rpm", type=int)
+    add.add_argument("--tokens-per-day", type=int)
+    add.add_argument("--max-concurrent", type=int)
+    add.add_argument("--models", help="comma-separated model ids this key may use")
+    ksub.add_parser("list", help="list key names and limits (never the keys)")
+    rev = ksub.add_parser("revoke", help="revoke a key by name (effective on every worker within seconds)")
+    rev.add_argument("name")
     args = parser.parse_args(argv)
     if args.cmd == "check":
         return _check()
+    from . import auth
+
+    if args.action == "add":
+        key = auth.keys_add(args.name, admin=args.admin, rpm=args.rpm, tokens_per_day=args.tokens_per_day,
+                            max_concurrent=args.max_concurrent,
+                            models=[m.strip() for m in args.models.split(",")] if args.models else None)
+        print(key)
+        print(f"relay: key {args.name!r} added; it is shown only this once.", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        for k in auth.keys_list():
+            print(json.dumps(k))
+        return 0
+    if auth.keys_revoke(args.name):
+        print(f"relay: key {args.name!r} revoked", file=sys.stderr)
+        return 0
+    print(f"relay: no key named {args.name!r}", file=sys.stderr)
     return 1
 
 

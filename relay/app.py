@@ -5,17 +5,18 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask
 
 from .cli import child_env, probe_cli
 from .config import ConfigError, Settings, load_settings
-from .errors import RelayError, Unavailable, not_found_route
+from .auth import KeyRing
+from .errors import RateLimited, SubscriptionLimited, Unavailable
+from .limits import Quotas
 from .models import ModelCatalog
 from .run import Run
 from .sessions import Sessions, expire_session_files, session_dir
@@ -44,6 +45,10 @@ class Relay:
         self.stats = Stats(self.r, settings.path("log_dir") / "stats.json", settings["max_requests_per_day"],
                            settings["stats.log_first_message"], settings["prices"])
         self.active: dict[str, Run] = {}
+        self.host = settings["host_id"] or host_id()
+        self.keys = KeyRing(settings.source, settings["auth.api_keys"], self.r)
+        self.quotas = Quotas(self.r, settings["rate_limit.max_tokens_per_day"])
+        self.limiter: Any = None
         self.expose_reasoning = False
         self._cli: dict[str, Any] = {}
         self._cli_checked = 0.0
@@ -63,12 +68,48 @@ class Relay:
         return str(self._cli.get("path") or self.settings["claude_bin"])
 
     def guard_spawning(self) -> None:
+        """Refuse before spawning: unusable CLI, subscription cooldown, or a login known to be broken."""
         info = self.check_cli()
         if not info.get("ok"):
             raise Unavailable(str(info.get("problem")), code="cli_unavailable")
+        state = self.account_state()
+        if state.get("cooldown_until"):
+            wait = state["cooldown_until"] - time.time()
+            raise RateLimited(f"The Claude subscription behind this relay is at its usage limit until "
+                              f"{time.strftime('%H:%M UTC', time.gmtime(state['cooldown_until']))}; no request is "
+                              f"sent upstream until then. ({state.get('cooldown_reason', '')})", retry_after=wait)
+        if state.get("login_problem"):
+            raise Unavailable(state["login_problem"], code="cli_login_required", retry_after=30)
+
+    def account_state(self) -> dict[str, Any]:
+        """Cooldown and login state of this host's CLI login, shared by all its workers."""
+        raw = self.r.hgetall(f"{PREFIX}account:{self.host}")
+        now = time.time()
+        out: dict[str, Any] = {}
+        until = float(raw.get("cooldown_until") or 0)
+        if until > now:
+            out.update(cooldown_until=until, cooldown_reason=raw.get("cooldown_reason", ""))
+        if float(raw.get("login_until") or 0) > now:
+            out["login_problem"] = raw.get("login_problem", "")
+        return out
+
+    def note_upstream_error(self, err: Exception) -> None:
+        """Remember a subscription limit (cooldown until the reset) or a broken login, for every worker."""
+        key = f"{PREFIX}account:{self.host}"
+        code = getattr(err, "code", None)
+        now = time.time()
+        if isinstance(err, SubscriptionLimited) and err.retry_after:
+            self.r.hset(key, mapping={"cooldown_until": now + err.retry_after, "cooldown_reason": err.message})
+            self.r.expire(key, int(err.retry_after) + 60)
+            log.warning("subscription limit reached: no CLI runs for %.0f s", err.retry_after)
+        elif code == "cli_login_required":
+            self.r.hset(key, mapping={"login_until": now + self.settings["login_recheck_s"],
+                                      "login_problem": getattr(err, "message", str(err))})
+            self.r.expire(key, int(self.settings["login_recheck_s"]) + 60)
+            log.error("CLI login failed: refusing runs for %.0f s", self.settings["login_recheck_s"])
 
     def slot_key(self) -> str:
-        return f"{PREFIX}slots:{host_id()}"
+        return f"{PREFIX}slots:{self.host}"
 
     def config_dir(self) -> Path:
         d = self.settings["claude_config_dir"] or os.environ.get("CLAUDE_CONFIG_DIR") or "~/.claude"
@@ -117,7 +158,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=settings["log_level"].upper(),
                         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     app = Flask("relay")
-    app.config["MAX_CONTENT_LENGTH"] = None
+    app.config["MAX_CONTENT_LENGTH"] = int(settings["max_body_mb"] * 1024 * 1024)
     relay = Relay(settings)
     app.extensions["relay"] = relay
     try:
@@ -128,48 +169,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     _start_janitor(relay)
     atexit.register(relay.shutdown)
 
+    from . import http
+    from .limits import setup_limiter
     from .routes_chat import bp as chat_bp
     from .routes_meta import bp as meta_bp
 
+    http.install(app, relay)  # before the limiter: it identifies the caller first
     app.register_blueprint(meta_bp)
     app.register_blueprint(chat_bp)
-
-    @app.before_request
-    def _request_id() -> None:
-        rid = request.headers.get("x-request-id", "")
-        g.request_id = rid if 0 < len(rid) <= 128 and rid.isprintable() else "req_" + secrets.token_hex(16)
-
-    @app.after_request
-    def _headers(resp: Response) -> Response:
-        resp.headers["x-request-id"] = getattr(g, "request_id", "")
-        resp.headers.setdefault("openai-version", "2020-10-01")
-        return resp
-
-    @app.errorhandler(RelayError)
-    def _relay_error(exc: RelayError) -> tuple[Response, int, dict[str, str]]:
-        return jsonify(exc.body()), exc.status, exc.response_headers()
-
-    @app.errorhandler(404)
-    def _not_found(_: Any) -> tuple[Response, int]:
-        return jsonify(not_found_route(request.path).body()), 404
-
-    @app.errorhandler(405)
-    def _method(_: Any) -> tuple[Response, int]:
-        err = RelayError(f"Method {request.method} is not allowed on {request.path}.")
-        body = err.body()
-        body["error"].update(type="invalid_request_error", code="method_not_allowed")
-        return jsonify(body), 405
-
-    @app.errorhandler(Exception)
-    def _crash(exc: Exception) -> tuple[Response, int]:
-        from werkzeug.exceptions import HTTPException
-
-        if isinstance(exc, HTTPException):
-            body = RelayError(exc.description or exc.name).body()
-            body["error"].update(type="invalid_request_error", code=exc.name.lower().replace(" ", "_"))
-            return jsonify(body), exc.code or 400
-        log.exception("unexpected error on %s", request.path)
-        return jsonify(RelayError("Internal error in the relay; see its log (request id "
-                                  f"{getattr(g, 'request_id', '')}).").body()), 500
-
+    relay.limiter = setup_limiter(app, relay, [chat_bp])
     return app

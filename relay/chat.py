@@ -24,7 +24,7 @@ from .prompt import build_prompt
 from .request import ChatRequest, text_of
 from .run import DisconnectWatcher, Limits, Run
 from .sessions import Plan, conversation_id
-from .store import PREFIX, Heartbeat, host_id, new_token
+from .store import PREFIX, Heartbeat, new_token
 from .tokens import count_messages, count_text
 from .upstream import SessionMissing, classify, finish_reason
 
@@ -40,6 +40,7 @@ class Context:
     key_name: str = ""             # API key name ("" without auth)
     scope: str = "anon"            # conversations are private to this scope
     session_header: str | None = None
+    api_key: Any = None
     client_socket: Any = None
     extra_cli_args: list[str] = field(default_factory=list)
 
@@ -60,6 +61,7 @@ class Exchange:
         self.status = 0
         self.closed = False
         self.bytes_to_cli = 0
+        self.token_budget: dict[str, Any] | None = None
 
     # -- opening ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -72,6 +74,9 @@ class Exchange:
     def _open(self) -> None:
         req, ctx, relay = self.req, self.ctx, self.relay
         relay.guard_spawning()
+        key = ctx.api_key
+        estimate = count_messages(req.messages) + count_text(req.system)
+        self.token_budget = relay.quotas.check(key, estimate)
         conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
         plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
         if plan.conv_key:
@@ -91,6 +96,13 @@ class Exchange:
             raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
                               "retry shortly.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
         self.heartbeat.add("slot", slots, member)
+        if key is not None and key.max_concurrent:
+            kslots = f"{PREFIX}keyslots:{key.name}"
+            if not relay.leases.wait_for(lambda: relay.leases.try_slot(kslots, key.max_concurrent, member),
+                                         self.cfg["queue_timeout_s"]):
+                raise RateLimited(f"This API key may run {key.max_concurrent} requests at once; one must finish "
+                                  "first.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
+            self.heartbeat.add("slot", kslots, member)
         if ctx.client_socket is not None:
             self.watcher = DisconnectWatcher(ctx.client_socket, self._client_gone).start()
         for attempt in (0, 1):
@@ -133,9 +145,19 @@ class Exchange:
             if deltas:
                 self.buffer += deltas
         if self.run.turn.done:
-            err = classify(self.run.turn, time.time(), self.cfg["upstream_retry_after_s"])
+            err = self._classify()
             if err:
                 raise err
+
+    def _classify(self) -> RelayError | None:
+        assert self.run
+        err = classify(self.run.turn, time.time(), self.cfg["upstream_retry_after_s"])
+        if err is not None:
+            try:
+                self.relay.note_upstream_error(err)
+            except Exception as exc:  # Redis trouble must not hide the real error
+                log.warning("could not record the upstream error state: %s", exc)
+        return err
 
     def _end_run(self) -> None:
         if self.run:
@@ -169,7 +191,7 @@ class Exchange:
         try:
             for _ in self.run.pump():
                 pass
-            err = classify(self.run.turn, time.time(), self.cfg["upstream_retry_after_s"])
+            err = self._classify()
             if err:
                 raise err
             turn = self.run.turn
@@ -209,7 +231,7 @@ class Exchange:
                     chunk = None if (d.kind == "reasoning" and not expose) else maker.delta(d, legacy)
                     if chunk:
                         yield sse.data(chunk)
-            err = classify(run.turn, time.time(), self.cfg["upstream_retry_after_s"])
+            err = self._classify()
             if err:
                 raise err
             yield sse.data(maker.final(finish_reason(run.turn, legacy)))
@@ -255,7 +277,7 @@ class Exchange:
                     calls = tool_calls_of(self.run.turn)
                     if calls:
                         answer["tool_calls"] = calls
-                    self.relay.sessions.commit(self.plan, answer, host_id())
+                    self.relay.sessions.commit(self.plan, answer, self.relay.host)
                 elif self.run:
                     self.relay.sessions.forget(self.plan)
         except Exception as e:  # never lose the stats record over a session update
@@ -286,6 +308,12 @@ class Exchange:
             "bytes_to_cli": self.bytes_to_cli, "worker": os.getpid(),
         }
         self.relay.record(rec)
+        spent = sum(int(rec[k] or 0) for k in ("input_tokens", "output_tokens", "cache_read_tokens",
+                                                "cache_creation_tokens"))
+        try:
+            self.relay.quotas.charge(self.ctx.key_name or None, spent)
+        except Exception as e:
+            log.error("%s: could not charge %d tokens to the quota: %s", self.ctx.request_id, spent, e)
 
 
 def effort_flag(effort: str) -> str:

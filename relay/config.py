@@ -100,6 +100,8 @@ SCHEMA: dict[str, Field] = {
                               _between(0, 10**9)),
     "rate_limit.max_requests_per_minute": Field(int, 60, "Global requests per minute (0 = no limit).",
                                                 _between(0, 10**9)),
+    "rate_limit.max_requests_per_minute_per_ip": Field(int, 0, "Per client address when auth is off (0 = no limit).",
+                                                       _between(0, 10**9)),
     "rate_limit.max_tokens_per_day": Field(int, 0, "Global tokens per day (0 = no limit).", _between(0, 10**12)),
     "auth.enabled": Field(bool, False, "Require an API key on /v1/*."),
     "auth.api_keys": Field(list, [], "Keys: strings, or objects {name, key | key_sha256, ...}.", _check_keys),
@@ -112,6 +114,12 @@ SCHEMA: dict[str, Field] = {
                          _between(1, 600)),
     "stats.log_first_message": Field(bool, True, "Keep the first user message (truncated) in stats."),
     "stats.snapshot_interval_s": Field(float, 5.0, "How often log/stats.json is rewritten.", _POS),
+    "max_body_mb": Field(float, 50.0, "Largest request body accepted (413 beyond).", _between(0.001, 4096)),
+    "trusted_proxies": Field(list, ["127.0.0.1", "::1"], "Addresses whose X-Forwarded-For/-Proto are believed."),
+    "cors.allowed_origins": Field(list, [], "Browser origins allowed by CORS ([\"*\"] for any)."),
+    "host_id": Field(str, "", "This host's name in shared Redis state (default: the hostname)."),
+    "login_recheck_s": Field(float, 60.0, "After the CLI reported a login failure, refuse runs for this long.",
+                             _POS),
     "prices": Field(dict, {}, "Override USD prices per million tokens, per model family."),
 }
 

@@ -6,8 +6,9 @@
     ├── Unauthorized (401) / Forbidden (403)
     ├── NotFound (404)                                   unknown route or model
     ├── Conflict (409)                                   conversation busy
-    ├── RateLimited (429 requests/rate_limit_exceeded)   relay limits, upstream 429, subscription limit
-    │   └── QuotaExceeded (429 insufficient_quota)
+    ├── RateLimited (429 requests/rate_limit_exceeded)   relay limits, upstream 429
+    │   ├── SubscriptionLimited                         the subscription's own limit (cooldown)
+    │   └── QuotaExceeded (429 insufficient_quota)       tokens per day
     ├── UpstreamError (502)                              upstream 5xx, CLI crash, garbage output
     ├── Unavailable (503)                                CLI missing, login expired, overloaded, Redis down
     └── Timeout (504)                                    first-token / idle / total timeout
@@ -83,6 +84,10 @@ class RateLimited(RelayError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+
+
+class SubscriptionLimited(RateLimited):
+    """The Claude subscription itself is at its limit: every worker cools down until the reset."""
 
 
 class QuotaExceeded(RateLimited):

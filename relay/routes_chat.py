@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .chat import Context, Exchange
-from .errors import BadRequest, RelayError
+from .errors import BadRequest, Forbidden, RelayError
 from .images import check_limits
 from .request import parse_chat_request
 
@@ -37,7 +37,7 @@ def read_json() -> Any:
 
 
 def context() -> Context:
-    return Context(request_id=g.request_id, key_name=getattr(g, "key_name", ""),
+    return Context(request_id=g.request_id, key_name=getattr(g, "key_name", ""), api_key=getattr(g, "api_key", None),
                    scope=getattr(g, "key_name", "") or "anon",
                    session_header=request.headers.get("X-Session-Id"),
                    client_socket=request.environ.get("gunicorn.socket"))
@@ -66,11 +66,18 @@ def chat_completions() -> Any:
         body = read_json()
         req = parse_chat_request(body, relay.catalog)
         check_limits(req.messages, MAX_IMAGES, MAX_IMAGE_BYTES)
+        key = getattr(g, "api_key", None)
+        if key is not None and not key.allows_model(req.model, req.cli_model):
+            raise Forbidden(f"The API key {key.name!r} may not use the model {req.model!r}.", param="model",
+                            code="model_not_allowed")
     except RelayError as exc:
         record_rejection(exc, t0, body)
         raise
     ex = Exchange(relay, req, context())
-    ex.open()
+    try:
+        ex.open()
+    finally:
+        g.token_budget = ex.token_budget
     if req.stream:
         return Response(ex.stream(), mimetype="text/event-stream", headers=SSE_HEADERS)
     return jsonify(ex.complete())

@@ -10,7 +10,7 @@ import redis
 from flask import Blueprint, current_app, jsonify, request
 
 from .errors import NotFound
-from .store import PREFIX, host_id
+from .store import PREFIX
 
 bp = Blueprint("meta", __name__)
 
@@ -30,7 +30,14 @@ def health() -> Any:
     except redis.RedisError as exc:
         red, active = {"ok": False, "error": str(exc)}, None
     ok = bool(cli.get("ok")) and red["ok"]
-    body = {"status": "ok" if ok else "degraded", "host": host_id(),
+    try:
+        account = relay.account_state()
+    except redis.RedisError:
+        account = {}
+    if account.get("cooldown_until"):
+        account["cooldown_until_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(account["cooldown_until"]))
+        account["cooldown_remaining_s"] = round(account["cooldown_until"] - time.time())
+    body = {"status": "ok" if ok else "degraded", "host": relay.host, "account": account,
             "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
             "redis": red, "active_runs": active, "worker_active_runs": len(relay.active),
             "max_concurrent_runs": relay.settings["max_concurrent_runs"]}

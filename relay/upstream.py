@@ -10,8 +10,8 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from .errors import (BadRequest, NotFound, PayloadTooLarge, RateLimited, RelayError, Unavailable,
-                     UpstreamError)
+from .errors import (BadRequest, NotFound, PayloadTooLarge, RateLimited, RelayError, SubscriptionLimited,
+                     Unavailable, UpstreamError)
 from .events import Turn
 
 LOGIN_HINT = ("The Claude Code CLI on the relay host is not logged in or its login expired. "
@@ -84,8 +84,8 @@ def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError |
     if status == 429 or turn.error_kind == "rate_limit" or is_subscription_limit(turn):
         if is_subscription_limit(turn):
             wait = reset_seconds(turn, now) or default_retry_after
-            return RateLimited(f"The Claude subscription behind this relay hit its usage limit: {text}",
-                               code="rate_limit_exceeded", retry_after=wait)
+            return SubscriptionLimited(f"The Claude subscription behind this relay hit its usage limit: {text}",
+                                       retry_after=wait, headers={"x-should-retry": "false"} if wait > 120 else None)
         return RateLimited(f"Anthropic is rate limiting requests: {text}", retry_after=default_retry_after)
     if status == 403:
         return Unavailable(f"Anthropic refused the relay's credentials: {text}", code="upstream_forbidden")

@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+import time
 
 import openai
 import pytest
@@ -49,7 +50,6 @@ def test_unknown_route_and_method(relay):
 
 @pytest.mark.parametrize("marker, exc, status, code", [
     ("MOCK:error=429", openai.RateLimitError, 429, "rate_limit_exceeded"),
-    ("MOCK:error=401", openai.InternalServerError, 503, "cli_login_required"),
     ("MOCK:error=529", openai.InternalServerError, 503, "overloaded"),
     ("MOCK:error=500", openai.InternalServerError, 502, "upstream_server_error"),
     ("MOCK:error=404", openai.NotFoundError, 404, "model_not_found"),
@@ -62,10 +62,8 @@ def test_upstream_errors_reach_the_sdk_as_the_right_class(client, marker, exc, s
                                            messages=[{"role": "user", "content": f"err {marker}"}])
         list(r) if stream else None
     assert e.value.status_code == status and e.value.code == code
-    if status in (429, 503) and code != "cli_login_required":
+    if status in (429, 503):
         assert int(e.value.response.headers["retry-after"]) >= 1
-    if code == "cli_login_required":
-        assert "log in" in e.value.message and "claude" in e.value.message
 
 
 def test_error_after_streaming_began_is_an_error_frame_without_done(relay):
@@ -112,9 +110,34 @@ def test_a_cli_too_old_for_verbatim_prompts_is_refused_at_start(relay_factory, t
     assert out.returncode == 2 and "too old" in out.stderr
 
 
-def test_subscription_limit_is_429_with_honest_retry_after(relay_factory, mock_api):
+def test_subscription_limit_cools_down_every_worker_without_spawning(relay_factory, mock_api):
     srv = relay_factory({"ANTHROPIC_API_KEY": "", "CLAUDE_CODE_OAUTH_TOKEN": "oat-test"})
-    with openai_client(srv.url) as c, pytest.raises(openai.RateLimitError) as e:
-        c.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "MOCK:subscription_limit"}])
-    assert "usage limit" in e.value.message
-    assert 3000 < int(e.value.response.headers["retry-after"]) <= 3601
+    with openai_client(srv.url) as c:
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "MOCK:subscription_limit"}])
+        assert "usage limit" in e.value.message
+        assert 3000 < int(e.value.response.headers["retry-after"]) <= 3601
+        before = len(mock_api.bodies("cooldown-probe"))
+        for i in range(4):  # lands on both workers: none of them spawns the CLI
+            with pytest.raises(openai.RateLimitError) as e:
+                c.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": f"cooldown-probe {i}"}])
+            assert 3000 < int(e.value.response.headers["retry-after"]) <= 3601
+        assert len(mock_api.bodies("cooldown-probe")) == before
+    h = requests.get(srv.url + "/health").json()
+    assert 3000 < h["account"]["cooldown_remaining_s"] <= 3601 and h["account"]["cooldown_until_iso"]
+
+
+def test_a_broken_login_stops_spawning_until_rechecked(relay_factory, mock_api):
+    srv = relay_factory({"RELAY_LOGIN_RECHECK_S": "2"})
+    with openai_client(srv.url) as c:
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "MOCK:error=401"}])
+        assert e.value.status_code == 503 and e.value.code == "cli_login_required"
+        assert "log in" in e.value.message and "claude" in e.value.message
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "login-probe-1"}])
+        assert e.value.code == "cli_login_required" and not mock_api.bodies("login-probe-1")
+        assert requests.get(srv.url + "/health").json()["account"]["login_problem"]
+        time.sleep(2.2)  # the operator logged in again: the next request tries once more
+        r = c.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "login-probe-2"}])
+        assert r.choices[0].message.content.endswith("login-probe-2")

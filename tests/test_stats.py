@@ -113,7 +113,8 @@ def test_cancelled_requests_are_recorded_once(relay_factory):
                        "messages": [{"role": "user", "content": "cancel-me MOCK:slow=200 MOCK:words=50"}]}).encode()
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
               + str(len(data)).encode() + b"\r\n\r\n" + data)
-    assert b"data:" in s.recv(65536)
+    from test_hygiene import read_until
+    assert read_until(s, b"data:")
     s.close()
     assert wait_until(lambda: requests.get(srv.url + "/v1/usage").json()["total"]["cancelled"] == 1, 5)
     time.sleep(1)

@@ -1,0 +1,149 @@
+"""Request hooks at the HTTP boundary: request ids, client address, CORS, API keys, headers, errors.
+
+Every error leaves here as an OpenAI error object; nothing else ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from flask_limiter import RateLimitExceeded
+from werkzeug.exceptions import HTTPException
+
+from .auth import require
+from .errors import PayloadTooLarge, RelayError, not_found_route
+from .limits import add_headers, rate_limited_error
+
+log = logging.getLogger("relay.http")
+CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-Project, OpenAI-Beta, X-Api-Key, "
+                      "X-Session-Id, X-Request-Id, X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, "
+                      "X-Stainless-Arch, X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, "
+                      "X-Stainless-Timeout, X-Stainless-Async, X-Stainless-Helper-Method")
+CORS_EXPOSE = ("x-request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
+               "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
+               "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
+ADMIN_PREFIXES = ("/v1/sessions", "/stats")
+
+
+def _networks(items: list[str]) -> list[Any]:
+    nets = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            log.error("trusted_proxies: ignoring %r (not an address or network)", item)
+    return nets
+
+
+def client_address(remote: str, forwarded_for: str | None, trusted: list[Any]) -> str:
+    """The caller's address: X-Forwarded-For is believed only hop by hop from trusted proxies."""
+    def is_trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr.strip())
+        except ValueError:
+            return False
+        return any(ip in net for net in trusted)
+
+    addr = remote or "unknown"
+    if not forwarded_for or not is_trusted(addr):
+        return addr
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()][:32]):
+        addr = hop
+        if not is_trusted(hop):
+            break
+    try:
+        return str(ipaddress.ip_address(addr))
+    except ValueError:
+        return remote or "unknown"
+
+
+def install(app: Flask, relay: Any) -> None:
+    settings = relay.settings
+    trusted = _networks(settings["trusted_proxies"])
+    origins = settings["cors.allowed_origins"]
+
+    def allowed_origin() -> str | None:
+        origin = request.headers.get("Origin")
+        if not origin or not origins:
+            return None
+        return "*" if "*" in origins else origin if origin in origins else None
+
+    @app.before_request
+    def _identify() -> Response | None:
+        rid = request.headers.get("x-request-id", "")
+        g.request_id = rid if 0 < len(rid) <= 128 and rid.isprintable() else "req_" + secrets.token_hex(16)
+        g.t0 = time.monotonic()
+        g.client_ip = client_address(request.remote_addr or "", request.headers.get("X-Forwarded-For"), trusted)
+        if request.method == "OPTIONS":  # CORS preflight: no auth, nothing else runs
+            resp = Response(status=204)
+            origin = allowed_origin()
+            if origin:
+                resp.headers["Access-Control-Allow-Origin"] = origin
+                resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+                resp.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+                resp.headers["Access-Control-Max-Age"] = "600"
+                resp.headers["Vary"] = "Origin"
+            return resp
+        g.api_key = None
+        g.key_name = ""
+        if settings["auth.enabled"] and (request.path.startswith("/v1/") or request.path == "/stats"):
+            admin = request.path.startswith(ADMIN_PREFIXES)
+            g.api_key = require(relay.keys, request.headers, admin=admin)
+            g.key_name = g.api_key.name
+        return None
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        resp.headers["x-request-id"] = getattr(g, "request_id", "")
+        resp.headers.setdefault("openai-version", "2020-10-01")
+        origin = allowed_origin()
+        if origin and request.method != "OPTIONS":
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
+            resp.headers["Vary"] = "Origin"
+        if request.path.startswith(("/v1/chat/", "/v1/responses")):
+            try:
+                add_headers(resp, relay.limiter)
+            except Exception as exc:  # headers are a courtesy; never fail a response over them
+                log.warning("rate-limit headers skipped: %s", exc)
+        return resp
+
+    def _json_error(err: RelayError) -> tuple[Response, int, dict[str, str]]:
+        return jsonify(err.body()), err.status, err.response_headers()
+
+    @app.errorhandler(RelayError)
+    def _relay_error(exc: RelayError) -> Any:
+        return _json_error(exc)
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(_: RateLimitExceeded) -> Any:
+        err = rate_limited_error(relay.limiter)
+        if request.path.startswith(("/v1/chat/", "/v1/responses")):
+            from .routes_chat import record_rejection
+
+            record_rejection(err, getattr(g, "t0", time.monotonic()))
+        return _json_error(err)
+
+    @app.errorhandler(404)
+    def _not_found(_: Any) -> Any:
+        return _json_error(not_found_route(request.path))
+
+    @app.errorhandler(413)
+    def _too_large(_: Any) -> Any:
+        return _json_error(PayloadTooLarge(f"The request body is larger than max_body_mb "
+                                           f"({settings['max_body_mb']:g} MB).", param="body"))
+
+    @app.errorhandler(Exception)
+    def _crash(exc: Exception) -> Any:
+        if isinstance(exc, HTTPException):
+            err = RelayError(exc.description or exc.name)
+            err.type, err.code, err.status = "invalid_request_error", exc.name.lower().replace(" ", "_"), exc.code or 400
+            return _json_error(err)
+        log.exception("unexpected error on %s (request %s)", request.path, getattr(g, "request_id", ""))
+        return _json_error(RelayError("Internal error in the relay; see its log (request id "
+                                      f"{getattr(g, 'request_id', '')})."))

@@ -1,0 +1,157 @@
+"""Requests-per-minute (flask-limiter on Redis) and tokens-per-day quotas, global and per key.
+
+Both are shared by every worker and host using the same Redis. Every refusal is an OpenAI 429
+(`rate_limit_exceeded` or `insufficient_quota`) with `Retry-After`; every answer carries the
+`x-ratelimit-*` headers for requests and tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import redis
+from flask import Flask, Response, g
+from flask_limiter import Limiter, RateLimitExceeded
+
+from .errors import QuotaExceeded, RateLimited
+from .store import PREFIX
+
+LIMITED_ENDPOINTS = ("chat.chat_completions", "responses.create_response")
+
+
+def limits_storage_uri(redis_url: str) -> str:
+    """flask-limiter (the `limits` package) spells a unix socket `redis+unix://`."""
+    if redis_url.startswith("unix://"):
+        return "redis+unix://" + redis_url[len("unix://"):]
+    return redis_url
+
+
+def go_duration(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `23h18m29.144s`."""
+    seconds = max(0.0, seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    out = ""
+    if h >= 1:
+        out += f"{int(h)}h"
+    if h >= 1 or m >= 1:
+        out += f"{int(m)}m"
+    return out + (f"{s:.3f}".rstrip("0").rstrip(".") or "0") + "s"
+
+
+def _seconds_to_midnight(now: float) -> float:
+    d = datetime.fromtimestamp(now, timezone.utc)
+    nxt = (d + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (nxt - d).total_seconds()
+
+
+def setup_limiter(app: Flask, relay: Any, blueprints: list[Any]) -> Limiter:
+    """Requests per minute on the completion endpoints: global, per key, and per client IP without auth.
+
+    Call after the auth hook is registered: flask-limiter checks in its own before_request hook,
+    which must run once `g.api_key` and `g.client_ip` are known.
+    """
+    settings = relay.settings
+
+    def global_limit() -> str:
+        return f"{settings['rate_limit.max_requests_per_minute']}/minute"
+
+    def key_limit() -> str:
+        key = getattr(g, "api_key", None)
+        return f"{key.rpm}/minute" if key is not None and key.rpm else "1000000/minute"
+
+    def ip_limit() -> str:
+        return f"{settings['rate_limit.max_requests_per_minute_per_ip']}/minute"
+
+    limiter = Limiter(key_func=lambda: "all", app=app, storage_uri=limits_storage_uri(settings["redis_url"]),
+                      strategy="fixed-window", headers_enabled=False, key_prefix="relay-limits",
+                      swallow_errors=False)
+    limits = [
+        limiter.shared_limit(global_limit, scope="global", key_func=lambda: "all",
+                             exempt_when=lambda: not settings["rate_limit.max_requests_per_minute"]),
+        limiter.shared_limit(key_limit, scope="per-key",
+                             key_func=lambda: "key:" + (g.api_key.name if getattr(g, "api_key", None) else "-"),
+                             exempt_when=lambda: not (getattr(g, "api_key", None) and g.api_key.rpm)),
+        limiter.shared_limit(ip_limit, scope="per-ip", key_func=lambda: "ip:" + str(getattr(g, "client_ip", "-")),
+                             exempt_when=lambda: bool(settings["auth.enabled"])
+                             or not settings["rate_limit.max_requests_per_minute_per_ip"]),
+    ]
+    for bp in blueprints:
+        for lim in limits:
+            lim(bp)
+    return limiter
+
+
+def rate_limited_error(limiter: Limiter) -> RateLimited:
+    current = limiter.current_limit
+    wait = max(1.0, (current.reset_at - time.time()) if current else 60.0)
+    key = str(current.key) if current else ""
+    scope = "this API key" if "per-key" in key else "this client address" if "per-ip" in key else "the relay"
+    amount = current.limit.amount if current else 0
+    return RateLimited(f"Rate limit reached for {scope}: {amount} requests per minute. Retry after "
+                       f"{int(wait)} s.", retry_after=wait)
+
+
+class Quotas:
+    """Tokens per UTC day: checked with an estimate before a run, charged with actual usage after."""
+
+    def __init__(self, r: "redis.Redis[Any]", global_limit: int) -> None:
+        self.r = r
+        self.global_limit = global_limit
+
+    def _keys(self, key_name: str | None) -> tuple[str, str]:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        return f"{PREFIX}tokens:{day}:all", f"{PREFIX}tokens:{day}:key:{key_name or '-'}"
+
+    def state(self, key: Any) -> dict[str, Any] | None:
+        """The tightest token budget for this caller: limit, remaining, reset (None if unlimited)."""
+        g_key, k_key = self._keys(key.name if key else None)
+        used_all, used_key = (int(x or 0) for x in self.r.mget(g_key, k_key))
+        budgets = []
+        if self.global_limit:
+            budgets.append((self.global_limit, self.global_limit - used_all, "the relay"))
+        if key is not None and key.tokens_per_day:
+            budgets.append((key.tokens_per_day, key.tokens_per_day - used_key, "this API key"))
+        if not budgets:
+            return None
+        limit, remaining, who = min(budgets, key=lambda b: b[1])
+        return {"limit": limit, "remaining": max(0, remaining), "who": who,
+                "reset_s": _seconds_to_midnight(time.time())}
+
+    def check(self, key: Any, estimate: int) -> dict[str, Any] | None:
+        st = self.state(key)
+        if st is not None and estimate > st["remaining"]:
+            raise QuotaExceeded(
+                f"Daily token quota of {st['who']} exhausted: {st['remaining']} of {st['limit']} tokens left, "
+                f"this request needs about {estimate}. It resets at midnight UTC.",
+                retry_after=st["reset_s"], headers={"x-should-retry": "false"})
+        return st
+
+    def charge(self, key_name: str | None, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        g_key, k_key = self._keys(key_name)
+        pipe = self.r.pipeline(transaction=True)
+        for k in (g_key, k_key):
+            pipe.incrby(k, tokens)
+            pipe.expire(k, 3 * 86400)
+        pipe.execute()
+
+
+def add_headers(resp: Response, limiter: Limiter | None) -> None:
+    """`x-ratelimit-*` for requests and tokens, on successes and refusals alike."""
+    current = limiter.current_limit if limiter is not None else None
+    if current is not None:
+        resp.headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
+        resp.headers["x-ratelimit-remaining-requests"] = str(max(0, current.remaining))
+        resp.headers["x-ratelimit-reset-requests"] = go_duration(current.reset_at - time.time())
+    tokens = getattr(g, "token_budget", None)
+    if tokens is not None:
+        resp.headers["x-ratelimit-limit-tokens"] = str(tokens["limit"])
+        resp.headers["x-ratelimit-remaining-tokens"] = str(tokens["remaining"])
+        resp.headers["x-ratelimit-reset-tokens"] = go_duration(tokens["reset_s"])
+
+
+__all__ = ["RateLimitExceeded", "Quotas", "setup_limiter", "add_headers", "rate_limited_error", "go_duration"]
