@@ -62,6 +62,7 @@ class Exchange:
         self.closed = False
         self.bytes_to_cli = 0
         self.token_budget: dict[str, Any] | None = None
+        self.estimate = 0
 
     # -- opening ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -75,8 +76,8 @@ class Exchange:
         req, ctx, relay = self.req, self.ctx, self.relay
         relay.guard_spawning()
         key = ctx.api_key
-        estimate = count_messages(req.messages) + count_text(req.system)
-        self.token_budget = relay.quotas.check(key, estimate)
+        self.estimate = count_messages(req.messages) + count_text(req.system)
+        self.token_budget = relay.quotas.check(key, self.estimate)
         conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
         plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
         if plan.conv_key:
@@ -183,7 +184,7 @@ class Exchange:
         if usage is not None:
             return openai_usage(usage), False
         est = {"input_tokens": count_messages(self.req.messages) + count_text(self.req.system),
-               "output_tokens": count_text(self.run.turn.text)}
+               "output_tokens": count_text(self.run.turn.partial_text)}
         return openai_usage(est, estimated=True), True
 
     def complete(self) -> dict[str, Any]:

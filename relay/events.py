@@ -187,6 +187,12 @@ class Turn:
         return "".join(sep + text for sep, text in zip(self._seps, self.messages) if text)
 
     @property
+    def partial_text(self) -> str:
+        """Everything the client may have seen, finished or not (for estimates after a cancel)."""
+        streamed = "".join(self._streamed.values())
+        return streamed if len(streamed) > len(self.text) else self.text
+
+    @property
     def usage(self) -> dict[str, int] | None:
         u = self.result.get("usage")
         if not isinstance(u, dict):

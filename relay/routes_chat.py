@@ -79,5 +79,10 @@ def chat_completions() -> Any:
     finally:
         g.token_budget = ex.token_budget
     if req.stream:
+        if ex.token_budget is not None:  # headers go out now: show the budget minus this prompt's estimate
+            g.token_budget = dict(ex.token_budget, remaining=max(0, ex.token_budget["remaining"] - ex.estimate))
         return Response(ex.stream(), mimetype="text/event-stream", headers=SSE_HEADERS)
-    return jsonify(ex.complete())
+    body = ex.complete()
+    if ex.token_budget is not None:
+        g.token_budget = relay.quotas.state(getattr(g, "api_key", None))  # after charging actual usage
+    return jsonify(body)

@@ -7,7 +7,7 @@ from typing import Any
 
 import psutil
 import redis
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from .errors import NotFound
 from .store import PREFIX
@@ -87,17 +87,23 @@ def stats() -> Any:
     })
 
 
+def _own_key() -> str | None:
+    """A normal key sees only its own usage; admins (and a relay without auth) see everyone's."""
+    key = getattr(g, "api_key", None)
+    return key.name if key is not None and not key.admin else None
+
+
 @bp.get("/v1/usage")
 def usage() -> Any:
     days = request.args.get("days", "31")
-    return jsonify(_relay().stats.usage(days=max(1, min(366, int(days) if days.isdigit() else 31))))
+    return jsonify(_relay().stats.usage(key=_own_key(), days=max(1, min(366, int(days) if days.isdigit() else 31))))
 
 
 @bp.get("/v1/usage/recent")
 def usage_recent() -> Any:
     limit = request.args.get("limit", "50")
     n = max(1, min(1000, int(limit) if limit.isdigit() else 50))
-    return jsonify({"object": "list", "data": _relay().stats.recent(n)})
+    return jsonify({"object": "list", "data": _relay().stats.recent(n, key=_own_key())})
 
 
 @bp.get("/v1/sessions")
