@@ -1,0 +1,172 @@
+"""Deployment: behind a real nginx, several hosts on one Redis, graceful shutdown on SIGTERM."""
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from harness import ROOT, free_port, openai_client, wait_until
+
+
+def cli_pids(srv):
+    out = set()
+    for w in srv.worker_pids():
+        try:
+            out |= {c.pid for c in psutil.Process(w).children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE}
+        except psutil.Error:
+            pass
+    return out
+
+
+def alive(pids):
+    live = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                live.append(p)
+        except psutil.Error:
+            pass
+    return live
+
+
+def stream_lines(url, text, out, headers=None):
+    body = {"model": "sonnet", "stream": True, "messages": [{"role": "user", "content": text}]}
+    try:
+        with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=60, headers=headers) as r:
+            for line in r.iter_lines():
+                if line:
+                    out.append((time.time(), line.decode()))
+    except requests.RequestException as exc:
+        out.append((time.time(), f"EXC {exc}"))
+
+
+def test_sigterm_lets_running_streams_finish(relay_factory):
+    srv = relay_factory()
+    got = []
+    t = threading.Thread(target=stream_lines, args=(srv.url, "graceful MOCK:slow=100 MOCK:words=25", got))
+    t.start()
+    assert wait_until(lambda: len(got) > 2, 15)
+    pids = cli_pids(srv)
+    assert pids
+    srv.proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert got[-1][1] == "data: [DONE]"  # the stream ran to its end
+    srv.proc.wait(30)
+    assert not alive(pids)
+
+
+def test_sigterm_kills_streams_that_outlast_the_bound(relay_factory):
+    srv = relay_factory({"RELAY_GRACEFUL_TIMEOUT_S": "2"})
+    got = []
+    t = threading.Thread(target=stream_lines, args=(srv.url, "outlast MOCK:slow=300 MOCK:words=80", got))
+    t.start()
+    assert wait_until(lambda: len(got) > 2, 15)
+    pids = cli_pids(srv)
+    start = time.time()
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.proc.wait(30)
+    t.join(10)
+    assert time.time() - start < 8
+    assert not any(line == "data: [DONE]" for _, line in got)
+    assert wait_until(lambda: not alive(pids), 3)  # nothing left running
+
+
+@pytest.fixture(scope="module")
+def nginx_bin():
+    found = shutil.which("nginx") or (shutil.which("nginx", path="/usr/sbin:/sbin"))
+    if not found:
+        try:
+            subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, timeout=300,
+                           capture_output=True, env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
+        except (OSError, subprocess.SubprocessError) as exc:
+            try:
+                subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=300, capture_output=True)
+                subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, timeout=300,
+                               capture_output=True, env={"DEBIAN_FRONTEND": "noninteractive",
+                                                         "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
+            except (OSError, subprocess.SubprocessError):
+                pytest.skip(f"nginx is not installed and could not be installed from Debian packages: {exc}")
+        found = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin")
+    if not found:
+        pytest.skip("nginx is not available on this machine")
+    return found
+
+
+def nginx_conf(tmp, port, upstream_port):
+    """deploy/nginx.conf with the test's ports, wrapped in a minimal main config."""
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    site = site.replace("server 127.0.0.1:3456", f"server 127.0.0.1:{upstream_port}").replace("listen 80;", f"listen 127.0.0.1:{port};")
+    main = f"""
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+worker_processes 1;
+events {{ worker_connections 256; }}
+http {{
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    {site}
+}}"""
+    path = tmp / "nginx.conf"
+    path.write_text(main)
+    return path
+
+
+def test_streams_arrive_chunk_by_chunk_through_nginx(relay, nginx_bin, tmp_path):
+    port = free_port()
+    conf = nginx_conf(tmp_path, port, relay.port)
+    proc = subprocess.Popen([nginx_bin, "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: _up(f"http://127.0.0.1:{port}/health"), 10), proc.stderr
+        got = []
+        stream_lines(f"http://127.0.0.1:{port}", "nginx MOCK:slow=250 MOCK:words=8", got)
+        content = [t for t, line in got if '"content":"w' in line]
+        assert len(content) == 8 and got[-1][1] == "data: [DONE]"
+        assert content[-1] - content[0] > 1.2  # spread over time, not delivered all at the end
+        r = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"X-Request-Id": "via-nginx-1"})
+        assert r.headers["x-request-id"] == "via-nginx-1"
+        rec = requests.get(f"http://127.0.0.1:{port}/v1/usage/recent?limit=1").json()["data"][0]
+        assert rec["first_message"].startswith("nginx")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _up(url):
+    try:
+        return requests.get(url, timeout=1).status_code in (200, 503)
+    except requests.RequestException:
+        return False
+
+
+def test_several_hosts_share_redis_and_conversations_move_between_them(relay_factory, redis_server, mock_api):
+    db = redis_server.fresh_db()
+    env = {"RELAY_RATE_LIMIT__MAX_REQUESTS_PER_MINUTE": "5"}
+    a = relay_factory(dict(env, RELAY_HOST_ID="host-a"), redis_url=db)
+    b = relay_factory(dict(env, RELAY_HOST_ID="host-b"), redis_url=db)
+    sid = {"X-Session-Id": "roaming-1"}
+    with openai_client(a.url) as ca, openai_client(b.url) as cb:
+        first = ca.chat.completions.create(model="sonnet", extra_headers=sid,
+                                           messages=[{"role": "user", "content": "MH1 remember PLUM"}])
+        answer = first.choices[0].message.content
+        r = cb.chat.completions.create(model="sonnet", extra_headers=sid, messages=[
+            {"role": "user", "content": "MH1 remember PLUM"}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": "MH2 which fruit?"}])
+    assert r.choices[0].message.content.endswith("MH2 which fruit?")  # never an error
+    body = mock_api.bodies("MH2 which fruit?")[-1]
+    assert "MH1 remember PLUM" in json.dumps(body)  # host B replayed the full history
+    conv = next(c for c in requests.get(a.url + "/v1/sessions").json()["data"] if c["id"] == "s:roaming-1")
+    assert conv["host"] == "host-b"
+    # limits and stats are global: 2 requests made so far, 3 more allowed on either host
+    bad = {"model": "s", "messages": []}
+    codes = [requests.post(h.url + "/v1/chat/completions", json=bad).status_code for h in (a, b, a, b)]
+    assert codes == [400, 400, 400, 429]
+    assert requests.get(b.url + "/v1/usage").json()["total"]["requests"] == requests.get(
+        a.url + "/v1/usage").json()["total"]["requests"] >= 4
