@@ -18,9 +18,28 @@ MAX_IMAGES = 20
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 
 
+def _body() -> bytes:
+    """The raw body, capped at max_body_mb; chunked bodies (no Content-Length) are read here too,
+    since werkzeug only reads those when the server marks the input terminated (gunicorn does not)."""
+    if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+        return request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    stream, chunks, size = request.environ["wsgi.input"], [], 0
+    while True:
+        block = stream.read(65536)
+        if not block:
+            return b"".join(chunks)
+        size += len(block)
+        if limit is not None and size > limit:
+            from werkzeug.exceptions import RequestEntityTooLarge
+
+            raise RequestEntityTooLarge()
+        chunks.append(block)
+
+
 def read_json() -> Any:
     """The request body as JSON, with a clear 400 for every way it can be malformed."""
-    raw = request.get_data(cache=False)
+    raw = _body()
     if not raw:
         raise BadRequest("The request body is empty; send a JSON object.", param="body")
     try:
