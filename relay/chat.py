@@ -8,8 +8,10 @@ the leases, updates the conversation and records the request in the stats.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from . import sse
 from .cli import RunSpec, base_argv
 from .completion import ChunkMaker, completion_object, message_of, new_id, openai_usage
-from .errors import Conflict, RateLimited, RelayError
+from .errors import Conflict, RateLimited, RelayError, UpstreamError
 from .events import Delta
 from .prompt import build_prompt
 from .request import ChatRequest, text_of
@@ -121,7 +123,12 @@ class Exchange:
 
     def _spawn(self, plan: Plan) -> None:
         cfg, req = self.cfg, self.req
-        prompt = build_prompt(req.system, plan.send, cfg["system_prompt_mode"], plan.first_turn)
+        system = req.system
+        instruction = req.tools.instruction() if req.tools.active else ""
+        if instruction:
+            system = f"{system}\n\n{instruction}" if system else instruction
+        prompt = build_prompt(system, plan.send, cfg["system_prompt_mode"], plan.first_turn,
+                              plan.pending_calls if plan.resume else None)
         tmp = tempfile.mkdtemp(prefix="run-", dir=self.relay.tmp_dir)
         argv = base_argv(self.relay.cli_path(), req.cli_model) + plan.cli_args() + self.ctx.extra_cli_args
         if prompt.system_flag and (prompt.system_text or prompt.system_flag == "--system-prompt-file"):
@@ -131,8 +138,14 @@ class Exchange:
             argv += [prompt.system_flag, path]
         if req.reasoning_effort:
             argv += ["--effort", effort_flag(req.reasoning_effort)]
+        keep_open = False
+        if req.tools.active:
+            argv += ["--mcp-config", mcp_config(tmp, req.tools.tools), "--permission-prompt-tool", "stdio"]
+            keep_open = True  # the CLI asks for permission on stdin; the relay answers there
+        if req.json_schema is not None:
+            argv += ["--json-schema", json.dumps(req.json_schema, separators=(",", ":"))]
         spec = RunSpec(argv=argv, env=self.relay.cli_env, cwd=str(self.relay.cli_cwd), stdin=prompt.stdin_line(),
-                       temp_dir=tmp)
+                       temp_dir=tmp, keep_stdin_open=keep_open)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
         self.run = Run(spec, limits)
@@ -197,7 +210,7 @@ class Exchange:
                 raise err
             turn = self.run.turn
             finish = finish_reason(turn, self.req.legacy_functions)
-            msg = message_of(turn, turn.text, finish, self._expose(), self.req.legacy_functions)
+            msg = message_of(turn, self._content(), finish, self._expose(), self.req.legacy_functions)
             usage, _ = self._usage()
             body = completion_object(self.cid, self.created, self.model, msg, finish, usage)
             self.close(None)
@@ -205,6 +218,17 @@ class Exchange:
         except BaseException as exc:
             self.close(exc)
             raise
+
+    def _content(self) -> str:
+        """The answer's text; with response_format, the structured output as JSON (or an error)."""
+        assert self.run
+        turn = self.run.turn
+        if self.req.json_schema is None:
+            return turn.text
+        if turn.structured_output is None:
+            raise UpstreamError("The model produced no output matching the requested JSON schema "
+                                "(response_format).", code="structured_output_missing")
+        return json.dumps(turn.structured_output, ensure_ascii=False)
 
     def _expose(self) -> bool:
         if self.req.expose_reasoning is not None:
@@ -219,22 +243,23 @@ class Exchange:
             yield sse.data(maker.first())
             pending = self.buffer
             self.buffer = []
-            for deltas in [pending] if pending else []:
-                for d in deltas:
-                    chunk = None if (d.kind == "reasoning" and not expose) else maker.delta(d, legacy)
-                    if chunk:
-                        yield sse.data(chunk)
+            for d in pending:
+                chunk = self._chunk(maker, d, expose, legacy)
+                if chunk:
+                    yield sse.data(chunk)
             for deltas in run.pump():
                 if deltas is None:
                     yield sse.KEEPALIVE
                     continue
                 for d in deltas:
-                    chunk = None if (d.kind == "reasoning" and not expose) else maker.delta(d, legacy)
+                    chunk = self._chunk(maker, d, expose, legacy)
                     if chunk:
                         yield sse.data(chunk)
             err = self._classify()
             if err:
                 raise err
+            if self.req.json_schema is not None:
+                yield sse.data(maker.chunk({"content": self._content()}))
             yield sse.data(maker.final(finish_reason(run.turn, legacy)))
             if self.req.include_usage:
                 yield sse.data(maker.usage_chunk(self._usage()[0]))
@@ -246,6 +271,13 @@ class Exchange:
         except BaseException as exc:  # GeneratorExit when the client goes away
             self.close(exc)
             raise
+
+    def _chunk(self, maker: ChunkMaker, d: Delta, expose: bool, legacy: bool) -> dict[str, Any] | None:
+        if d.kind == "reasoning" and not expose:
+            return None
+        if d.kind == "text" and self.req.json_schema is not None:
+            return None  # the JSON arrives whole, from the structured output, at the end
+        return maker.delta(d, legacy)
 
     # -- closing ---------------------------------------------------------------------------------
     def close(self, exc: BaseException | None) -> None:
@@ -278,7 +310,8 @@ class Exchange:
                     calls = tool_calls_of(self.run.turn)
                     if calls:
                         answer["tool_calls"] = calls
-                    self.relay.sessions.commit(self.plan, answer, self.relay.host)
+                    self.relay.sessions.commit(self.plan, answer, self.relay.host,
+                                               resume_at=self.run.turn.tool_msg_uuid)
                 elif self.run:
                     self.relay.sessions.forget(self.plan)
         except Exception as e:  # never lose the stats record over a session update
@@ -315,6 +348,17 @@ class Exchange:
             self.relay.quotas.charge(self.ctx.key_name or None, spent)
         except Exception as e:
             log.error("%s: could not charge %d tokens to the quota: %s", self.ctx.request_id, spent, e)
+
+
+def mcp_config(tmp: str, tools: list[dict[str, Any]]) -> str:
+    """`--mcp-config` for this run: the relay's stdio MCP server declaring the client's functions."""
+    path = os.path.join(tmp, "tools.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(tools, f)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    server = {"type": "stdio", "command": sys.executable, "args": ["-m", "relay.mcp_server", path],
+              "env": {"PYTHONPATH": root}}
+    return json.dumps({"mcpServers": {"client": server}})
 
 
 def effort_flag(effort: str) -> str:

@@ -77,7 +77,7 @@ class ChunkMaker:
         self.cid, self.created, self.model, self.include_usage = cid, created, model, include_usage
         self.started = False
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
             "id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
             "system_fingerprint": FINGERPRINT,
@@ -89,26 +89,26 @@ class ChunkMaker:
 
     def first(self) -> dict[str, Any]:
         self.started = True
-        return self._chunk({"role": "assistant", "content": ""})
+        return self.chunk({"role": "assistant", "content": ""})
 
     def delta(self, d: Delta, legacy_functions: bool = False) -> dict[str, Any] | None:
         if d.kind == "text":
-            return self._chunk({"content": d.text})
+            return self.chunk({"content": d.text})
         if d.kind == "reasoning":
-            return self._chunk({"reasoning_content": d.text})
+            return self.chunk({"reasoning_content": d.text})
         if legacy_functions:
             if d.kind == "tool_start":
-                return self._chunk({"function_call": {"name": d.name, "arguments": ""}})
-            return self._chunk({"function_call": {"arguments": d.text}})
+                return self.chunk({"function_call": {"name": d.name, "arguments": ""}})
+            return self.chunk({"function_call": {"arguments": d.text}})
         if d.kind == "tool_start":
-            return self._chunk({"tool_calls": [{"index": d.index, "id": d.call_id, "type": "function",
+            return self.chunk({"tool_calls": [{"index": d.index, "id": d.call_id, "type": "function",
                                                 "function": {"name": d.name, "arguments": ""}}]})
         if d.kind == "tool_args":
-            return self._chunk({"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
+            return self.chunk({"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
         return None
 
     def final(self, finish: str) -> dict[str, Any]:
-        return self._chunk({}, finish)
+        return self.chunk({}, finish)
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

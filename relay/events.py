@@ -43,6 +43,10 @@ class Turn:
     rate_limit: dict[str, Any] | None = None
     stop_reasons: list[str] = field(default_factory=list)
     retries: int = 0
+    tool_msg_uuid: str | None = None    # the CLI's uuid of the message holding the client's tool calls
+    streamed_tools: bool = False        # tool calls arrived as stream events (so wait for message_delta)
+    interrupted_for_tools: bool = False
+    structured_output: Any = None
     _msg_text: dict[str, str] = field(default_factory=dict)      # message id -> assembled text
     _streamed: dict[str, str] = field(default_factory=dict)      # message id -> streamed text
     _current: str = ""
@@ -79,6 +83,8 @@ class Turn:
         if kind == "result":
             self.done = self.committed = True
             self.result = ev
+            if "structured_output" in ev:
+                self.structured_output = ev["structured_output"]
             self.session_id = ev.get("session_id") or self.session_id
             if not self.model and ev.get("modelUsage"):
                 self.model = next(iter(ev["modelUsage"]))
@@ -117,6 +123,7 @@ class Turn:
         if et == "content_block_start":
             block = e.get("content_block") or {}
             if block.get("type") == "tool_use" and str(block.get("name", "")).startswith(TOOL_PREFIX):
+                self.streamed_tools = True
                 return self._tool_start(str(block.get("id")), str(block["name"]), e.get("index", 0))
             return []
         if et != "content_block_delta":
@@ -164,6 +171,7 @@ class Turn:
                 if not self.reasoning or self.reasoning[-1] != block.get("thinking"):
                     self.reasoning.append(block.get("thinking") or "")
             elif btype == "tool_use" and str(block.get("name", "")).startswith(TOOL_PREFIX):
+                self.tool_msg_uuid = ev.get("uuid") or self.tool_msg_uuid
                 out += self._tool_start(str(block.get("id")), str(block["name"]), -1)
                 call = self.tool_calls[self._tool_index[str(block.get("id"))]]
                 call.input = block.get("input") or {}

@@ -79,13 +79,37 @@ def transcript(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return blocks
 
 
-def build_prompt(system: str, messages: list[dict[str, Any]], mode: str, first_turn: bool) -> Prompt:
+def tool_results_content(messages: list[dict[str, Any]], pending: list[str]) -> list[dict[str, Any]]:
+    """The turn after the model called the client's tools: one real tool_result block per call
+    (matched by id; a call the client did not answer gets an error result), then any new text."""
+    results = {m.get("tool_call_id"): m for m in messages if m["role"] == "tool"}
+    content: list[dict[str, Any]] = []
+    for call_id in pending:
+        msg = results.pop(call_id, None)
+        if msg is None:
+            content.append({"type": "tool_result", "tool_use_id": call_id, "is_error": True,
+                            "content": "The client did not run this tool call."})
+        else:
+            blocks = [b for b in _blocks(msg) if b["type"] in ("text", "image")] or [{"type": "text", "text": "(empty)"}]
+            content.append({"type": "tool_result", "tool_use_id": call_id, "content": blocks})
+    rest = [m for m in messages if m["role"] != "tool" or m.get("tool_call_id") in results]
+    if len(rest) == 1 and rest[0]["role"] == "user":
+        content += _blocks(rest[0])
+    elif rest:
+        content += _merge_text(transcript(rest))
+    return content
+
+
+def build_prompt(system: str, messages: list[dict[str, Any]], mode: str, first_turn: bool,
+                 pending_calls: list[str] | None = None) -> Prompt:
     """The prompt for `messages` (the ones the CLI session has not seen yet).
 
     One trailing user message is sent as it is; anything more (history for a fresh session, or
     several new messages) becomes a transcript. In `embed` mode the system text leads the first turn.
     """
-    if len(messages) == 1 and messages[0]["role"] == "user":
+    if pending_calls:
+        content = tool_results_content(messages, pending_calls)
+    elif len(messages) == 1 and messages[0]["role"] == "user":
         content = _blocks(messages[0])
     elif messages[-1]["role"] == "user":
         content = [{"type": "text", "text": HISTORY_INTRO}] + transcript(messages[:-1])
@@ -96,7 +120,7 @@ def build_prompt(system: str, messages: list[dict[str, Any]], mode: str, first_t
         content.append({"type": "text", "text": HISTORY_OUTRO})
     if mode == "embed" and system and first_turn:
         content.insert(0, {"type": "text", "text": f"<system_instructions>\n{system}\n</system_instructions>\n\n"})
-    content = _merge_text(content)
+    content = content if pending_calls else _merge_text(content)
     if not content:
         content = [{"type": "text", "text": "(empty message)"}]
     if mode == "embed":

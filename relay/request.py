@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import BadRequest
 from .models import ModelCatalog
+from .tools import ToolSpec, parse_response_format, parse_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
@@ -30,13 +31,14 @@ class ChatRequest:
     user: str | None = None
     reasoning_effort: str | None = None
     max_tokens: int | None = None
-    tools: list[dict[str, Any]] = field(default_factory=list)
-    tool_choice: Any = None
-    parallel_tool_calls: bool = True
-    legacy_functions: bool = False
-    response_format: dict[str, Any] | None = None
+    tools: ToolSpec = field(default_factory=ToolSpec)
+    json_schema: dict[str, Any] | None = None
     expose_reasoning: bool | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def legacy_functions(self) -> bool:
+        return self.tools.legacy
 
 
 def _expect(cond: bool, message: str, param: str) -> None:
@@ -169,9 +171,8 @@ def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
         user=user,
         reasoning_effort=effort,
         max_tokens=max_tokens,
-        tool_choice=body.get("tool_choice"),
-        parallel_tool_calls=body.get("parallel_tool_calls") is not False,
-        response_format=body.get("response_format"),
+        tools=parse_tools(body),
+        json_schema=parse_response_format(body.get("response_format")),
         expose_reasoning=expose,
         extras={k: body[k] for k in IGNORED if k in body},
     )

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from .cli import EOF, CliProcess, RunSpec
 from .errors import RelayError, Timeout, UpstreamError
-from .events import Delta, Turn
+from .events import TOOL_PREFIX, Delta, Turn
 from .upstream import SessionMissing
 
 log = logging.getLogger("relay.run")
@@ -27,13 +27,12 @@ class Limits:
 
 
 class Run:
-    def __init__(self, spec: RunSpec, limits: Limits,
-                 on_control: Callable[["Run", dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, spec: RunSpec, limits: Limits, allow_tools: frozenset[str] = frozenset()) -> None:
         self.spec = spec
         self.limits = limits
         self.proc = CliProcess(spec)
         self.turn = Turn()
-        self.on_control = on_control
+        self.allow_tools = allow_tools | {"StructuredOutput"}
         self.started = 0.0
         self.first_token_at: float | None = None
         self.last_event_at = 0.0
@@ -82,14 +81,43 @@ class Run:
             if ev is EOF:
                 raise self._crash()
             now = self.last_event_at = time.monotonic()
-            if ev.get("type") == "control_request" and self.on_control:
-                self.on_control(self, ev)
+            if ev.get("type") == "control_request":
+                self._control(ev)
                 continue
             deltas = self.turn.feed(ev)
+            if self.turn.tool_calls and self.turn.stop_reasons[-1:] == ["tool_use"]:
+                self._interrupt_for_tools()
             if deltas:
                 if self.first_token_at is None:
                     self.first_token_at = now
                 yield deltas
+
+    def _control(self, ev: dict[str, Any]) -> None:
+        """Permission requests (`--permission-prompt-tool stdio`): the client's functions are taken
+        from here and never run; the relay's own allowed tools are approved; anything else is denied."""
+        req = ev.get("request") or {}
+        if req.get("subtype") != "can_use_tool":
+            self.proc.send({"type": "control_response", "response": {
+                "subtype": "error", "request_id": ev.get("request_id"), "error": "not supported by the relay"}})
+            return
+        name = str(req.get("tool_name") or "")
+        if name.startswith(TOOL_PREFIX):
+            # a call of the API client's: stop the turn once the model's message is complete
+            if not self.turn.streamed_tools or self.turn.stop_reasons[-1:] == ["tool_use"]:
+                self._interrupt_for_tools()
+            return
+        if name in self.allow_tools:
+            decision = {"behavior": "allow", "updatedInput": req.get("input") or {}}
+        else:
+            decision = {"behavior": "deny", "message": f"The tool {name} is not enabled on this relay."}
+        self.proc.send({"type": "control_response", "response": {
+            "subtype": "success", "request_id": ev.get("request_id"), "response": decision}})
+
+    def _interrupt_for_tools(self) -> None:
+        if not self.turn.interrupted_for_tools:
+            self.turn.interrupted_for_tools = True
+            self.proc.send({"type": "control_request", "request_id": "relay-interrupt",
+                            "request": {"subtype": "interrupt"}})
 
     def _crash(self) -> RelayError:
         if self.cancelled:

@@ -77,12 +77,15 @@ class Plan:
     system: str = ""
     model: str = ""
     scope: str = ""
+    resume_at: str | None = None        # cut the CLI session back to the model's tool-call message
+    pending_calls: list[str] = field(default_factory=list)  # tool_use ids that await the client's results
 
     def cli_args(self) -> list[str]:
         if not self.cli_session:
             return ["--no-session-persistence"]
         if self.resume:
-            return ["--resume=" + self.cli_session]
+            args = ["--resume=" + self.cli_session]
+            return args + (["--resume-session-at", self.resume_at] if self.resume_at else [])
         return ["--session-id", self.cli_session]
 
 
@@ -106,7 +109,11 @@ class Sessions:
         count = int(rec.get("count") or 0)
         if rec.get("cli_session") and 0 < count < len(messages) \
                 and digest(system, messages[:count]) == rec.get("digest"):
-            return Plan(key, rec["cli_session"], True, messages[count:], False, messages, system, model, scope)
+            plan = Plan(key, rec["cli_session"], True, messages[count:], False, messages, system, model, scope)
+            if rec.get("resume_at"):
+                plan.resume_at = rec["resume_at"]
+                plan.pending_calls = json.loads(rec.get("pending_calls") or "[]")
+            return plan
         return self.fresh(key, system, messages, model, scope)
 
     def fresh(self, key: str | None, system: str, messages: list[dict[str, Any]], model: str,
@@ -115,8 +122,11 @@ class Sessions:
             return Plan(None, None, False, messages, True, messages, system, model, scope)
         return Plan(key, str(uuid.uuid4()), False, messages, True, messages, system, model, scope)
 
-    def commit(self, plan: Plan, answer: dict[str, Any], host: str) -> None:
-        """Record that the CLI session now holds every message plus `answer`."""
+    def commit(self, plan: Plan, answer: dict[str, Any], host: str, resume_at: str | None = None) -> None:
+        """Record that the CLI session now holds every message plus `answer`.
+
+        `resume_at` marks an answer that called the client's tools: the next turn resumes the
+        session cut back to that message and gives the results as real tool_result blocks."""
         if not plan.conv_key or not plan.cli_session:
             return
         held = plan.all_messages + [answer]
@@ -126,6 +136,11 @@ class Sessions:
         pipe.hset(plan.conv_key, mapping={"cli_session": plan.cli_session, "model": plan.model,
                                           "count": len(held), "digest": digest(plan.system, held),
                                           "last_used": now, "host": host, "scope": plan.scope})
+        calls = [c["id"] for c in answer.get("tool_calls") or []]
+        if resume_at and calls:
+            pipe.hset(plan.conv_key, mapping={"resume_at": resume_at, "pending_calls": json.dumps(calls)})
+        else:
+            pipe.hdel(plan.conv_key, "resume_at", "pending_calls")
         pipe.hincrby(plan.conv_key, "turns", 1)
         pipe.expire(plan.conv_key, self.ttl)
         pipe.execute()

@@ -73,6 +73,8 @@ def is_refusal(turn: Turn) -> bool:
 def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError | None:
     """None when the turn succeeded (or ended in a way that is still an answer)."""
     res = turn.result
+    if turn.interrupted_for_tools and turn.tool_calls:
+        return None  # the relay stopped the turn to hand the calls to the client
     if not res.get("is_error"):
         return None
     status = res.get("api_error_status")

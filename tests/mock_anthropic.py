@@ -293,8 +293,9 @@ class MockAnthropic:
                     blocks.append({"type": "thinking", "thinking": "Let me think step by step about this.",
                                    "signature": "sig_mock_" + uuid.uuid4().hex[:8]})
                 last = (body.get("messages") or [{}])[-1]
-                answered_tool = isinstance(last.get("content"), list) and any(
-                    isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"])
+                answered_tool = (isinstance(last.get("content"), list) and any(
+                    isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"])) \
+                    or "<tool_result" in text  # a relay without sessions replays results as text
                 offered = [t.get("name", "") for t in body.get("tools") or []]
                 wanted: list[str] = []
                 if "structured" in markers and not answered_tool:
