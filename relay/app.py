@@ -49,7 +49,7 @@ class Relay:
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self.r)
         self.quotas = Quotas(self.r, settings["rate_limit.max_tokens_per_day"])
         self.limiter: Any = None
-        self.expose_reasoning = False
+        self.expose_reasoning = settings["relay.expose_reasoning"]
         self._cli: dict[str, Any] = {}
         self._cli_checked = 0.0
         self.check_cli(force=True)

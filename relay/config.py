@@ -120,6 +120,9 @@ SCHEMA: dict[str, Field] = {
     "host_id": Field(str, "", "This host's name in shared Redis state (default: the hostname)."),
     "login_recheck_s": Field(float, 60.0, "After the CLI reported a login failure, refuse runs for this long.",
                              _POS),
+    "relay.expose_reasoning": Field(bool, False, "Stream thinking as reasoning_content (per request: expose_reasoning)."),
+    "images.max_count": Field(int, 20, "Images and files allowed in one request.", _between(0, 1000)),
+    "images.max_bytes": Field(int, 5 * 1024 * 1024, "Largest decoded image or file, in bytes.", _between(1, 10**9)),
     "prices": Field(dict, {}, "Override USD prices per million tokens, per model family."),
 }
 

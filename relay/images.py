@@ -88,7 +88,7 @@ def _url_block(url: str, param: str) -> dict[str, Any]:
 
 
 def check_limits(messages: list[dict[str, Any]], max_count: int, max_bytes: int) -> None:
-    """Refuse too many or too large images before anything is spawned."""
+    """Refuse too many, too large or malformed images and files before anything is spawned."""
     count = 0
     for i, msg in enumerate(messages):
         for j, part in enumerate(msg.get("content") or []):

@@ -14,8 +14,6 @@ from .images import check_limits
 from .request import parse_chat_request
 
 bp = Blueprint("chat", __name__)
-MAX_IMAGES = 20
-MAX_IMAGE_BYTES = 5 * 1024 * 1024
 
 
 def _body() -> bytes:
@@ -84,7 +82,7 @@ def chat_completions() -> Any:
     try:
         body = read_json()
         req = parse_chat_request(body, relay.catalog)
-        check_limits(req.messages, MAX_IMAGES, MAX_IMAGE_BYTES)
+        check_limits(req.messages, relay.settings["images.max_count"], relay.settings["images.max_bytes"])
         key = getattr(g, "api_key", None)
         if key is not None and not key.allows_model(req.model, req.cli_model):
             raise Forbidden(f"The API key {key.name!r} may not use the model {req.model!r}.", param="model",
