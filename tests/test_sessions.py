@@ -196,8 +196,9 @@ def test_a_sigkilled_worker_leaves_no_stuck_lock_or_slot(relay_factory):
     threading.Thread(target=doomed, daemon=True).start()
 
     def busy_worker():
-        for w in srv.worker_pids():
-            kids = [c for c in psutil.Process(w).children() if c.status() != psutil.STATUS_ZOMBIE]
+        for w in srv.worker_pids():  # the worker whose CLI runs the turn (not a `--version` probe)
+            kids = [c for c in psutil.Process(w).children() if c.status() != psutil.STATUS_ZOMBIE
+                    and "--input-format" in c.cmdline()]
             if kids:
                 return w, kids
         return None
