@@ -173,9 +173,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .limits import setup_limiter
     from .routes_chat import bp as chat_bp
     from .routes_meta import bp as meta_bp
+    from .routes_responses import bp as responses_bp
 
     http.install(app, relay)  # before the limiter: it identifies the caller first
     app.register_blueprint(meta_bp)
     app.register_blueprint(chat_bp)
-    relay.limiter = setup_limiter(app, relay, [chat_bp])
+    app.register_blueprint(responses_bp)
+    relay.limiter = setup_limiter(app, relay, [chat_bp, responses_bp])
     return app

@@ -235,32 +235,43 @@ class Exchange:
             return self.req.expose_reasoning
         return bool(self.relay.expose_reasoning)
 
-    def stream(self) -> Iterator[bytes]:
+    def deltas(self) -> Iterator[Delta | None]:
+        """What the client should see, in order: deltas (reasoning only when exposed; with a JSON
+        schema, the JSON as one text delta at the end) and None for keep-alives. Raises a RelayError
+        if the turn failed; the caller closes the exchange."""
         assert self.run
-        run, maker = self.run, ChunkMaker(self.cid, self.created, self.model, self.req.include_usage)
-        expose, legacy = self._expose(), self.req.legacy_functions
+        expose, json_mode = self._expose(), self.req.json_schema is not None
+
+        def shown(d: Delta) -> bool:
+            return not (d.kind == "reasoning" and not expose) and not (d.kind == "text" and json_mode)
+        pending, self.buffer = self.buffer, []
+        yield from (d for d in pending if shown(d))
+        for batch in self.run.pump():
+            if batch is None:
+                yield None
+            else:
+                yield from (d for d in batch if shown(d))
+        err = self._classify()
+        if err:
+            raise err
+        if json_mode:
+            yield Delta("text", self._content())
+
+    def stream(self) -> Iterator[bytes]:
+        """The chat-completions SSE stream."""
+        assert self.run
+        maker = ChunkMaker(self.cid, self.created, self.model, self.req.include_usage)
+        legacy = self.req.legacy_functions
         try:
             yield sse.data(maker.first())
-            pending = self.buffer
-            self.buffer = []
-            for d in pending:
-                chunk = self._chunk(maker, d, expose, legacy)
-                if chunk:
-                    yield sse.data(chunk)
-            for deltas in run.pump():
-                if deltas is None:
+            for d in self.deltas():
+                if d is None:
                     yield sse.KEEPALIVE
                     continue
-                for d in deltas:
-                    chunk = self._chunk(maker, d, expose, legacy)
-                    if chunk:
-                        yield sse.data(chunk)
-            err = self._classify()
-            if err:
-                raise err
-            if self.req.json_schema is not None:
-                yield sse.data(maker.chunk({"content": self._content()}))
-            yield sse.data(maker.final(finish_reason(run.turn, legacy)))
+                chunk = maker.delta(d, legacy)
+                if chunk:
+                    yield sse.data(chunk)
+            yield sse.data(maker.final(finish_reason(self.run.turn, legacy)))
             if self.req.include_usage:
                 yield sse.data(maker.usage_chunk(self._usage()[0]))
             yield sse.DONE
@@ -271,13 +282,6 @@ class Exchange:
         except BaseException as exc:  # GeneratorExit when the client goes away
             self.close(exc)
             raise
-
-    def _chunk(self, maker: ChunkMaker, d: Delta, expose: bool, legacy: bool) -> dict[str, Any] | None:
-        if d.kind == "reasoning" and not expose:
-            return None
-        if d.kind == "text" and self.req.json_schema is not None:
-            return None  # the JSON arrives whole, from the structured output, at the end
-        return maker.delta(d, legacy)
 
     # -- closing ---------------------------------------------------------------------------------
     def close(self, exc: BaseException | None) -> None:
