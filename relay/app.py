@@ -53,6 +53,9 @@ class Relay:
         self._cli: dict[str, Any] = {}
         self._cli_checked = 0.0
         self.check_cli(force=True)
+        from .agent import check as check_agent
+
+        check_agent(settings)
 
     # -- the CLI ---------------------------------------------------------------------------------
     def check_cli(self, force: bool = False) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class Context:
     scope: str = "anon"            # conversations are private to this scope
     session_header: str | None = None
     api_key: Any = None
+    agent: Any = None              # agent.Agent when this caller may use the CLI's own tools
     client_socket: Any = None
     extra_cli_args: list[str] = field(default_factory=list)
 
@@ -65,6 +66,7 @@ class Exchange:
         self.bytes_to_cli = 0
         self.token_budget: dict[str, Any] | None = None
         self.estimate = 0
+        self.conv = ""
 
     # -- opening ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -80,7 +82,7 @@ class Exchange:
         key = ctx.api_key
         self.estimate = count_messages(req.messages) + count_text(req.system)
         self.token_budget = relay.quotas.check(key, self.estimate)
-        conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
+        conv = self.conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
         plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
         if plan.conv_key:
             token = new_token()
@@ -130,7 +132,13 @@ class Exchange:
         prompt = build_prompt(system, plan.send, cfg["system_prompt_mode"], plan.first_turn,
                               plan.pending_calls if plan.resume else None)
         tmp = tempfile.mkdtemp(prefix="run-", dir=self.relay.tmp_dir)
-        argv = base_argv(self.relay.cli_path(), req.cli_model) + plan.cli_args() + self.ctx.extra_cli_args
+        agent = self.ctx.agent
+        tools = ",".join(agent.allowed_tools) if agent else ""
+        argv = base_argv(self.relay.cli_path(), req.cli_model, tools) + plan.cli_args() + self.ctx.extra_cli_args
+        cwd = str(self.relay.cli_cwd)
+        if agent:
+            argv += agent.argv()
+            cwd = str(agent.workdir(self.conv))
         if prompt.system_flag and (prompt.system_text or prompt.system_flag == "--system-prompt-file"):
             path = os.path.join(tmp, "system.txt")
             with open(path, "w", encoding="utf-8") as f:
@@ -144,11 +152,17 @@ class Exchange:
             keep_open = True  # the CLI asks for permission on stdin; the relay answers there
         if req.json_schema is not None:
             argv += ["--json-schema", json.dumps(req.json_schema, separators=(",", ":"))]
-        spec = RunSpec(argv=argv, env=self.relay.cli_env, cwd=str(self.relay.cli_cwd), stdin=prompt.stdin_line(),
-                       temp_dir=tmp, keep_stdin_open=keep_open)
+        env = self.relay.cli_env
+        if agent and agent.user:
+            import pwd
+
+            env = dict(env, HOME=pwd.getpwnam(agent.user).pw_dir, USER=agent.user, LOGNAME=agent.user)
+            os.chmod(tmp, 0o755)  # the system prompt and tool files must be readable by that user
+        spec = RunSpec(argv=argv, env=env, cwd=cwd, stdin=prompt.stdin_line(), temp_dir=tmp, keep_stdin_open=keep_open,
+                       user=agent.user if agent and agent.user else None)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
-        self.run = Run(spec, limits)
+        self.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset())
         self.relay.active[self.cid] = self.run
         self.run.start()
 
@@ -224,7 +238,7 @@ class Exchange:
         assert self.run
         turn = self.run.turn
         if self.req.json_schema is None:
-            return turn.text
+            return turn.final_text if self.ctx.agent else turn.text
         if turn.structured_output is None:
             raise UpstreamError("The model produced no output matching the requested JSON schema "
                                 "(response_format).", code="structured_output_missing")
@@ -245,17 +259,57 @@ class Exchange:
         def shown(d: Delta) -> bool:
             return not (d.kind == "reasoning" and not expose) and not (d.kind == "text" and json_mode)
         pending, self.buffer = self.buffer, []
-        yield from (d for d in pending if shown(d))
-        for batch in self.run.pump():
-            if batch is None:
-                yield None
-            else:
-                yield from (d for d in batch if shown(d))
+        if self.ctx.agent:
+            yield from self._agent_deltas(pending, shown)
+        else:
+            yield from (d for d in pending if shown(d))
+            for batch in self.run.pump():
+                if batch is None:
+                    yield None
+                else:
+                    yield from (d for d in batch if shown(d))
         err = self._classify()
         if err:
             raise err
         if json_mode:
             yield Delta("text", self._content())
+
+    def _agent_deltas(self, pending: list[Delta], shown: Any) -> Iterator[Delta | None]:
+        """Smart streaming: a message's text is held until its stop reason is known; only the final
+        answer is content; the steps before tool calls are dropped or sent as reasoning."""
+        assert self.run and self.ctx.agent
+        turn, as_reasoning = self.run.turn, self.ctx.agent.intermediate == "reasoning"
+        held: list[Delta] = []
+        last_out = time.monotonic()
+
+        def flush(final: bool) -> Iterator[Delta]:
+            keep = []
+            for d in held:
+                stop = turn.msg_stops.get(d.msg)
+                if stop is None and not final:
+                    keep.append(d)
+                elif d.kind == "text" and stop != "tool_use":
+                    yield d
+                elif as_reasoning and d.kind in ("text", "activity"):
+                    yield Delta("reasoning", d.text)
+            held[:] = keep
+        for batch in [pending, *self.run.pump()]:
+            if batch is None:
+                yield None
+                continue
+            for d in batch:
+                if d.kind in ("text", "activity"):
+                    held.append(d)
+                elif shown(d):
+                    yield d
+            out = list(flush(False))
+            yield from out
+            if out:
+                last_out = time.monotonic()
+            elif time.monotonic() - last_out > self.cfg["keepalive_s"]:
+                last_out = time.monotonic()
+                yield None  # tokens are arriving but held back: keep the connection visibly alive
+        yield from flush(True)
 
     def stream(self) -> Iterator[bytes]:
         """The chat-completions SSE stream."""
@@ -308,7 +362,8 @@ class Exchange:
         try:
             if self.plan and self.plan.conv_key:
                 if ok and self.run:
-                    answer = {"role": "assistant", "content": [{"type": "text", "text": self.run.turn.text}]}
+                    text = self.run.turn.final_text if self.ctx.agent else self.run.turn.text
+                    answer = {"role": "assistant", "content": [{"type": "text", "text": text}]}
                     from .completion import tool_calls_of
 
                     calls = tool_calls_of(self.run.turn)

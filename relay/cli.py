@@ -41,6 +41,7 @@ class RunSpec:
     stdin: bytes
     keep_stdin_open: bool = False
     temp_dir: str | None = None      # removed when the run ends
+    user: str | None = None          # run as this user (agent mode)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -54,10 +55,11 @@ def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> d
     return env
 
 
-def base_argv(claude_bin: str, model: str) -> list[str]:
-    """Flags every run gets: stream-json both ways, token deltas, no tools, no host customisation."""
+def base_argv(claude_bin: str, model: str, tools: str = "") -> list[str]:
+    """Flags every run gets: stream-json both ways, token deltas, no host customisation, and no
+    built-in tools unless agent mode names them."""
     return [claude_bin, "-p", "--output-format", "stream-json", "--verbose", "--include-partial-messages",
-            "--input-format", "stream-json", "--model", model, "--tools", "", "--setting-sources", "",
+            "--input-format", "stream-json", "--model", model, "--tools", tools, "--setting-sources", "",
             "--strict-mcp-config", "--disable-slash-commands"]
 
 
@@ -118,11 +120,17 @@ class CliProcess:
 
     def start(self) -> None:
         try:
+            extra: dict[str, Any] = {}
+            if self.spec.user:
+                import pwd
+
+                pw = pwd.getpwnam(self.spec.user)
+                extra = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
             self.proc = subprocess.Popen(
                 self.spec.argv, cwd=self.spec.cwd, env=self.spec.env, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_die_with_parent, close_fds=True)
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+                preexec_fn=_die_with_parent, close_fds=True, **extra)
+        except (FileNotFoundError, PermissionError, NotADirectoryError, KeyError) as exc:
             self._cleanup_files()
             raise Unavailable(f"The Claude Code CLI could not be started ({exc}). Operator: install it "
                               "or fix claude_bin / CLAUDE_BIN.", code="cli_unavailable") from exc

@@ -123,6 +123,18 @@ SCHEMA: dict[str, Field] = {
     "relay.expose_reasoning": Field(bool, False, "Stream thinking as reasoning_content (per request: expose_reasoning)."),
     "images.max_count": Field(int, 20, "Images and files allowed in one request.", _between(0, 1000)),
     "images.max_bytes": Field(int, 5 * 1024 * 1024, "Largest decoded image or file, in bytes.", _between(1, 10**9)),
+    "agent.enabled": Field(bool, False, "Let clients use the CLI's own tools (Bash, Read, Write...): they run "
+                           "commands on this host. Per key: api_keys[].agent."),
+    "agent.allowed_tools": Field(list, ["Bash", "Read", "Write", "Edit", "Glob", "Grep", "WebFetch"],
+                                 "The CLI tools agent runs may use (pre-approved)."),
+    "agent.permission_mode": Field(str, "acceptEdits", "The CLI's --permission-mode for agent runs.",
+                                   _one_of("default", "acceptEdits", "bypassPermissions", "dontAsk", "plan")),
+    "agent.workdir_root": Field(str, "var/agent", "Each conversation gets its own working directory under here."),
+    "agent.max_turns": Field(int, 20, "--max-turns for agent runs (0 = the CLI's default).", _between(0, 1000)),
+    "agent.max_budget_usd": Field(float, 0.0, "--max-budget-usd for agent runs (0 = none).", _between(0, 10**6)),
+    "agent.intermediate": Field(str, "hidden", "Steps before the final answer: hidden, or sent as reasoning.",
+                                _one_of("hidden", "reasoning")),
+    "agent.user": Field(str, "", "Run agent CLIs as this user (required for bypassPermissions when the relay is root)."),
     "prices": Field(dict, {}, "Override USD prices per million tokens, per model family."),
 }
 

@@ -6,6 +6,7 @@ fragments); after the `result` event `Turn.error()` says whether the turn failed
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,12 @@ TOOL_PREFIX = "mcp__client__"
 
 @dataclass
 class Delta:
-    kind: str            # "text" | "reasoning" | "tool_start" | "tool_args"
+    kind: str            # "text" | "reasoning" | "tool_start" | "tool_args" | "activity"
     text: str = ""
     index: int = 0       # tool call index (0, 1, ...) for tool deltas
     call_id: str = ""
     name: str = ""
+    msg: str = ""        # the API message a text delta belongs to
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Turn:
     _current: str = ""
     _stream_id: str = ""
     _seps: list[str] = field(default_factory=list)               # separator before each message
+    _ids: list[str] = field(default_factory=list)                # message id of each entry in messages
+    msg_stops: dict[str, str] = field(default_factory=dict)      # message id -> its stop reason
     _tool_index: dict[str, int] = field(default_factory=dict)    # tool_use id -> call index
     _block_tool: dict[int, str] = field(default_factory=dict)    # content block index -> tool_use id
 
@@ -106,6 +110,7 @@ class Turn:
             self._current = msg_id
             self.messages.append("")
             self._seps.append(sep)
+            self._ids.append(msg_id)
         return sep
 
     def _stream(self, e: dict[str, Any], msg_id: str) -> list[Delta]:
@@ -119,6 +124,7 @@ class Turn:
             reason = (e.get("delta") or {}).get("stop_reason")
             if reason:
                 self.stop_reasons.append(reason)
+                self.msg_stops[msg_id] = reason
             return []
         if et == "content_block_start":
             block = e.get("content_block") or {}
@@ -133,7 +139,7 @@ class Turn:
         if dt == "text_delta" and d.get("text"):
             sep = self._open(msg_id)
             self._streamed[msg_id] = self._streamed.get(msg_id, "") + d["text"]
-            return [Delta("text", sep + d["text"])]
+            return [Delta("text", sep + d["text"], msg=msg_id)]
         if dt == "thinking_delta" and d.get("thinking"):
             return [Delta("reasoning", d["thinking"])]
         if dt == "input_json_delta":
@@ -175,6 +181,10 @@ class Turn:
                 out += self._tool_start(str(block.get("id")), str(block["name"]), -1)
                 call = self.tool_calls[self._tool_index[str(block.get("id"))]]
                 call.input = block.get("input") or {}
+            elif btype == "tool_use":  # the CLI's own tool (agent mode): the message is an intermediate step
+                self.msg_stops.setdefault(msg_id, "tool_use")
+                args = json.dumps(block.get("input") or {}, ensure_ascii=False)
+                out.append(Delta("activity", f"[{block.get('name')}] {args[:500]}\n", msg=msg_id))
         return out
 
     def _assistant_text(self, msg_id: str, text: str) -> list[Delta]:
@@ -186,13 +196,19 @@ class Turn:
         streamed = self._streamed.get(msg_id, "")
         if len(assembled) > len(streamed) and assembled.startswith(streamed):
             self._streamed[msg_id] = assembled
-            return [Delta("text", sep + assembled[len(streamed):])]
+            return [Delta("text", sep + assembled[len(streamed):], msg=msg_id)]
         return []
 
     # -- results ---------------------------------------------------------------------------------
     @property
     def text(self) -> str:
         return "".join(sep + text for sep, text in zip(self._seps, self.messages) if text)
+
+    @property
+    def final_text(self) -> str:
+        """Agent mode: only the answer, without the messages that led to tool calls."""
+        parts = [t for t, i in zip(self.messages, self._ids) if t and self.msg_stops.get(i) != "tool_use"]
+        return "\n\n".join(parts)
 
     @property
     def partial_text(self) -> str:

@@ -54,7 +54,11 @@ def read_json() -> Any:
 
 
 def context() -> Context:
-    return Context(request_id=g.request_id, key_name=getattr(g, "key_name", ""), api_key=getattr(g, "api_key", None),
+    from .agent import resolve
+
+    key = getattr(g, "api_key", None)
+    agent = resolve(current_app.extensions["relay"].settings, key.agent if key is not None else None)
+    return Context(request_id=g.request_id, key_name=getattr(g, "key_name", ""), api_key=key, agent=agent,
                    scope=getattr(g, "key_name", "") or "anon",
                    session_header=request.headers.get("X-Session-Id"),
                    client_socket=request.environ.get("gunicorn.socket"))

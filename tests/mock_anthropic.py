@@ -17,6 +17,7 @@ Markers (any number, anywhere in the last user message):
   MOCK:refusal                          stop with stop_reason refusal
   MOCK:tool=<name>                      answer with a tool_use block for tool <name> (suffix match)
   MOCK:tools=<n1>,<n2>                  parallel tool_use blocks
+  MOCK:bash=<cmd_with_underscores>      the command of a Bash tool_use (underscores become spaces)
   MOCK:structured                       call the StructuredOutput tool with MOCK_STRUCTURED_INPUT
   MOCK:usage=<in>,<cache_create>,<cache_read>,<out>
 Without markers the answer is "Hello from mock. You said: <last text>".
@@ -307,8 +308,9 @@ class MockAnthropic:
                 for j, name in enumerate(wanted):
                     real = next((o for o in offered if o == name or o.endswith("__" + name)), name)
                     args: dict = {"city": f"City{j}"} if name != "StructuredOutput" else mock.structured_input
-                    if name == "Bash":
-                        args = {"command": "echo hi-from-bash", "description": "say hi"}
+                    if name == "Bash":  # MOCK:bash=sleep_30 runs "sleep 30"
+                        cmd = markers.get("bash", "echo_hi-from-bash").replace("_", " ")
+                        args = {"command": cmd, "description": "run a command"}
                     blocks.append({"type": "tool_use", "id": "toolu_mock_" + uuid.uuid4().hex[:12],
                                    "name": real, "input": args})
                 if wanted:
