@@ -15,6 +15,7 @@ from flask import Flask
 from .cli import child_env, probe_cli
 from .config import ConfigError, Settings, load_settings
 from .auth import KeyRing
+from .cache import ResponseCache
 from .errors import RateLimited, SubscriptionLimited, Unavailable
 from .limits import Quotas
 from .models import ModelCatalog
@@ -48,6 +49,7 @@ class Relay:
         self.host = settings["host_id"] or host_id()
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self.r)
         self.quotas = Quotas(self.r, settings["rate_limit.max_tokens_per_day"])
+        self.response_cache = ResponseCache(self.r, settings["cache.ttl"], settings["cache.min_tokens"])
         self.limiter: Any = None
         self.expose_reasoning = settings["relay.expose_reasoning"]
         self._cli: dict[str, Any] = {}

@@ -8,7 +8,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from .cache import cache_key
 from .chat import Context, Exchange
+from .completion import new_id
+from .tokens import count_messages, count_text
 from .errors import BadRequest, Forbidden, RelayError
 from .images import check_limits
 from .request import parse_chat_request
@@ -64,6 +67,21 @@ def context() -> Context:
                    client_socket=request.environ.get("gunicorn.socket"))
 
 
+def _from_cache(hit: dict[str, Any], req: Any, t0: float) -> Any:
+    """An identical request answered within cache.ttl: same answer, new id, nothing spent upstream."""
+    body = dict(hit, id=new_id(), created=int(time.time()))
+    saved = int((hit.get("usage") or {}).get("total_tokens") or 0)
+    current_app.extensions["relay"].record({
+        "id": body["id"], "request_id": g.request_id, "timestamp": time.time(), "key": getattr(g, "key_name", ""),
+        "model": hit.get("model"), "requested_model": req.model, "stream": False, "input_tokens": 0,
+        "output_tokens": 0, "cache_read_tokens": 0, "cache_creation_tokens": 0, "estimated": False,
+        "response_time_ms": int((time.monotonic() - t0) * 1000), "ttft_ms": None, "status": 200, "error": None,
+        "first_message": None, "response_cache_hit": True, "tokens_saved": saved})
+    resp = jsonify(body)
+    resp.headers["x-relay-cache"] = "hit"
+    return resp
+
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
@@ -94,7 +112,15 @@ def chat_completions() -> Any:
     except RelayError as exc:
         record_rejection(exc, t0, body)
         raise
-    ex = Exchange(relay, req, context())
+    ctx = context()
+    cache = relay.response_cache
+    estimate = count_messages(req.messages) + count_text(req.system) if cache.ttl else 0
+    cache_id = cache_key(req, ctx.scope) if cache.applies(req, estimate, ctx.agent) else None
+    if cache_id:
+        hit = cache.get(cache_id)
+        if hit is not None:
+            return _from_cache(hit, req, t0)
+    ex = Exchange(relay, req, ctx)
     try:
         ex.open()
     finally:
@@ -104,6 +130,8 @@ def chat_completions() -> Any:
             g.token_budget = dict(ex.token_budget, remaining=max(0, ex.token_budget["remaining"] - ex.estimate))
         return Response(ex.stream(), mimetype="text/event-stream", headers=SSE_HEADERS)
     body = ex.complete()
+    if cache_id:
+        cache.put(cache_id, body)
     if ex.token_budget is not None:
         g.token_budget = relay.quotas.state(getattr(g, "api_key", None))  # after charging actual usage
     return jsonify(body)

@@ -26,7 +26,8 @@ log = logging.getLogger("relay.stats")
 S = PREFIX + "stats:"
 COUNTERS = ("requests", "successful", "errors", "cancelled", "input_tokens", "output_tokens",
             "cache_read_tokens", "cache_creation_tokens", "total_tokens", "estimated_requests",
-            "cache_hit_requests", "response_time_ms", "stream_requests")
+            "cache_hit_requests", "response_time_ms", "stream_requests", "response_cache_hits",
+            "response_cache_tokens_saved")
 LATENCY_KEEP = 2000
 RECENT_KEEP = 1000
 
@@ -44,10 +45,12 @@ def summary(h: dict[str, Any]) -> dict[str, Any]:
 
 def cache_stats(s: dict[str, Any]) -> dict[str, Any]:
     req = s["requests"] or 0
-    return {"requests_with_cache_hits": s["cache_hit_requests"],
-            "hit_rate": round(s["cache_hit_requests"] / req, 4) if req else 0.0,
-            "tokens_saved": s["cache_read_tokens"], "cache_read_tokens": s["cache_read_tokens"],
-            "cache_creation_tokens": s["cache_creation_tokens"]}
+    hits = s["cache_hit_requests"] + s["response_cache_hits"]
+    return {"requests_with_cache_hits": hits, "hit_rate": round(hits / req, 4) if req else 0.0,
+            "tokens_saved": s["cache_read_tokens"] + s["response_cache_tokens_saved"],
+            "prompt_cache_read_tokens": s["cache_read_tokens"], "cache_creation_tokens": s["cache_creation_tokens"],
+            "response_cache_hits": s["response_cache_hits"],
+            "response_cache_tokens_saved": s["response_cache_tokens_saved"]}
 
 
 class Stats:
@@ -78,6 +81,8 @@ class Stats:
             "estimated_requests": int(bool(rec.get("estimated"))),
             "cache_hit_requests": int((rec.get("cache_read_tokens") or 0) > 0),
             "response_time_ms": int(rec.get("response_time_ms") or 0), "stream_requests": int(bool(rec.get("stream"))),
+            "response_cache_hits": int(bool(rec.get("response_cache_hit"))),
+            "response_cache_tokens_saved": int(rec.get("tokens_saved") or 0),
         }
         inc["total_tokens"] = sum(inc[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
                                                    "cache_creation_tokens"))

@@ -122,3 +122,20 @@ def test_cancelled_requests_are_recorded_once(relay_factory):
     with openai_client(srv.url) as c:
         assert c.models.list()
     assert re.match(r"^\d+$", str(requests.get(srv.url + "/stats").json()["requests"]["cancelled"]))
+
+
+def test_response_cache_serves_identical_requests(relay_factory, mock_api):
+    srv = relay_factory({"RELAY_CACHE__TTL": "60", "RELAY_CACHE__MIN_TOKENS": "10"})
+    body = {"model": "sonnet", "messages": [{"role": "user", "content": "rc1 a question long enough to be cached"}]}
+    first = requests.post(srv.url + "/v1/chat/completions", json=body).json()
+    r = requests.post(srv.url + "/v1/chat/completions", json=body)
+    assert r.headers["x-relay-cache"] == "hit" and r.json()["id"] != first["id"]
+    assert r.json()["choices"] == first["choices"]
+    assert len(mock_api.bodies("rc1 a question")) == 1  # the second one never reached the model
+    short = {"model": "sonnet", "messages": [{"role": "user", "content": "rc2"}]}  # under min_tokens
+    requests.post(srv.url + "/v1/chat/completions", json=short)
+    assert "x-relay-cache" not in requests.post(srv.url + "/v1/chat/completions", json=short).headers
+    stream = requests.post(srv.url + "/v1/chat/completions", json=dict(body, stream=True))
+    assert "x-relay-cache" not in stream.headers
+    u = requests.get(srv.url + "/v1/usage").json()
+    assert u["cache_stats"]["response_cache_hits"] == 1 and u["cache_stats"]["response_cache_tokens_saved"] == first["usage"]["total_tokens"]
