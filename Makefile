@@ -27,6 +27,8 @@ run: $(VENV)/.deps
 	exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(VENV)/.test-deps $(CLI)
+	$(VENV)/bin/ruff check relay tests bench wsgi.py gunicorn.conf.py
+	$(VENV)/bin/mypy relay
 	CLAUDE_TEST_BIN=$(abspath $(CLI)) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-deps $(CLI)
@@ -36,7 +38,7 @@ lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check relay tests bench wsgi.py gunicorn.conf.py
 	$(VENV)/bin/mypy relay
 
-check: lint test
+check: test
 
 clean:
 	rm -rf $(VENV) $(CLI_DIR) var log .pytest_cache .mypy_cache .ruff_cache

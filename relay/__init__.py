@@ -15,7 +15,7 @@ __all__ = ["create_app"]
 __version__ = "0.1.0"
 
 
-def create_app(settings: Any = None) -> "Flask":
+def create_app(settings: Any = None) -> Flask:
     from .app import create_app as _create
 
     return _create(settings)

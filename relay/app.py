@@ -12,10 +12,10 @@ from typing import Any
 
 from flask import Flask
 
-from .cli import child_env, probe_cli
-from .config import ConfigError, Settings, load_settings
 from .auth import KeyRing
 from .cache import ResponseCache
+from .cli import child_env, probe_cli
+from .config import ConfigError, Settings, load_settings
 from .errors import RateLimited, SubscriptionLimited, Unavailable
 from .limits import Quotas
 from .models import ModelCatalog
@@ -125,7 +125,7 @@ class Relay:
         interval = max(1, int(self.settings["sessions.cleanup_interval_s"]))
         if not self.r.set(PREFIX + "janitor", "1", nx=True, ex=interval):
             return 0
-        keep = {c["cli_session_id"] for c in self.sessions.list() if c.get("cli_session_id")}
+        keep = {c["cli_session_id"] for c in self.sessions.list_all() if c.get("cli_session_id")}
         return expire_session_files(session_dir(self.config_dir(), self.cli_cwd.resolve()),
                                     self.settings["sessions.ttl_hours"] * 3600, keep)
 

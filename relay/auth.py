@@ -50,7 +50,7 @@ class ApiKey:
     agent: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     @classmethod
-    def parse(cls, item: Any) -> "ApiKey":
+    def parse(cls, item: Any) -> ApiKey:
         if isinstance(item, str):
             sha = digest(item)
             return cls(name="key-" + sha[:8], sha256=sha)
@@ -70,7 +70,7 @@ class ApiKey:
 class KeyRing:
     """The current set of keys for this worker, refreshed from the file and Redis every second."""
 
-    def __init__(self, settings_source: str, initial: list[Any], r: "redis.Redis[Any] | None") -> None:
+    def __init__(self, settings_source: str, initial: list[Any], r: Any) -> None:
         self.source = Path(settings_source)
         self.r = r
         self._file_keys = [ApiKey.parse(k) for k in initial]
@@ -148,7 +148,7 @@ def _config_path() -> Path:
     return Path(os.environ.get("RELAY_CONFIG") or ROOT / "config.json")
 
 
-def _redis() -> "redis.Redis[Any] | None":
+def _redis() -> Any:
     url = os.environ.get("REDIS_URL") or load_settings()["redis_url"]
     if not url:
         sock = load_settings().path("var_dir") / "redis.sock"

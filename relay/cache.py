@@ -7,8 +7,6 @@ import hashlib
 import json
 from typing import Any
 
-import redis
-
 from .request import ChatRequest
 from .store import PREFIX
 
@@ -20,7 +18,7 @@ def cache_key(req: ChatRequest, scope: str) -> str:
 
 
 class ResponseCache:
-    def __init__(self, r: "redis.Redis[Any]", ttl: int, min_tokens: int) -> None:
+    def __init__(self, r: Any, ttl: int, min_tokens: int) -> None:
         self.r, self.ttl, self.min_tokens = r, ttl, min_tokens
 
     def applies(self, req: ChatRequest, estimate: int, agent: Any) -> bool:

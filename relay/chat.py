@@ -14,8 +14,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import sse
 from .cli import RunSpec, base_argv
@@ -49,7 +50,7 @@ class Context:
 
 
 class Exchange:
-    def __init__(self, relay: "Relay", req: ChatRequest, ctx: Context) -> None:
+    def __init__(self, relay: Relay, req: ChatRequest, ctx: Context) -> None:
         self.relay, self.req, self.ctx = relay, req, ctx
         self.cfg = relay.settings
         self.cid = new_id()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +161,7 @@ class Settings(Mapping[str, Any]):
         p = Path(self._values[key]).expanduser()
         return p if p.is_absolute() else ROOT / p
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         values = dict(self._values)
         for k, v in changes.items():
             values[k.replace("__", ".")] = v
@@ -206,7 +207,7 @@ def _coerce(key: str, raw: Any, from_env: bool) -> Any:
 
 def _name(kind: type | tuple[type, ...]) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            list: "a list", dict: "an object"}.get(kind, str(kind))  # type: ignore[call-overload]
+            list: "a list", dict: "an object"}.get(kind, str(kind))  # type: ignore[call-overload,arg-type]
 
 
 def _validate(values: dict[str, Any]) -> dict[str, Any]:

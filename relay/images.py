@@ -58,7 +58,7 @@ def to_anthropic_block(part: dict[str, Any], param: str = "content") -> dict[str
             return _url_block(src["url"], param)
         raise BadRequest("image.source.type must be base64 or url", param=param)
     if kind == "file":
-        f = part.get("file") if isinstance(part.get("file"), dict) else part
+        f: dict[str, Any] = part["file"] if isinstance(part.get("file"), dict) else part
         if f.get("file_id"):
             raise BadRequest("file_id references are not supported; send file_data.", param=param)
         m = DATA_URL.match(str(f.get("file_data") or ""))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 FAMILIES = ("opus", "sonnet", "haiku")
 PREFIXES = ("anthropic/", "claude-max/", "claude-code-cli/", "claude-code/", "claude/")

@@ -223,11 +223,11 @@ class EventStream:
             self.calls[d.index] = len(self.output) - 1
             out.append(self.ev("response.output_item.added", output_index=len(self.output) - 1, item=dict(item)))
         elif d.kind == "tool_args":
-            idx = self.calls.get(d.index)
-            if idx is not None:
-                item = self.output[idx]
+            pos = self.calls.get(d.index)
+            if pos is not None:
+                item = self.output[pos]
                 item["arguments"] += d.text
-                out.append(self.ev("response.function_call_arguments.delta", item_id=item["id"], output_index=idx,
+                out.append(self.ev("response.function_call_arguments.delta", item_id=item["id"], output_index=pos,
                                    delta=d.text))
         return out
 

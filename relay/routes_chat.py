@@ -11,10 +11,10 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from .cache import cache_key
 from .chat import Context, Exchange
 from .completion import new_id
-from .tokens import count_messages, count_text
 from .errors import BadRequest, Forbidden, RelayError
 from .images import check_limits
 from .request import parse_chat_request
+from .tokens import count_messages, count_text
 
 bp = Blueprint("chat", __name__)
 
@@ -25,7 +25,8 @@ def _body() -> bytes:
     if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
         return request.get_data(cache=False)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    stream, chunks, size = request.environ["wsgi.input"], [], 0
+    stream, size = request.environ["wsgi.input"], 0
+    chunks: list[bytes] = []
     while True:
         block = stream.read(65536)
         if not block:

@@ -108,7 +108,7 @@ def usage_recent() -> Any:
 
 @bp.get("/v1/sessions")
 def sessions_list() -> Any:
-    return jsonify({"object": "list", "data": _relay().sessions.list()})
+    return jsonify({"object": "list", "data": _relay().sessions.list_all()})
 
 
 def _purge(victims: list[dict[str, Any]]) -> int:

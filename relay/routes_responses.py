@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
@@ -17,8 +18,7 @@ from .chat import Exchange
 from .errors import Forbidden, NotFound, RelayError
 from .images import check_limits
 from .request import parse_chat_request
-from .responses import (EventStream, call_item, message_item, new_id, response_object, to_chat_body,
-                        usage_of)
+from .responses import EventStream, call_item, message_item, new_id, response_object, to_chat_body, usage_of
 from .routes_chat import SSE_HEADERS, context, read_json, record_rejection
 from .store import PREFIX
 

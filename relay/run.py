@@ -11,7 +11,8 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .cli import EOF, CliProcess, RunSpec
 from .errors import RelayError, Timeout, UpstreamError
@@ -158,7 +159,7 @@ class DisconnectWatcher:
         self._stop = threading.Event()
         self.gone = False
 
-    def start(self) -> "DisconnectWatcher":
+    def start(self) -> DisconnectWatcher:
         if self.sock is not None:
             threading.Thread(target=self._watch, daemon=True).start()
         return self

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from .errors import BadRequest
 from .store import PREFIX
 
@@ -90,7 +88,7 @@ class Plan:
 
 
 class Sessions:
-    def __init__(self, r: "redis.Redis[Any]", ttl_hours: float, enabled: bool) -> None:
+    def __init__(self, r: Any, ttl_hours: float, enabled: bool) -> None:
         self.r = r
         self.ttl = int(ttl_hours * 3600)
         self.enabled = enabled
@@ -151,7 +149,7 @@ class Sessions:
             self.r.delete(plan.conv_key)
 
     # -- admin -----------------------------------------------------------------------------------
-    def list(self, scope: str | None = None) -> list[dict[str, Any]]:
+    def list_all(self, scope: str | None = None) -> list[dict[str, Any]]:
         out = []
         pattern = f"{PREFIX}conv:{scope}:*" if scope else f"{PREFIX}conv:*"
         for key in self.r.scan_iter(match=pattern, count=500):
@@ -171,7 +169,7 @@ class Sessions:
 
     def delete(self, conv_id: str | None, scope: str | None = None) -> list[dict[str, Any]]:
         """Delete one conversation (by id) or all of them; returns what was deleted."""
-        victims = [c for c in self.list(scope) if conv_id is None or c["id"] == conv_id]
+        victims = [c for c in self.list_all(scope) if conv_id is None or c["id"] == conv_id]
         for c in victims:
             self.r.delete(self.key(c["scope"], c["id"]))
         return victims

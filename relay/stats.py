@@ -13,11 +13,9 @@ import os
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import redis
 
 from .pricing import cost_usd
 from .store import PREFIX
@@ -33,7 +31,7 @@ RECENT_KEEP = 1000
 
 
 def _day(ts: float) -> tuple[str, str, str]:
-    d = datetime.fromtimestamp(ts, timezone.utc)
+    d = datetime.fromtimestamp(ts, UTC)
     return d.strftime("%Y-%m"), d.strftime("%d"), d.strftime("%Y-%m-%d")
 
 
@@ -54,7 +52,7 @@ def cache_stats(s: dict[str, Any]) -> dict[str, Any]:
 
 
 class Stats:
-    def __init__(self, r: "redis.Redis[Any]", snapshot_path: Path, max_per_day: int,
+    def __init__(self, r: Any, snapshot_path: Path, max_per_day: int,
                  log_first_message: bool, prices: dict[str, Any]) -> None:
         self.r = r
         self.path = snapshot_path
@@ -175,7 +173,7 @@ class Stats:
         return {"total": total, "cache_stats": cache_stats(total), "months": months,
                 "keys": {k: self._h("key:" + k) for k in sorted(self.r.smembers(S + "keys"))},
                 "models": {m: self._h("model:" + m) for m in sorted(self.r.smembers(S + "models"))},
-                "generated_at": datetime.now(timezone.utc).isoformat()}
+                "generated_at": datetime.now(UTC).isoformat()}
 
     def write_snapshot(self, force: bool = False) -> bool:
         """Write log/stats.json if anything changed, by one worker at a time. True if written."""

@@ -11,7 +11,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -37,7 +38,7 @@ _RENEW_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('
               "end return 0"
 
 
-def connect(url: str) -> "redis.Redis[Any]":
+def connect(url: str) -> Any:
     if not url:
         raise Unavailable("No Redis configured: start the relay with `make run` (which starts a private "
                           "Redis) or set REDIS_URL.", code="redis_unconfigured")
@@ -52,7 +53,7 @@ def host_id() -> str:
 class Leases:
     """Slot sets (at most N members) and exclusive locks, all expiring without a heartbeat."""
 
-    def __init__(self, r: "redis.Redis[Any]", ttl: float = LEASE_TTL) -> None:
+    def __init__(self, r: Any, ttl: float = LEASE_TTL) -> None:
         self.r = r
         self.ttl = ttl
         self._acquire = r.register_script(_ACQUIRE_SLOT)

@@ -7,11 +7,19 @@ The CLI reports API failures as a `result` with `is_error: true` (often `subtype
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .errors import (BadRequest, NotFound, PayloadTooLarge, RateLimited, RelayError, SubscriptionLimited,
-                     Unavailable, UpstreamError)
+from .errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RelayError,
+    SubscriptionLimited,
+    Unavailable,
+    UpstreamError,
+)
 from .events import Turn
 
 LOGIN_HINT = ("The Claude Code CLI on the relay host is not logged in or its login expired. "
@@ -51,9 +59,8 @@ def reset_seconds(turn: Turn, now: float) -> float | None:
         tz = ZoneInfo(tzname) if tzname else None
     except Exception:  # unknown zone name: fall back to UTC
         tz = None
-    from datetime import timezone
 
-    base = datetime.fromtimestamp(now, tz or timezone.utc)
+    base = datetime.fromtimestamp(now, tz or UTC)
     target = base.replace(hour=hour % 24, minute=minute, second=0, microsecond=0)
     if target <= base:
         target += timedelta(days=1)

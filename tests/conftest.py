@@ -5,15 +5,15 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (ROOT, RedisServer, RelayServer, default_cli_bin, openai_client,  # noqa: E402,F401
-                     relay_env, wait_until)
+from harness import ROOT, RedisServer, RelayServer, default_cli_bin, openai_client, relay_env, wait_until  # noqa: E402,F401
 from mock_anthropic import MockAnthropic  # noqa: E402
 
 
@@ -65,6 +65,9 @@ def relay_factory(tmp_root: Path, redis_server: RedisServer, mock_api: MockAnthr
         return srv.start() if start else srv
 
     yield make
+    for s in servers:  # stop them all at once: each may take a moment to drain
+        if s.proc and s.proc.poll() is None:
+            s.proc.terminate()
     for s in servers:
         s.stop()
 

@@ -75,7 +75,7 @@ class RelayServer:
         self.log_path = tmp / "gunicorn.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "RelayServer":
+    def start(self) -> RelayServer:
         env = dict(self.env, RELAY_PORT=str(self.port))
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

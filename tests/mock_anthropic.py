@@ -79,7 +79,7 @@ class MockAnthropic:
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def start(self) -> "MockAnthropic":
+    def start(self) -> MockAnthropic:
         self._thread.start()
         return self
 

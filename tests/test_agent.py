@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 import requests
-
 from harness import ROOT, openai_client, wait_until
+
 from relay.auth import digest
 
 

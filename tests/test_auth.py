@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
-
 from harness import ROOT, openai_client, wait_until
+
 from relay.auth import digest
 
 ALICE, BOB, ADMIN, PLAIN = "sk-alice-0123456789", "sk-bob-0123456789", "sk-admin-0123456789", "sk-plain-key-1"
@@ -143,13 +143,19 @@ def test_global_token_quota(relay_factory):
 def test_per_key_concurrency(relay_factory, tmp_path):
     srv = relay_factory({"RELAY_CONFIG": str(keys_config(tmp_path, alice_rpm=100)), "RELAY_QUEUE_TIMEOUT_S": "0.3"})
     with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(call, srv, ALICE, "conc MOCK:slow=100 MOCK:words=20")
-        time.sleep(1.5)
+        slow = pool.submit(call, srv, ALICE, "conc MOCK:slow=100 MOCK:words=30")
+        assert wait_until(lambda: running_cli(srv), 20)  # alice's first run holds her only slot
         second = call(srv, ALICE, "conc second")
         bob = call(srv, BOB, "bob at the same time")
         assert slow.result().status_code == 200
     assert second.status_code == 429 and "at once" in second.json()["error"]["message"]
     assert bob.status_code == 200
+
+
+def running_cli(srv):
+    import psutil
+    return [c for w in srv.worker_pids() for c in psutil.Process(w).children()
+            if c.status() != psutil.STATUS_ZOMBIE and "--input-format" in c.cmdline()]
 
 
 def test_burst_across_four_workers_admits_no_more_than_the_limit(relay_factory):

@@ -6,7 +6,6 @@ import json
 import openai
 import pytest
 import requests
-
 from harness import openai_client
 from mock_anthropic import all_text
 

@@ -10,7 +10,6 @@ import time
 import psutil
 import pytest
 import requests
-
 from harness import ROOT, free_port, openai_client, wait_until
 
 

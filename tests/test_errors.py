@@ -8,7 +8,6 @@ import time
 import openai
 import pytest
 import requests
-
 from harness import openai_client
 
 

@@ -7,10 +7,9 @@ import time
 import psutil
 import pytest
 import requests
+from harness import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from harness import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import time
 import psutil
 import pytest
 import requests
-
 from harness import wait_until
 
 

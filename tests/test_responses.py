@@ -5,7 +5,6 @@ import json
 import openai
 import pytest
 import requests
-
 from mock_anthropic import all_text
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",

@@ -9,9 +9,9 @@ import openai
 import psutil
 import pytest
 import requests
-
 from harness import openai_client, wait_until
 from mock_anthropic import all_text
+
 from relay.sessions import expire_session_files, session_dir
 
 

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-
 from harness import openai_client, wait_until
 
 
@@ -38,7 +37,7 @@ def test_snapshot_schema_cap_and_restart(relay_factory, redis_server, tmp_root):
     srv = relay_factory({"RELAY_MAX_REQUESTS_PER_DAY": "5"}, tmp=tmp)
     for i in range(3):
         assert post(srv, f"snap {i}").status_code == 200
-    for i in range(4):
+    for _ in range(4):
         assert post(srv, "x", n=2).status_code == 400  # errors are recorded too
     path = tmp / "log" / "stats.json"
     assert wait_until(lambda: path.exists() and json.loads(path.read_text())["total"]["requests"] == 7, 10)

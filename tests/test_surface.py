@@ -6,10 +6,9 @@ import json
 import openai
 import pytest
 import requests
-from pydantic import BaseModel
-
 from harness import openai_client
 from mock_anthropic import all_text
+from pydantic import BaseModel
 
 PNG = base64.b64encode(bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6364f8cfc000000301010018dd8db40000000049454e44ae426082")).decode()

@@ -5,7 +5,6 @@ import json
 
 import openai
 import pytest
-
 from harness import openai_client
 from mock_anthropic import all_text
 
