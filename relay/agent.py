@@ -10,11 +10,14 @@ import hashlib
 import os
 import pwd
 import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, Settings
+from .events import Delta, Turn
 
 FIELDS = ("enabled", "allowed_tools", "permission_mode", "workdir_root", "max_turns", "max_budget_usd",
           "intermediate", "user")
@@ -75,3 +78,40 @@ def check(settings: Settings) -> None:
             and os.geteuid() == 0 and not user:
         raise ConfigError("config: agent.permission_mode bypassPermissions cannot run as root (the CLI refuses): "
                           "set agent.user to an unprivileged user")
+
+
+def smart_deltas(turn: Turn, batches: Iterable[list[Delta] | None], shown: Callable[[Delta], bool],
+                 as_reasoning: bool, keepalive_s: float) -> Iterator[Delta | None]:
+    """Smart streaming: a message's text is held until its stop reason is known; only the final
+    answer is content; the steps before tool calls are dropped or sent as reasoning."""
+    held: list[Delta] = []
+    last_out = time.monotonic()
+
+    def flush(final: bool) -> Iterator[Delta]:
+        keep = []
+        for d in held:
+            stop = turn.msg_stops.get(d.msg)
+            if stop is None and not final:
+                keep.append(d)
+            elif d.kind == "text" and stop != "tool_use":
+                yield d
+            elif as_reasoning and d.kind in ("text", "activity"):
+                yield Delta("reasoning", d.text)
+        held[:] = keep
+    for batch in batches:
+        if batch is None:
+            yield None
+            continue
+        for d in batch:
+            if d.kind in ("text", "activity"):
+                held.append(d)
+            elif shown(d):
+                yield d
+        out = list(flush(False))
+        yield from out
+        if out:
+            last_out = time.monotonic()
+        elif time.monotonic() - last_out > keepalive_s:
+            last_out = time.monotonic()
+            yield None  # tokens are arriving but held back: keep the connection visibly alive
+    yield from flush(True)

@@ -11,19 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import sse
-from .cli import RunSpec, base_argv
+from .agent import smart_deltas
 from .completion import ChunkMaker, completion_object, message_of, new_id, openai_usage
 from .errors import Conflict, RateLimited, RelayError, UpstreamError
 from .events import Delta
-from .prompt import build_prompt
+from .invocation import build_spec
 from .request import ChatRequest, text_of
 from .run import DisconnectWatcher, Limits, Run
 from .sessions import Plan, conversation_id
@@ -125,44 +123,11 @@ class Exchange:
                 plan = relay.sessions.fresh(plan.conv_key, req.system, req.messages, req.cli_model, ctx.scope)
 
     def _spawn(self, plan: Plan) -> None:
-        cfg, req = self.cfg, self.req
-        system = req.system
-        instruction = req.tools.instruction() if req.tools.active else ""
-        if instruction:
-            system = f"{system}\n\n{instruction}" if system else instruction
-        prompt = build_prompt(system, plan.send, cfg["system_prompt_mode"], plan.first_turn,
-                              plan.pending_calls if plan.resume else None)
-        tmp = tempfile.mkdtemp(prefix="run-", dir=self.relay.tmp_dir)
-        agent = self.ctx.agent
-        tools = ",".join(agent.allowed_tools) if agent else ""
-        argv = base_argv(self.relay.cli_path(), req.cli_model, tools) + plan.cli_args() + self.ctx.extra_cli_args
-        cwd = str(self.relay.cli_cwd)
-        if agent:
-            argv += agent.argv()
-            cwd = str(agent.workdir(self.conv))
-        if prompt.system_flag and (prompt.system_text or prompt.system_flag == "--system-prompt-file"):
-            path = os.path.join(tmp, "system.txt")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(prompt.system_text)
-            argv += [prompt.system_flag, path]
-        if req.reasoning_effort:
-            argv += ["--effort", effort_flag(req.reasoning_effort)]
-        keep_open = False
-        if req.tools.active:
-            argv += ["--mcp-config", mcp_config(tmp, req.tools.tools), "--permission-prompt-tool", "stdio"]
-            keep_open = True  # the CLI asks for permission on stdin; the relay answers there
-        if req.json_schema is not None:
-            argv += ["--json-schema", json.dumps(req.json_schema, separators=(",", ":"))]
-        env = self.relay.cli_env
-        if agent and agent.user:
-            import pwd
-
-            env = dict(env, HOME=pwd.getpwnam(agent.user).pw_dir, USER=agent.user, LOGNAME=agent.user)
-            os.chmod(tmp, 0o755)  # the system prompt and tool files must be readable by that user
-        spec = RunSpec(argv=argv, env=env, cwd=cwd, stdin=prompt.stdin_line(), temp_dir=tmp, keep_stdin_open=keep_open,
-                       user=agent.user if agent and agent.user else None)
+        cfg = self.cfg
+        spec = build_spec(self.relay, self.req, self.ctx.agent, plan, self.conv, self.ctx.extra_cli_args)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
+        agent = self.ctx.agent
         self.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset())
         self.relay.active[self.cid] = self.run
         self.run.start()
@@ -261,7 +226,8 @@ class Exchange:
             return not (d.kind == "reasoning" and not expose) and not (d.kind == "text" and json_mode)
         pending, self.buffer = self.buffer, []
         if self.ctx.agent:
-            yield from self._agent_deltas(pending, shown)
+            yield from smart_deltas(self.run.turn, [pending, *self.run.pump()], shown,
+                                    self.ctx.agent.intermediate == "reasoning", self.cfg["keepalive_s"])
         else:
             yield from (d for d in pending if shown(d))
             for batch in self.run.pump():
@@ -274,43 +240,6 @@ class Exchange:
             raise err
         if json_mode:
             yield Delta("text", self._content())
-
-    def _agent_deltas(self, pending: list[Delta], shown: Any) -> Iterator[Delta | None]:
-        """Smart streaming: a message's text is held until its stop reason is known; only the final
-        answer is content; the steps before tool calls are dropped or sent as reasoning."""
-        assert self.run and self.ctx.agent
-        turn, as_reasoning = self.run.turn, self.ctx.agent.intermediate == "reasoning"
-        held: list[Delta] = []
-        last_out = time.monotonic()
-
-        def flush(final: bool) -> Iterator[Delta]:
-            keep = []
-            for d in held:
-                stop = turn.msg_stops.get(d.msg)
-                if stop is None and not final:
-                    keep.append(d)
-                elif d.kind == "text" and stop != "tool_use":
-                    yield d
-                elif as_reasoning and d.kind in ("text", "activity"):
-                    yield Delta("reasoning", d.text)
-            held[:] = keep
-        for batch in [pending, *self.run.pump()]:
-            if batch is None:
-                yield None
-                continue
-            for d in batch:
-                if d.kind in ("text", "activity"):
-                    held.append(d)
-                elif shown(d):
-                    yield d
-            out = list(flush(False))
-            yield from out
-            if out:
-                last_out = time.monotonic()
-            elif time.monotonic() - last_out > self.cfg["keepalive_s"]:
-                last_out = time.monotonic()
-                yield None  # tokens are arriving but held back: keep the connection visibly alive
-        yield from flush(True)
 
     def stream(self) -> Iterator[bytes]:
         """The chat-completions SSE stream."""
@@ -408,19 +337,3 @@ class Exchange:
             self.relay.quotas.charge(self.ctx.key_name or None, spent)
         except Exception as e:
             log.error("%s: could not charge %d tokens to the quota: %s", self.ctx.request_id, spent, e)
-
-
-def mcp_config(tmp: str, tools: list[dict[str, Any]]) -> str:
-    """`--mcp-config` for this run: the relay's stdio MCP server declaring the client's functions."""
-    path = os.path.join(tmp, "tools.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(tools, f)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    server = {"type": "stdio", "command": sys.executable, "args": ["-m", "relay.mcp_server", path],
-              "env": {"PYTHONPATH": root}}
-    return json.dumps({"mcpServers": {"client": server}})
-
-
-def effort_flag(effort: str) -> str:
-    """OpenAI reasoning_effort to the CLI's --effort levels."""
-    return {"none": "low", "minimal": "low"}.get(effort, effort)

@@ -97,6 +97,26 @@ def record_rejection(exc: RelayError, t0: float, body: Any = None) -> None:
         "ttft_ms": None, "status": exc.status, "error": exc.code or type(exc).__name__, "first_message": None})
 
 
+def vet(req: Any) -> Any:
+    """Checks that need the caller or the settings: image limits, the key's allowed models."""
+    settings = current_app.extensions["relay"].settings
+    check_limits(req.messages, settings["images.max_count"], settings["images.max_bytes"])
+    key = getattr(g, "api_key", None)
+    if key is not None and not key.allows_model(req.model, req.cli_model):
+        raise Forbidden(f"The API key {key.name!r} may not use the model {req.model!r}.", param="model",
+                        code="model_not_allowed")
+    return req
+
+
+def open_exchange(relay: Any, req: Any, ctx: Context) -> Exchange:
+    ex = Exchange(relay, req, ctx)
+    try:
+        ex.open()
+    finally:
+        g.token_budget = ex.token_budget  # for the rate-limit headers, refusals included
+    return ex
+
+
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Any:
     relay = current_app.extensions["relay"]
@@ -104,12 +124,7 @@ def chat_completions() -> Any:
     body: Any = None
     try:
         body = read_json()
-        req = parse_chat_request(body, relay.catalog)
-        check_limits(req.messages, relay.settings["images.max_count"], relay.settings["images.max_bytes"])
-        key = getattr(g, "api_key", None)
-        if key is not None and not key.allows_model(req.model, req.cli_model):
-            raise Forbidden(f"The API key {key.name!r} may not use the model {req.model!r}.", param="model",
-                            code="model_not_allowed")
+        req = vet(parse_chat_request(body, relay.catalog))
     except RelayError as exc:
         record_rejection(exc, t0, body)
         raise
@@ -121,11 +136,7 @@ def chat_completions() -> Any:
         hit = cache.get(cache_id)
         if hit is not None:
             return _from_cache(hit, req, t0)
-    ex = Exchange(relay, req, ctx)
-    try:
-        ex.open()
-    finally:
-        g.token_budget = ex.token_budget
+    ex = open_exchange(relay, req, ctx)
     if req.stream:
         if ex.token_budget is not None:  # headers go out now: show the budget minus this prompt's estimate
             g.token_budget = dict(ex.token_budget, remaining=max(0, ex.token_budget["remaining"] - ex.estimate))

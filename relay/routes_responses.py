@@ -15,11 +15,10 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from . import sse
 from .chat import Exchange
-from .errors import Forbidden, NotFound, RelayError
-from .images import check_limits
+from .errors import NotFound, RelayError
 from .request import parse_chat_request
 from .responses import EventStream, call_item, message_item, new_id, response_object, to_chat_body, usage_of
-from .routes_chat import SSE_HEADERS, context, read_json, record_rejection
+from .routes_chat import SSE_HEADERS, context, open_exchange, read_json, record_rejection, vet
 from .store import PREFIX
 
 bp = Blueprint("responses", __name__)
@@ -71,12 +70,7 @@ def create_response() -> Any:
                 raise NotFound(f"Previous response with id '{prev_id}' not found.", param="previous_response_id",
                                code="previous_response_not_found")
             prior, conv = prev["messages"], prev["conv"]
-        req = parse_chat_request(to_chat_body(body, prior), relay.catalog)
-        check_limits(req.messages, relay.settings["images.max_count"], relay.settings["images.max_bytes"])
-        key = getattr(g, "api_key", None)
-        if key is not None and not key.allows_model(req.model, req.cli_model):
-            raise Forbidden(f"The API key {key.name!r} may not use the model {req.model!r}.", param="model",
-                            code="model_not_allowed")
+        req = vet(parse_chat_request(to_chat_body(body, prior), relay.catalog))
     except RelayError as exc:
         record_rejection(exc, t0, body)
         raise
@@ -84,11 +78,7 @@ def create_response() -> Any:
     conv = request.headers.get("X-Session-Id") or conv or "resp-" + rid
     ctx = context()
     ctx.session_header = conv
-    ex = Exchange(relay, req, ctx)
-    try:
-        ex.open()
-    finally:
-        g.token_budget = ex.token_budget
+    ex = open_exchange(relay, req, ctx)
     store = body.get("store") is not False
     if not req.stream:
         chat = ex.complete()
