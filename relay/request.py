@@ -94,8 +94,6 @@ def text_of(parts: list[dict[str, Any]]) -> str:
 def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
     _expect(isinstance(body, dict), "The request body must be a JSON object.", "body")
     msgs = body.get("messages")
-    if msgs is None and "input" in body:
-        raise BadRequest("This route takes `messages`; use /v1/responses for `input`.", param="messages")
     _expect(msgs is not None, "Missing required parameter: 'messages'.", "messages")
     _expect(isinstance(msgs, list), "'messages' must be an array of message objects.", "messages")
     _expect(len(msgs) > 0, "'messages' must contain at least one message.", "messages")

@@ -124,6 +124,11 @@ def chat_completions() -> Any:
     body: Any = None
     try:
         body = read_json()
+        if isinstance(body, dict) and "messages" not in body and "input" in body:
+            # Cursor posts Responses-shaped bodies here for OpenAI-named models and reads chat chunks back
+            from .responses import to_chat_body
+
+            body = dict(to_chat_body(body, None), stream_options=body.get("stream_options"))
         req = vet(parse_chat_request(body, relay.catalog))
     except RelayError as exc:
         record_rejection(exc, t0, body)

@@ -181,3 +181,12 @@ def test_health_reports_cli_redis_and_runs(relay):
     assert h["status"] == "ok" and h["redis"]["ok"] is True
     assert h["cli"]["ok"] is True and h["cli"]["version"] >= "2.1.330" and h["cli"]["path"].endswith("claude")
     assert h["active_runs"] == 0
+
+
+def test_responses_shaped_bodies_on_chat_completions_get_chat_chunks(relay):
+    body = {"model": "gpt-5", "input": [{"role": "user", "content": [{"type": "input_text", "text": "cursor-1"}]}],
+            "instructions": "Be terse.", "reasoning": {"effort": "low"}, "stream": True}
+    with requests.post(relay.url + "/v1/chat/completions", json=body, stream=True) as r:
+        raw = r.raw.read().decode()
+    assert r.status_code == 200 and '"object":"chat.completion.chunk"' in raw and raw.endswith("data: [DONE]\n\n")
+    assert "cursor-1" in raw
