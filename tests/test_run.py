@@ -3,7 +3,6 @@ persists it under var/, and stops it with the relay."""
 
 import psutil
 import requests
-
 from harness import RelayServer, relay_env, wait_until
 
 
@@ -17,7 +16,7 @@ def test_private_redis_is_started_shared_and_stopped(tmp_path, cli_bin, mock_api
         assert sock.exists()
         redis_procs = [p for p in psutil.Process(srv.proc.pid).children() if "redis-server" in p.name()]
         assert len(redis_procs) == 1
-        for i in range(6):  # lands on both workers; they count into one store
+        for _ in range(6):  # lands on both workers; they count into one store
             requests.post(srv.url + "/v1/chat/completions", json={"model": "s", "messages": []})
         assert requests.get(srv.url + "/v1/usage").json()["total"]["requests"] == 6
     finally:
