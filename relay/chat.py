@@ -8,6 +8,7 @@ the leases, updates the conversation and records the request in the stats.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ class Exchange:
         self.cid = new_id()
         self.created = int(time.time())
         self.t0 = time.monotonic()
-        self.heartbeat = Heartbeat(relay.leases)
+        self.heartbeat = Heartbeat(relay.leases, self._lease_lost)
         self.run: Run | None = None
         self.plan: Plan | None = None
         self.watcher: DisconnectWatcher | None = None
@@ -92,21 +93,21 @@ class Exchange:
                                retry_after=2)
             self.heartbeat.add("lock", lock, token)
             plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)  # fresh view
-        slots = relay.slot_key()
         member = f"{os.getpid()}:{self.cid}"
-        got = relay.leases.wait_for(lambda: relay.leases.try_slot(slots, self.cfg["max_concurrent_runs"], member),
-                                    self.cfg["queue_timeout_s"], queued_key=PREFIX + "queued")
-        if not got:
-            raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
-                              "retry shortly.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
-        self.heartbeat.add("slot", slots, member)
-        if key is not None and key.max_concurrent:
+        if key is not None and key.max_concurrent:  # the key's own slot first: a busy key must not hold host slots
             kslots = f"{PREFIX}keyslots:{key.name}"
             if not relay.leases.wait_for(lambda: relay.leases.try_slot(kslots, key.max_concurrent, member),
                                          self.cfg["queue_timeout_s"]):
                 raise RateLimited(f"This API key may run {key.max_concurrent} requests at once; one must finish "
                                   "first.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
             self.heartbeat.add("slot", kslots, member)
+        slots = relay.slot_key()
+        got = relay.leases.wait_for(lambda: relay.leases.try_slot(slots, self.cfg["max_concurrent_runs"], member),
+                                    self.cfg["queue_timeout_s"], queued_key=PREFIX + "queued")
+        if not got:
+            raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
+                              "retry shortly.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
+        self.heartbeat.add("slot", slots, member)
         if ctx.client_socket is not None:
             self.watcher = DisconnectWatcher(ctx.client_socket, self._client_gone).start()
         for attempt in (0, 1):
@@ -124,7 +125,8 @@ class Exchange:
 
     def _spawn(self, plan: Plan) -> None:
         cfg = self.cfg
-        spec = build_spec(self.relay, self.req, self.ctx.agent, plan, self.conv, self.ctx.extra_cli_args)
+        scoped = f"{self.ctx.scope}\x00{self.conv}"  # keys never share an agent directory
+        spec = build_spec(self.relay, self.req, self.ctx.agent, plan, scoped, self.ctx.extra_cli_args)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
         agent = self.ctx.agent
@@ -158,6 +160,11 @@ class Exchange:
             self.bytes_to_cli += self.run.proc.bytes_written
             self.run.finish()
             self.relay.active.pop(self.cid, None)
+
+    def _lease_lost(self, key: str) -> None:
+        """Another run may now hold this conversation or slot: never run two CLIs on one session."""
+        if self.run and not self.run.turn.done:
+            self.run.cancel()
 
     def _client_gone(self) -> None:
         if self.run and not self.run.turn.done:
@@ -226,7 +233,7 @@ class Exchange:
             return not (d.kind == "reasoning" and not expose) and not (d.kind == "text" and json_mode)
         pending, self.buffer = self.buffer, []
         if self.ctx.agent:
-            yield from smart_deltas(self.run.turn, [pending, *self.run.pump()], shown,
+            yield from smart_deltas(self.run.turn, itertools.chain([pending], self.run.pump()), shown,
                                     self.ctx.agent.intermediate == "reasoning", self.cfg["keepalive_s"])
         else:
             yield from (d for d in pending if shown(d))
@@ -292,8 +299,7 @@ class Exchange:
         try:
             if self.plan and self.plan.conv_key:
                 if ok and self.run:
-                    text = self.run.turn.final_text if self.ctx.agent else self.run.turn.text
-                    answer = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+                    answer = {"role": "assistant", "content": [{"type": "text", "text": self._content()}]}
                     from .completion import tool_calls_of
 
                     calls = tool_calls_of(self.run.turn)

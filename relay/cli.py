@@ -226,7 +226,9 @@ class CliProcess:
         proc = self.proc
         if proc is not None and not self._killed:
             self._killed = True
-            if proc.poll() is None:
+            if proc.poll() is not None:
+                self._kill_leftovers(proc.pid)
+            else:
                 try:
                     family = psutil.Process(proc.pid).children(recursive=True)
                 except psutil.Error:
@@ -248,6 +250,17 @@ class CliProcess:
                 except OSError:
                     pass
         self._cleanup_files()
+
+    def _kill_leftovers(self, pgid: int) -> None:
+        """The CLI already exited: kill what its tools left in its process group (e.g. `cmd &`).
+        Only processes older than the CLI's exit, so a later process reusing the id is never hit."""
+        exited = time.time()
+        for p in psutil.process_iter(["create_time"]):
+            try:
+                if os.getpgid(p.pid) == pgid and p.info["create_time"] <= exited and p.pid != os.getpid():
+                    p.kill()
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                continue
 
     @staticmethod
     def _signal(pid: int, family: list[psutil.Process], sig: int) -> None:

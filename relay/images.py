@@ -101,6 +101,10 @@ def check_limits(messages: list[dict[str, Any]], max_count: int, max_bytes: int)
             data = url.split(",", 1)[1] if isinstance(url, str) and url.startswith("data:") and "," in url else None
             if part.get("type") == "image" and isinstance(part.get("source"), dict):
                 data = part["source"].get("data") if part["source"].get("type") == "base64" else None
+            if part.get("type") == "file":
+                f = part["file"] if isinstance(part.get("file"), dict) else part
+                fd = f.get("file_data")
+                data = fd.split(",", 1)[1] if isinstance(fd, str) and "," in fd else None
             if isinstance(data, str) and _decoded_size(data.strip()) > max_bytes:
                 raise BadRequest(f"An image is larger than {max_bytes} bytes.", param=param,
                                       code="image_too_large")

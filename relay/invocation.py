@@ -45,7 +45,7 @@ def build_spec(relay: Any, req: ChatRequest, agent: Any, plan: Plan, conv: str, 
     cwd = str(relay.cli_cwd)
     if agent:
         argv += agent.argv()
-        cwd = str(agent.workdir(conv))
+        cwd = str(agent.workdir(conv))  # conv is already scoped to the caller's key
     if prompt.system_flag and (prompt.system_text or prompt.system_flag == "--system-prompt-file"):
         path = os.path.join(tmp, "system.txt")  # never argv: a multi-megabyte prompt must work
         with open(path, "w", encoding="utf-8") as f:

@@ -17,7 +17,7 @@ OPENAI_MAP = (
     (re.compile(r"^(o1|o3|o4|o1-pro|o3-pro|gpt-5(\.\d+)?-pro)(-.*)?$"), "opus"),
     (re.compile(r"^(gpt-4.*|gpt-5.*|chatgpt-.*)$"), "sonnet"),
 )
-PINNED = re.compile(r"^claude-[a-z0-9.-]*-\d{8}$")
+PINNED = re.compile(r"^claude-[a-z0-9.-]{1,80}-\d{8}$")
 
 
 @dataclass(frozen=True)

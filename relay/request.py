@@ -100,6 +100,7 @@ def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
 
     model = body.get("model")
     _expect(model is None or isinstance(model, str), "'model' must be a string.", "model")
+    _expect(model is None or len(model) <= 256, "'model' must be at most 256 characters.", "model")
     n = body.get("n", 1)
     _expect(n is None or _is_int(n), "'n' must be an integer.", "n")
     if n not in (None, 1):
@@ -144,6 +145,17 @@ def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
         if role == "assistant":
             calls = msg.get("tool_calls")
             _expect(calls is None or isinstance(calls, list), f"{p}.tool_calls must be an array", f"{p}.tool_calls")
+            for j, call in enumerate(calls or []):
+                cp = f"{p}.tool_calls[{j}]"
+                _expect(isinstance(call, dict) and isinstance(call.get("function"), dict), f"{cp} must be an object "
+                        "with a function object", cp)
+                _expect(isinstance(call["function"].get("name"), str), f"{cp}.function.name must be a string",
+                        f"{cp}.function.name")
+                args = call["function"].get("arguments")
+                _expect(args is None or isinstance(args, (str, dict)), f"{cp}.function.arguments must be a string",
+                        f"{cp}.function.arguments")
+                _expect(call.get("id") is None or isinstance(call.get("id"), str), f"{cp}.id must be a string",
+                        f"{cp}.id")
             if calls:
                 out["tool_calls"] = calls
             if isinstance(msg.get("function_call"), dict):

@@ -108,8 +108,13 @@ def to_chat_body(body: Any, prior: list[dict[str, Any]] | None) -> dict[str, Any
     elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
         chat["response_format"] = {"type": "json_object"}
     reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort"):
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise BadRequest("'reasoning' must be an object", param="reasoning")
+    if reasoning and reasoning.get("effort"):
         chat["reasoning_effort"] = reasoning["effort"]
+    for name in ("text", "metadata"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise BadRequest(f"'{name}' must be an object", param=name)
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
     return chat
@@ -130,6 +135,11 @@ def usage_of(openai_usage: dict[str, Any]) -> dict[str, Any]:
             "total_tokens": openai_usage["total_tokens"]}
 
 
+def _effort(body: dict[str, Any]) -> Any:
+    reasoning = body.get("reasoning")
+    return reasoning.get("effort") if isinstance(reasoning, dict) else None
+
+
 def response_object(rid: str, created: int, model: str, body: dict[str, Any], status: str,
                     output: list[dict[str, Any]], usage: dict[str, Any] | None,
                     error: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -139,7 +149,7 @@ def response_object(rid: str, created: int, model: str, body: dict[str, Any], st
         "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": output,
         "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
         "previous_response_id": body.get("previous_response_id"),
-        "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
+        "reasoning": {"effort": _effort(body), "summary": None},
         "service_tier": "default", "store": body.get("store") is not False,
         "temperature": body.get("temperature", 1.0), "text": body.get("text") or {"format": {"type": "text"}},
         "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],

@@ -91,7 +91,7 @@ def record_rejection(exc: RelayError, t0: float, body: Any = None) -> None:
     b = body if isinstance(body, dict) else {}
     current_app.extensions["relay"].record({
         "id": g.request_id, "request_id": g.request_id, "timestamp": time.time(), "key": getattr(g, "key_name", ""),
-        "model": "none", "requested_model": b.get("model") if isinstance(b.get("model"), str) else None,
+        "model": "none", "requested_model": str(b["model"])[:256] if isinstance(b.get("model"), str) else None,
         "stream": b.get("stream") is True, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
         "cache_creation_tokens": 0, "estimated": False, "response_time_ms": int((time.monotonic() - t0) * 1000),
         "ttft_ms": None, "status": exc.status, "error": exc.code or type(exc).__name__, "first_message": None})

@@ -96,13 +96,14 @@ def _own_key() -> str | None:
 @bp.get("/v1/usage")
 def usage() -> Any:
     days = request.args.get("days", "31")
-    return jsonify(_relay().stats.usage(key=_own_key(), days=max(1, min(366, int(days) if days.isdigit() else 31))))
+    n = int(days) if days.isascii() and days.isdigit() else 31
+    return jsonify(_relay().stats.usage(key=_own_key(), days=max(1, min(366, n))))
 
 
 @bp.get("/v1/usage/recent")
 def usage_recent() -> Any:
     limit = request.args.get("limit", "50")
-    n = max(1, min(1000, int(limit) if limit.isdigit() else 50))
+    n = max(1, min(1000, int(limit) if limit.isascii() and limit.isdigit() else 50))
     return jsonify({"object": "list", "data": _relay().stats.recent(n, key=_own_key())})
 
 

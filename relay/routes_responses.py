@@ -91,8 +91,9 @@ def create_response() -> Any:
 
 
 def _stream(ex: Exchange, rid: str, conv: str, body: dict[str, Any], store: bool, scope: str) -> Iterator[bytes]:
-    events = EventStream(response_object(rid, ex.created, ex.model, body, "in_progress", [], None))
+    events = None
     try:
+        events = EventStream(response_object(rid, ex.created, ex.model, body, "in_progress", [], None))
         for kind, data in events.start():
             yield sse.event(kind, data)
         for d in ex.deltas():
@@ -122,8 +123,9 @@ def _stream(ex: Exchange, rid: str, conv: str, body: dict[str, Any], store: bool
             yield sse.event(kind, data)
     except RelayError as exc:
         ex.close(exc)
-        for kind, data in events.fail(exc.body()["error"]):
-            yield sse.event(kind, data)
+        if events is not None:
+            for kind, data in events.fail(exc.body()["error"]):
+                yield sse.event(kind, data)
     except BaseException as exc:  # the client went away
         ex.close(exc)
         raise

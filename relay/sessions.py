@@ -33,7 +33,8 @@ def _norm(msg: dict[str, Any]) -> Any:
     text = "\n".join(parts).strip()
     calls = []
     for c in msg.get("tool_calls") or []:
-        fn = (c.get("function") if isinstance(c, dict) else None) or {}
+        fn = c.get("function") if isinstance(c, dict) else None
+        fn = fn if isinstance(fn, dict) else {}
         args = fn.get("arguments")
         try:
             args = json.dumps(json.loads(args), sort_keys=True) if isinstance(args, str) else args

@@ -110,8 +110,9 @@ class Leases:
 class Heartbeat:
     """Renews a run's leases every few seconds until stopped."""
 
-    def __init__(self, leases: Leases) -> None:
+    def __init__(self, leases: Leases, on_lost: Callable[[str], None] | None = None) -> None:
         self.leases = leases
+        self.on_lost = on_lost  # called once if a lease lapsed (the worker stalled past its TTL)
         self.held: list[tuple[str, str, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,9 +127,14 @@ class Heartbeat:
         while not self._stop.wait(self.leases.ttl / 3):
             for kind, key, member in list(self.held):
                 try:
-                    self.leases.renew(kind, key, member)
+                    kept = self.leases.renew(kind, key, member)
                 except redis.RedisError as exc:  # pragma: no cover - logged, lease may lapse
                     log.warning("lease renewal failed for %s: %s", key, exc)
+                    continue
+                if not kept and self.on_lost and not self._stop.is_set():
+                    log.error("lease %s lapsed: stopping the run that held it", key)
+                    lost, self.on_lost = self.on_lost, None
+                    lost(key)
 
     def release(self) -> None:
         self._stop.set()

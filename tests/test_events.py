@@ -118,3 +118,10 @@ def test_chunks_send_role_once_and_finish_last():
     assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] == "stop"
     u = maker.usage_chunk({"prompt_tokens": 1})
     assert u["choices"] == [] and u["usage"] == {"prompt_tokens": 1}
+
+
+def test_huge_texts_are_estimated_quickly():
+    from relay.tokens import count_text
+    t = time.time()
+    n = count_text("word " * 2_000_000)
+    assert time.time() - t < 5 and 1_500_000 < n < 2_500_000

@@ -115,3 +115,23 @@ def test_no_cli_process_is_left_after_the_fuzz(small):
             out += [c for c in psutil.Process(w).children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
         return out
     assert wait_until(lambda: not left(), 10)
+
+
+def test_review_regressions_are_clear_4xx(small):
+    cases = [
+        ("/v1/responses", {"input": "x", "stream": True, "reasoning": "high"}, "reasoning"),
+        ("/v1/chat/completions", {"model": "m" * 300, "messages": [{"role": "user", "content": "x"}]}, "model"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y",
+                                  "tool_calls": [{"id": "1", "function": "x"}]}, {"role": "user", "content": "z"}]},
+         "messages[1].tool_calls[0]"),
+    ]
+    for path, body, param in cases:
+        r = requests.post(small.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    for q in ("/v1/usage?days=\u00b2", "/v1/usage/recent?limit=\u00b2"):
+        assert requests.get(small.url + q).status_code == 200
+    big_pdf = "data:application/pdf;base64," + "A" * (8 * 1024 * 1024)
+    r = requests.post(small.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": big_pdf, "filename": "x.pdf"}}]}]})
+    assert r.status_code in (400, 413)
+    assert requests.get(small.url + "/health").json()["active_runs"] == 0  # nothing leaked a run slot
