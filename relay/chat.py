@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import sse
@@ -45,7 +45,6 @@ class Context:
     api_key: Any = None
     agent: Any = None              # agent.Agent when this caller may use the CLI's own tools
     client_socket: Any = None
-    extra_cli_args: list[str] = field(default_factory=list)
 
 
 class Exchange:
@@ -126,7 +125,7 @@ class Exchange:
     def _spawn(self, plan: Plan) -> None:
         cfg = self.cfg
         scoped = f"{self.ctx.scope}\x00{self.conv}"  # keys never share an agent directory
-        spec = build_spec(self.relay, self.req, self.ctx.agent, plan, scoped, self.ctx.extra_cli_args)
+        spec = build_spec(self.relay, self.req, self.ctx.agent, plan, scoped)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
         agent = self.ctx.agent

@@ -32,7 +32,7 @@ def effort_flag(effort: str) -> str:
     return {"none": "low", "minimal": "low"}.get(effort, effort)
 
 
-def build_spec(relay: Any, req: ChatRequest, agent: Any, plan: Plan, conv: str, extra: list[str]) -> RunSpec:
+def build_spec(relay: Any, req: ChatRequest, agent: Any, plan: Plan, conv: str) -> RunSpec:
     system = req.system
     instruction = req.tools.instruction() if req.tools.active else ""
     if instruction:
@@ -41,7 +41,7 @@ def build_spec(relay: Any, req: ChatRequest, agent: Any, plan: Plan, conv: str, 
                           plan.pending_calls if plan.resume else None)
     tmp = tempfile.mkdtemp(prefix="run-", dir=relay.tmp_dir)
     tools = ",".join(agent.allowed_tools) if agent else ""
-    argv = base_argv(relay.cli_path(), req.cli_model, tools) + plan.cli_args() + extra
+    argv = base_argv(relay.cli_path(), req.cli_model, tools) + plan.cli_args()
     cwd = str(relay.cli_cwd)
     if agent:
         argv += agent.argv()

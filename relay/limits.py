@@ -17,8 +17,6 @@ from flask_limiter import Limiter, RateLimitExceeded
 from .errors import QuotaExceeded, RateLimited
 from .store import PREFIX
 
-LIMITED_ENDPOINTS = ("chat.chat_completions", "responses.create_response")
-
 
 def limits_storage_uri(redis_url: str) -> str:
     """flask-limiter (the `limits` package) spells a unix socket `redis+unix://`."""
