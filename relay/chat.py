@@ -27,7 +27,7 @@ from .request import ChatRequest, text_of
 from .run import DisconnectWatcher, Limits, Run
 from .sessions import Plan, conversation_id
 from .store import PREFIX, Heartbeat, new_token
-from .tokens import count_messages, count_text
+from .tokens import count_text
 from .upstream import SessionMissing, classify, finish_reason
 
 if TYPE_CHECKING:
@@ -79,19 +79,18 @@ class Exchange:
         req, ctx, relay = self.req, self.ctx, self.relay
         relay.guard_spawning()
         key = ctx.api_key
-        self.estimate = count_messages(req.messages) + count_text(req.system)
+        self.estimate = req.prompt_estimate
         self.token_budget = relay.quotas.check(key, self.estimate)
         conv = self.conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
-        plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
-        if plan.conv_key:
+        if relay.sessions.enabled:  # lock first, then read the conversation's state under the lock
             token = new_token()
-            lock = relay.sessions.lock_key(plan.conv_key)
+            lock = relay.sessions.lock_key(relay.sessions.key(ctx.scope, conv))
             waited = relay.leases.wait_for(lambda: relay.leases.try_lock(lock, token), self.cfg["sessions.lock_wait_s"])
             if not waited:
                 raise Conflict("Another request for this conversation is still running; retry when it is done.",
                                retry_after=2)
             self.heartbeat.add("lock", lock, token)
-            plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)  # fresh view
+        plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
         member = f"{os.getpid()}:{self.cid}"
         if key is not None and key.max_concurrent:  # the key's own slot first: a busy key must not hold host slots
             kslots = f"{PREFIX}keyslots:{key.name}"
@@ -182,7 +181,7 @@ class Exchange:
         usage = self.run.turn.usage
         if usage is not None:
             return openai_usage(usage), False
-        est = {"input_tokens": count_messages(self.req.messages) + count_text(self.req.system),
+        est = {"input_tokens": self.req.prompt_estimate,
                "output_tokens": count_text(self.run.turn.partial_text)}
         return openai_usage(est, estimated=True), True
 

@@ -5,11 +5,13 @@ Every problem is a `BadRequest` naming the offending `param`, so the client sees
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BadRequest
 from .models import ModelCatalog
+from .tokens import count_messages, count_text
 from .tools import ToolSpec, parse_response_format, parse_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -39,6 +41,11 @@ class ChatRequest:
     @property
     def legacy_functions(self) -> bool:
         return self.tools.legacy
+
+    @functools.cached_property
+    def prompt_estimate(self) -> int:
+        """tiktoken estimate of the prompt, computed once (quota check, response cache, fallback usage)."""
+        return count_messages(self.messages) + count_text(self.system)
 
 
 def _expect(cond: bool, message: str, param: str) -> None:

@@ -14,7 +14,6 @@ from .completion import new_id
 from .errors import BadRequest, Forbidden, RelayError
 from .images import check_limits
 from .request import parse_chat_request
-from .tokens import count_messages, count_text
 
 bp = Blueprint("chat", __name__)
 
@@ -135,8 +134,7 @@ def chat_completions() -> Any:
         raise
     ctx = context()
     cache = relay.response_cache
-    estimate = count_messages(req.messages) + count_text(req.system) if cache.ttl else 0
-    cache_id = cache_key(req, ctx.scope) if cache.applies(req, estimate, ctx.agent) else None
+    cache_id = cache_key(req, ctx.scope) if cache.ttl and cache.applies(req, req.prompt_estimate, ctx.agent) else None
     if cache_id:
         hit = cache.get(cache_id)
         if hit is not None:
