@@ -16,9 +16,10 @@ from typing import Any
 import psutil
 import requests
 
-from relay.cli import _die_with_parent, base_argv, child_env
+from relay.cli.invocation import base_argv
+from relay.cli.process import _die_with_parent, child_env
 from relay.config import load_settings
-from relay.prompt import build_prompt
+from relay.core.prompt import build_prompt
 
 MODEL = "sonnet"
 MB = 1024 * 1024

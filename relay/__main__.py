@@ -11,7 +11,7 @@ from .config import ConfigError, load_settings
 
 
 def _check() -> int:
-    from .cli import child_env, probe_cli
+    from .cli.process import child_env, probe_cli
 
     try:
         settings = load_settings()
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "check":
         return _check()
-    from . import auth
+    from .state import apikeys as auth
 
     if args.action == "add":
         key = auth.keys_add(args.name, admin=args.admin, rpm=args.rpm, tokens_per_day=args.tokens_per_day,

@@ -13,7 +13,7 @@ import pytest
 import requests
 from harness import ROOT, openai_client, wait_until
 
-from relay.auth import digest
+from relay.state.apikeys import digest
 
 
 def ask(srv, text, key=None, **kw):

@@ -12,7 +12,7 @@ import pytest
 import requests
 from harness import ROOT, openai_client, wait_until
 
-from relay.auth import digest
+from relay.state.apikeys import digest
 
 ALICE, BOB, ADMIN, PLAIN = "sk-alice-0123456789", "sk-bob-0123456789", "sk-admin-0123456789", "sk-plain-key-1"
 

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from relay.cli import base_argv, child_env
-from relay.completion import ChunkMaker, openai_usage
+from relay.cli.invocation import base_argv
+from relay.cli.process import child_env
+from relay.core.completion import ChunkMaker, openai_usage
+from relay.core.events import Turn
+from relay.core.upstream import classify, finish_reason, reset_seconds
 from relay.errors import NotFound, RateLimited, Unavailable, UpstreamError
-from relay.events import Turn
-from relay.upstream import classify, finish_reason, reset_seconds
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_chunks_send_role_once_and_finish_last():
 
 
 def test_huge_texts_are_estimated_quickly():
-    from relay.tokens import count_text
+    from relay.core.tokens import count_text
     t = time.time()
     n = count_text("word " * 2_000_000)
     assert time.time() - t < 5 and 1_500_000 < n < 2_500_000

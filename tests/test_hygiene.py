@@ -166,7 +166,7 @@ def test_a_cli_crash_mid_stream_ends_with_an_error_frame(relay_factory, tmp_path
     import os
     import subprocess
 
-    from relay.cli import base_argv
+    from relay.cli.invocation import base_argv
 
     env = dict(os.environ, ANTHROPIC_BASE_URL=srv_mock_url(relay_factory), ANTHROPIC_API_KEY="k",
                CLAUDE_CONFIG_DIR=str(tmp_path), CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.models import ModelCatalog, display_model
+from relay.core.models import ModelCatalog, display_model
 
 CAT = ModelCatalog("sonnet", ["my-custom", {"id": "team/fast", "cli_model": "haiku"}])
 

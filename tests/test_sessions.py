@@ -12,7 +12,7 @@ import requests
 from harness import openai_client, wait_until
 from mock_anthropic import all_text
 
-from relay.sessions import expire_session_files, session_dir
+from relay.cli.session_files import expire_session_files, session_dir
 
 
 def chat(c, messages, sid=None, **kw):

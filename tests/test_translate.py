@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.core.models import ModelCatalog
+from relay.core.prompt import build_prompt
+from relay.core.request import parse_chat_request
 from relay.errors import BadRequest
-from relay.models import ModelCatalog
-from relay.prompt import build_prompt
-from relay.request import parse_chat_request
 
 CAT = ModelCatalog("sonnet")
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="

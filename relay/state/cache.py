@@ -7,8 +7,8 @@ import hashlib
 import json
 from typing import Any
 
-from .request import ChatRequest
-from .store import PREFIX
+from ..core.request import ChatRequest
+from .connection import PREFIX
 
 
 def cache_key(req: ChatRequest, scope: str) -> str:

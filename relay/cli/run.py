@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .cli import EOF, CliProcess, RunSpec
-from .errors import RelayError, Timeout, UpstreamError
-from .events import TOOL_PREFIX, Delta, Turn
-from .upstream import SessionMissing
+from ..core.events import TOOL_PREFIX, Delta, Turn
+from ..core.upstream import SessionMissing
+from ..errors import RelayError, Timeout, UpstreamError
+from .process import EOF, CliProcess, RunSpec
 
 log = logging.getLogger("relay.run")
 

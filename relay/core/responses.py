@@ -10,7 +10,7 @@ import json
 import secrets
 from typing import Any
 
-from .errors import BadRequest
+from ..errors import BadRequest
 from .events import Delta
 
 CHAT_FIELDS = ("model", "temperature", "top_p", "user", "metadata", "store", "parallel_tool_calls", "stream")

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .pricing import cost_usd
-from .store import PREFIX
+from ..core.pricing import cost_usd
+from .connection import PREFIX
 
 log = logging.getLogger("relay.stats")
 S = PREFIX + "stats:"

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_SCHEMA_BYTES = 100_000  # --json-schema travels in argv (Linux caps one argument at 128 KiB)

@@ -20,9 +20,9 @@ from typing import Any
 
 import redis
 
-from .config import ConfigError, load_settings
-from .errors import Forbidden, Unauthorized
-from .store import PREFIX
+from ..config import ConfigError, load_settings
+from ..errors import Forbidden, Unauthorized
+from .connection import PREFIX
 
 log = logging.getLogger("relay.auth")
 KEYS_HASH = PREFIX + "keys"
@@ -143,7 +143,7 @@ def require(ring: KeyRing, headers: Any, admin: bool = False) -> ApiKey:
 
 # -- `python -m relay keys ...` ------------------------------------------------------------------------
 def _config_path() -> Path:
-    from .config import ROOT
+    from ..config import ROOT
 
     return Path(os.environ.get("RELAY_CONFIG") or ROOT / "config.json")
 

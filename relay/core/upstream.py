@@ -10,7 +10,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .errors import (
+from ..errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,

@@ -5,35 +5,30 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import psutil
-import redis
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
-from .errors import NotFound
-from .store import PREFIX
+from ..errors import NotFound
+from ..runtime import Relay
+from .common import current_relay
 
 bp = Blueprint("meta", __name__)
 
 
-def _relay() -> Any:
-    return current_app.extensions["relay"]
+def _relay() -> Relay:
+    return current_relay()
 
 
 @bp.get("/health")
 def health() -> Any:
     relay = _relay()
     cli = relay.check_cli()
-    try:
-        relay.r.ping()
-        red: dict[str, Any] = {"ok": True}
-        active = relay.leases.slot_count(relay.slot_key())
-    except redis.RedisError as exc:
-        red, active = {"ok": False, "error": str(exc)}, None
+    red = relay.redis_ok()
+    active: int | None = None
+    account: dict[str, Any] = {}
+    if red["ok"]:
+        active = relay.slots.in_use()
+        account = relay.account.get()
     ok = bool(cli.get("ok")) and red["ok"]
-    try:
-        account = relay.account_state()
-    except redis.RedisError:
-        account = {}
     if account.get("cooldown_until"):
         account["cooldown_until_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(account["cooldown_until"]))
         account["cooldown_remaining_s"] = round(account["cooldown_until"] - time.time())
@@ -58,29 +53,18 @@ def get_model(model_id: str) -> Any:
     return jsonify(entry.as_openai())
 
 
-def _uptime() -> float:
-    try:  # the gunicorn master started the relay; a bare worker counts from its own start
-        parent = psutil.Process().parent()
-        if parent and "gunicorn" in " ".join(parent.cmdline()):
-            return time.time() - parent.create_time()
-    except psutil.Error:
-        pass
-    return time.time() - _relay().started
-
-
 @bp.get("/stats")
 def stats() -> Any:
     relay = _relay()
     total = relay.stats.totals()
-    sessions = sum(1 for _ in relay.r.scan_iter(match=PREFIX + "conv:*", count=500))
-    active = relay.leases.slot_count(relay.slot_key())
+    active = relay.slots.in_use()
     return jsonify({
-        "uptime_s": round(_uptime(), 1),
+        "uptime_s": round(relay.uptime(), 1),
         "requests": {"total": total["requests"], "completed": total["successful"], "errors": total["errors"],
                      "cancelled": total["cancelled"], "active": active,
-                     "queued": max(0, int(relay.r.get(PREFIX + "queued") or 0))},
+                     "queued": relay.slots.queued()},
         "concurrency": {"max_concurrent_runs": relay.settings["max_concurrent_runs"], "in_use": active},
-        "sessions": sessions,
+        "sessions": relay.sessions.count(),
         "tokens": {k: total[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
                                          "cache_creation_tokens", "total_tokens")},
         **relay.stats.latency(),
@@ -112,32 +96,19 @@ def sessions_list() -> Any:
     return jsonify({"object": "list", "data": _relay().sessions.list_all()})
 
 
-def _purge(victims: list[dict[str, Any]]) -> int:
-    relay = _relay()
-    if request.args.get("purge_files", "").lower() not in ("1", "true", "yes"):
-        return 0
-    from .sessions import session_dir
-
-    folder = session_dir(relay.config_dir(), relay.cli_cwd.resolve())
-    removed = 0
-    for c in victims:
-        f = folder / f"{c.get('cli_session_id')}.jsonl"
-        if c.get("cli_session_id") and f.exists():
-            f.unlink()
-            removed += 1
-    return removed
+def _purge_files() -> bool:
+    return request.args.get("purge_files", "").lower() in ("1", "true", "yes")
 
 
 @bp.delete("/v1/sessions")
 def sessions_delete_all() -> Any:
-    victims = _relay().sessions.delete(None)
-    return jsonify({"object": "list", "deleted": len(victims), "files_removed": _purge(victims)})
+    deleted, removed = _relay().forget_conversations(None, None, _purge_files())
+    return jsonify({"object": "list", "deleted": deleted, "files_removed": removed})
 
 
 @bp.delete("/v1/sessions/<path:conv_id>")
 def sessions_delete(conv_id: str) -> Any:
-    victims = _relay().sessions.delete(conv_id)
-    if not victims:
+    deleted, removed = _relay().forget_conversations(conv_id, None, _purge_files())
+    if not deleted:
         raise NotFound(f"No conversation {conv_id!r}.", param="id", code="session_not_found")
-    return jsonify({"id": conv_id, "object": "conversation.deleted", "deleted": True,
-                    "files_removed": _purge(victims)})
+    return jsonify({"id": conv_id, "object": "conversation.deleted", "deleted": True, "files_removed": removed})

@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BadRequest
+from ..errors import BadRequest
 from .models import ModelCatalog
 from .tokens import count_messages, count_text
 from .tools import ToolSpec, parse_response_format, parse_tools

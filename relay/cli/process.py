@@ -1,4 +1,4 @@
-"""The Claude Code CLI as a subprocess: argv and environment, spawn, NDJSON events, kill.
+"""The Claude Code CLI as a subprocess: environment, version probe, spawn, NDJSON events, kill.
 
 One `CliProcess` is one run. Its stdout is read by a background thread (a greenlet under gevent)
 into a queue, so the caller can wait with a timeout and send keep-alives. `kill()` ends the whole
@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from .errors import Unavailable
+from ..errors import Unavailable
 
 log = logging.getLogger("relay.cli")
 
@@ -53,14 +53,6 @@ def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> d
     if config_dir:
         env["CLAUDE_CONFIG_DIR"] = config_dir
     return env
-
-
-def base_argv(claude_bin: str, model: str, tools: str = "") -> list[str]:
-    """Flags every run gets: stream-json both ways, token deltas, no host customisation, and no
-    built-in tools unless agent mode names them."""
-    return [claude_bin, "-p", "--output-format", "stream-json", "--verbose", "--include-partial-messages",
-            "--input-format", "stream-json", "--model", model, "--tools", tools, "--setting-sources", "",
-            "--strict-mcp-config", "--disable-slash-commands"]
 
 
 def parse_version(text: str) -> tuple[int, ...] | None:

@@ -7,85 +7,13 @@ full history. One turn at a time per conversation: a Redis lock with an expiry, 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest
-from .store import PREFIX
-
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
-
-
-def _norm(msg: dict[str, Any]) -> Any:
-    """What identifies a message for the digest: role, text, images and tool calls, not formatting."""
-    parts = []
-    for p in msg.get("content") or []:
-        if p.get("type") == "text":
-            parts.append(p["text"])
-        else:
-            parts.append(hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16])
-    text = "\n".join(parts).strip()
-    calls = []
-    for c in msg.get("tool_calls") or []:
-        fn = c.get("function") if isinstance(c, dict) else None
-        fn = fn if isinstance(fn, dict) else {}
-        args = fn.get("arguments")
-        try:
-            args = json.dumps(json.loads(args), sort_keys=True) if isinstance(args, str) else args
-        except ValueError:
-            pass
-        calls.append([c.get("id") if isinstance(c, dict) else None, fn.get("name"), args])
-    return [msg["role"], text, calls, msg.get("tool_call_id")]
-
-
-def digest(system: str, messages: list[dict[str, Any]]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(["system", system.strip()]).encode())
-    for m in messages:
-        h.update(json.dumps(_norm(m), ensure_ascii=False).encode())
-    return h.hexdigest()
-
-
-def conversation_id(header: str | None, user: str | None, system: str, messages: list[dict[str, Any]]) -> str:
-    if header is not None:
-        if not SESSION_ID.match(header):
-            raise BadRequest("X-Session-Id must be 1-128 characters of letters, digits and . _ : @ + = -",
-                             param="X-Session-Id", code="invalid_session_id")
-        return "s:" + header
-    if user:
-        return "u:" + hashlib.sha256(user.encode()).hexdigest()[:24]
-    first = next((m for m in messages if m["role"] == "user"), messages[0])
-    return "h:" + digest(system, [first])[:24]
-
-
-@dataclass
-class Plan:
-    """What one turn sends to the CLI and how it uses the CLI's session store."""
-    conv_key: str | None
-    cli_session: str | None
-    resume: bool
-    send: list[dict[str, Any]]          # the messages the CLI has not seen
-    first_turn: bool
-    all_messages: list[dict[str, Any]] = field(default_factory=list)
-    system: str = ""
-    model: str = ""
-    scope: str = ""
-    resume_at: str | None = None        # cut the CLI session back to the model's tool-call message
-    pending_calls: list[str] = field(default_factory=list)  # tool_use ids that await the client's results
-
-    def cli_args(self) -> list[str]:
-        if not self.cli_session:
-            return ["--no-session-persistence"]
-        if self.resume:
-            args = ["--resume=" + self.cli_session]
-            return args + (["--resume-session-at", self.resume_at] if self.resume_at else [])
-        return ["--session-id", self.cli_session]
+from ..core.conversation import Plan, digest
+from .connection import PREFIX
 
 
 class Sessions:
@@ -149,6 +77,9 @@ class Sessions:
         if plan.conv_key:
             self.r.delete(plan.conv_key)
 
+    def count(self) -> int:
+        return sum(1 for _ in self.r.scan_iter(match=f"{PREFIX}conv:*", count=500))
+
     # -- admin -----------------------------------------------------------------------------------
     def list_all(self, scope: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -176,22 +107,3 @@ class Sessions:
         return victims
 
 
-def session_dir(config_dir: Path, cwd: Path) -> Path:
-    """Where the CLI keeps session files for runs in `cwd` (CLI-PROTOCOL §5)."""
-    return config_dir / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(cwd))
-
-
-def expire_session_files(directory: Path, max_age_s: float, keep: set[str] | None = None) -> int:
-    """Delete CLI session files idle for longer than the conversation TTL; returns how many."""
-    if not directory.is_dir():
-        return 0
-    cutoff = time.time() - max_age_s
-    removed = 0
-    for f in directory.glob("*.jsonl"):
-        try:
-            if f.stem not in (keep or set()) and f.stat().st_mtime < cutoff:
-                f.unlink()
-                removed += 1
-        except OSError:
-            continue
-    return removed

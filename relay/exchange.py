@@ -1,9 +1,12 @@
-"""One chat completion from start to finish: conversation lock, run slot, CLI run, answer, clean-up.
+"""One request from admission to record, shared by every endpoint (chat, Responses, and more).
 
-`Exchange.open()` does everything up to the moment the upstream API accepted the request, so any
-failure before that is an ordinary HTTP error. Then `complete()` returns the whole answer, or
-`stream()` yields SSE bytes. `close()` runs exactly once: it kills what is left of the CLI, releases
-the leases, updates the conversation and records the request in the stats.
+The pipeline: admission (CLI and account usable, token quota, the conversation's lock, the key's
+run slot, a host run slot) -> the CLI run -> the answer -> close and record. `Exchange.open()` does
+everything up to the moment the upstream API accepted the request, so any failure before that is an
+ordinary HTTP error. Then `complete()` returns the answer as a chat completion (the relay's canonical
+shape, which routes translate), or `deltas()` yields what a stream shows. `close()` runs exactly
+once: it kills what is left of the CLI, releases the leases, updates the conversation and records
+the request. A new endpoint is a thin route: parse into a `ChatRequest`, open, format, close.
 """
 
 from __future__ import annotations
@@ -15,25 +18,27 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import sse
-from .agent import smart_deltas
-from .completion import ChunkMaker, completion_object, message_of, new_id, openai_usage
+from .cli.agent import workdir
+from .cli.invocation import build_spec
+from .cli.run import DisconnectWatcher, Limits, Run
+from .core.agent import Agent, smart_deltas
+from .core.completion import completion_object, message_of, new_id, openai_usage, tool_calls_of
+from .core.conversation import Plan, conversation_id
+from .core.events import Delta
+from .core.models import display_model
+from .core.record import RequestRecord
+from .core.request import ChatRequest, text_of
+from .core.run_description import describe
+from .core.tokens import count_text
+from .core.upstream import SessionMissing, classify, finish_reason
 from .errors import Conflict, RateLimited, RelayError, UpstreamError
-from .events import Delta
-from .invocation import build_spec
-from .request import ChatRequest, text_of
-from .run import DisconnectWatcher, Limits, Run
-from .sessions import Plan, conversation_id
-from .store import PREFIX, Heartbeat, new_token
-from .tokens import count_text
-from .upstream import SessionMissing, classify, finish_reason
+from .runtime import Relay
+from .state.apikeys import ApiKey
+from .state.leases import Heartbeat, new_token
 
-if TYPE_CHECKING:
-    from .app import Relay
-
-log = logging.getLogger("relay.chat")
+log = logging.getLogger("relay.exchange")
 
 
 @dataclass
@@ -42,12 +47,15 @@ class Context:
     key_name: str = ""             # API key name ("" without auth)
     scope: str = "anon"            # conversations are private to this scope
     session_header: str | None = None
-    api_key: Any = None
-    agent: Any = None              # agent.Agent when this caller may use the CLI's own tools
-    client_socket: Any = None
+    api_key: ApiKey | None = None
+    agent: Agent | None = None     # set when this caller may use the CLI's own tools
+    client_socket: Any = None      # the client's socket, watched for a hang-up
+    endpoint: str = ""
 
 
 class Exchange:
+    """One request through the shared pipeline; see the module docstring."""
+
     def __init__(self, relay: Relay, req: ChatRequest, ctx: Context) -> None:
         self.relay, self.req, self.ctx = relay, req, ctx
         self.cfg = relay.settings
@@ -77,35 +85,7 @@ class Exchange:
 
     def _open(self) -> None:
         req, ctx, relay = self.req, self.ctx, self.relay
-        relay.guard_spawning()
-        key = ctx.api_key
-        self.estimate = req.prompt_estimate
-        self.token_budget = relay.quotas.check(key, self.estimate)
-        conv = self.conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
-        if relay.sessions.enabled:  # lock first, then read the conversation's state under the lock
-            token = new_token()
-            lock = relay.sessions.lock_key(relay.sessions.key(ctx.scope, conv))
-            waited = relay.leases.wait_for(lambda: relay.leases.try_lock(lock, token), self.cfg["sessions.lock_wait_s"])
-            if not waited:
-                raise Conflict("Another request for this conversation is still running; retry when it is done.",
-                               retry_after=2)
-            self.heartbeat.add("lock", lock, token)
-        plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
-        member = f"{os.getpid()}:{self.cid}"
-        if key is not None and key.max_concurrent:  # the key's own slot first: a busy key must not hold host slots
-            kslots = f"{PREFIX}keyslots:{key.name}"
-            if not relay.leases.wait_for(lambda: relay.leases.try_slot(kslots, key.max_concurrent, member),
-                                         self.cfg["queue_timeout_s"]):
-                raise RateLimited(f"This API key may run {key.max_concurrent} requests at once; one must finish "
-                                  "first.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
-            self.heartbeat.add("slot", kslots, member)
-        slots = relay.slot_key()
-        got = relay.leases.wait_for(lambda: relay.leases.try_slot(slots, self.cfg["max_concurrent_runs"], member),
-                                    self.cfg["queue_timeout_s"], queued_key=PREFIX + "queued")
-        if not got:
-            raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
-                              "retry shortly.", retry_after=max(1.0, self.cfg["queue_timeout_s"] / 2))
-        self.heartbeat.add("slot", slots, member)
+        plan = self._admit()
         if ctx.client_socket is not None:
             self.watcher = DisconnectWatcher(ctx.client_socket, self._client_gone).start()
         for attempt in (0, 1):
@@ -121,13 +101,47 @@ class Exchange:
                 self._end_run()
                 plan = relay.sessions.fresh(plan.conv_key, req.system, req.messages, req.cli_model, ctx.scope)
 
+    def _admit(self) -> Plan:
+        """CLI and account usable, quota, conversation lock (then its state), key slot, host slot."""
+        req, ctx, relay = self.req, self.ctx, self.relay
+        relay.guard_spawning()
+        key = ctx.api_key
+        self.estimate = req.prompt_estimate
+        self.token_budget = relay.quotas.check(key, self.estimate)
+        conv = self.conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
+        if relay.sessions.enabled:  # lock first, then read the conversation's state under the lock
+            token = new_token()
+            lock = relay.sessions.lock_key(relay.sessions.key(ctx.scope, conv))
+            waited = relay.leases.wait_for(lambda: relay.leases.try_lock(lock, token), self.cfg["sessions.lock_wait_s"])
+            if not waited:
+                raise Conflict("Another request for this conversation is still running; retry when it is done.",
+                               retry_after=2)
+            self.heartbeat.add("lock", lock, token)
+        plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
+        member = f"{os.getpid()}:{self.cid}"
+        wait_s = self.cfg["queue_timeout_s"]
+        if key is not None and key.max_concurrent:  # the key's own slot first: a busy key must not hold host slots
+            kslots = relay.slots.key_slots(key.name)
+            if not relay.slots.wait(kslots, key.max_concurrent, member, wait_s):
+                raise RateLimited(f"This API key may run {key.max_concurrent} requests at once; one must finish "
+                                  "first.", retry_after=max(1.0, wait_s / 2))
+            self.heartbeat.add("slot", kslots, member)
+        if not relay.slots.wait(relay.slots.host_key, self.cfg["max_concurrent_runs"], member, wait_s,
+                                count_waiter=True):
+            raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
+                              "retry shortly.", retry_after=max(1.0, wait_s / 2))
+        self.heartbeat.add("slot", relay.slots.host_key, member)
+        return plan
+
     def _spawn(self, plan: Plan) -> None:
-        cfg = self.cfg
-        scoped = f"{self.ctx.scope}\x00{self.conv}"  # keys never share an agent directory
-        spec = build_spec(self.relay, self.req, self.ctx.agent, plan, scoped)
+        cfg, relay = self.cfg, self.relay
+        agent = self.ctx.agent
+        desc = describe(self.req, plan, cfg["system_prompt_mode"], agent)
+        # keys never share an agent directory: the conversation id is scoped to the caller's key
+        cwd = workdir(agent, f"{self.ctx.scope}\x00{self.conv}") if agent else relay.cli_cwd
+        spec = build_spec(desc, relay.cli_path(), relay.cli_env, str(cwd), relay.tmp_dir)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
-        agent = self.ctx.agent
         self.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset())
         self.relay.active[self.cid] = self.run
         self.run.start()
@@ -148,7 +162,7 @@ class Exchange:
         err = classify(self.run.turn, time.time(), self.cfg["upstream_retry_after_s"])
         if err is not None:
             try:
-                self.relay.note_upstream_error(err)
+                self.relay.account.note_error(err)
             except Exception as exc:  # Redis trouble must not hide the real error
                 log.warning("could not record the upstream error state: %s", exc)
         return err
@@ -172,11 +186,9 @@ class Exchange:
     # -- answering -------------------------------------------------------------------------------
     @property
     def model(self) -> str:
-        from .models import display_model
-
         return display_model(self.run.turn.model if self.run else None, self.req.cli_model)
 
-    def _usage(self) -> tuple[dict[str, Any], bool]:
+    def usage(self) -> tuple[dict[str, Any], bool]:
         assert self.run
         usage = self.run.turn.usage
         if usage is not None:
@@ -195,8 +207,8 @@ class Exchange:
                 raise err
             turn = self.run.turn
             finish = finish_reason(turn, self.req.legacy_functions)
-            msg = message_of(turn, self._content(), finish, self._expose(), self.req.legacy_functions)
-            usage, _ = self._usage()
+            msg = message_of(turn, self.content(), finish, self._expose(), self.req.legacy_functions)
+            usage, _ = self.usage()
             body = completion_object(self.cid, self.created, self.model, msg, finish, usage)
             self.close(None)
             return body
@@ -204,7 +216,7 @@ class Exchange:
             self.close(exc)
             raise
 
-    def _content(self) -> str:
+    def content(self) -> str:
         """The answer's text; with response_format, the structured output as JSON (or an error)."""
         assert self.run
         turn = self.run.turn
@@ -244,33 +256,7 @@ class Exchange:
         if err:
             raise err
         if json_mode:
-            yield Delta("text", self._content())
-
-    def stream(self) -> Iterator[bytes]:
-        """The chat-completions SSE stream."""
-        assert self.run
-        maker = ChunkMaker(self.cid, self.created, self.model, self.req.include_usage)
-        legacy = self.req.legacy_functions
-        try:
-            yield sse.data(maker.first())
-            for d in self.deltas():
-                if d is None:
-                    yield sse.KEEPALIVE
-                    continue
-                chunk = maker.delta(d, legacy)
-                if chunk:
-                    yield sse.data(chunk)
-            yield sse.data(maker.final(finish_reason(self.run.turn, legacy)))
-            if self.req.include_usage:
-                yield sse.data(maker.usage_chunk(self._usage()[0]))
-            yield sse.DONE
-            self.close(None)
-        except RelayError as exc:
-            self.close(exc)
-            yield sse.data(exc.body())  # mid-stream: no fake finish chunk, no [DONE]
-        except BaseException as exc:  # GeneratorExit when the client goes away
-            self.close(exc)
-            raise
+            yield Delta("text", self.content())
 
     # -- closing ---------------------------------------------------------------------------------
     def close(self, exc: BaseException | None) -> None:
@@ -297,9 +283,7 @@ class Exchange:
         try:
             if self.plan and self.plan.conv_key:
                 if ok and self.run:
-                    answer = {"role": "assistant", "content": [{"type": "text", "text": self._content()}]}
-                    from .completion import tool_calls_of
-
+                    answer = {"role": "assistant", "content": [{"type": "text", "text": self.content()}]}
                     calls = tool_calls_of(self.run.turn)
                     if calls:
                         answer["tool_calls"] = calls
@@ -319,25 +303,17 @@ class Exchange:
         if self.run and self.run.turn.usage is not None:
             usage = self.run.turn.usage
         elif self.run:
-            est, estimated = self._usage()
+            est, estimated = self.usage()
             usage = {"input_tokens": est["prompt_tokens"], "output_tokens": est["completion_tokens"]}
         first_user = next((text_of(m["content"]) for m in self.req.messages if m["role"] == "user"), "")
-        rec = {
-            "id": self.cid, "request_id": self.ctx.request_id, "timestamp": time.time(), "key": self.ctx.key_name,
-            "model": self.model, "requested_model": self.req.model, "stream": self.req.stream,
-            "input_tokens": usage.get("input_tokens", 0), "output_tokens": usage.get("output_tokens", 0),
-            "cache_read_tokens": usage.get("cache_read_input_tokens", 0),
-            "cache_creation_tokens": usage.get("cache_creation_input_tokens", 0), "estimated": estimated,
-            "response_time_ms": int((time.monotonic() - self.t0) * 1000),
-            "ttft_ms": self.run.ttft_ms if self.run else None, "status": self.status,
-            "error": (getattr(exc, "code", None) or type(exc).__name__) if exc is not None else None,
-            "first_message": first_user[:200], "resumed": bool(self.plan and self.plan.resume),
-            "bytes_to_cli": self.bytes_to_cli, "worker": os.getpid(),
-        }
-        self.relay.record(rec)
-        spent = sum(int(rec[k] or 0) for k in ("input_tokens", "output_tokens", "cache_read_tokens",
-                                                "cache_creation_tokens"))
-        try:
-            self.relay.quotas.charge(self.ctx.key_name or None, spent)
-        except Exception as e:
-            log.error("%s: could not charge %d tokens to the quota: %s", self.ctx.request_id, spent, e)
+        self.relay.record(RequestRecord(
+            id=self.cid, request_id=self.ctx.request_id, key=self.ctx.key_name, model=self.model,
+            requested_model=self.req.model, stream=self.req.stream, status=self.status,
+            error=(getattr(exc, "code", None) or type(exc).__name__) if exc is not None else None,
+            input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
+            cache_read_tokens=usage.get("cache_read_input_tokens", 0),
+            cache_creation_tokens=usage.get("cache_creation_input_tokens", 0), estimated=estimated,
+            response_time_ms=int((time.monotonic() - self.t0) * 1000),
+            ttft_ms=self.run.ttft_ms if self.run else None, first_message=first_user[:200],
+            resumed=bool(self.plan and self.plan.resume), bytes_to_cli=self.bytes_to_cli, worker=os.getpid(),
+            endpoint=self.ctx.endpoint))

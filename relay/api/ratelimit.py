@@ -1,21 +1,16 @@
-"""Requests-per-minute (flask-limiter on Redis) and tokens-per-day quotas, global and per key.
-
-Both are shared by every worker and host using the same Redis. Every refusal is an OpenAI 429
-(`rate_limit_exceeded` or `insufficient_quota`) with `Retry-After`; every answer carries the
-`x-ratelimit-*` headers for requests and tokens.
-"""
+"""Requests per minute with flask-limiter on Redis (global, per key, per client address without auth),
+and the `x-ratelimit-*` headers for requests and tokens on every completion answer."""
 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Flask, Response, g
 from flask_limiter import Limiter, RateLimitExceeded
 
-from .errors import QuotaExceeded, RateLimited
-from .store import PREFIX
+from ..errors import RateLimited
+from ..state.connection import LIMITER_PREFIX
 
 
 def limits_storage_uri(redis_url: str) -> str:
@@ -38,12 +33,6 @@ def go_duration(seconds: float) -> str:
     return out + (f"{s:.3f}".rstrip("0").rstrip(".") or "0") + "s"
 
 
-def _seconds_to_midnight(now: float) -> float:
-    d = datetime.fromtimestamp(now, UTC)
-    nxt = (d + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (nxt - d).total_seconds()
-
-
 def setup_limiter(app: Flask, relay: Any, blueprints: list[Any]) -> Limiter:
     """Requests per minute on the completion endpoints: global, per key, and per client IP without auth.
 
@@ -63,7 +52,7 @@ def setup_limiter(app: Flask, relay: Any, blueprints: list[Any]) -> Limiter:
         return f"{settings['rate_limit.max_requests_per_minute_per_ip']}/minute"
 
     limiter = Limiter(key_func=lambda: "all", app=app, storage_uri=limits_storage_uri(settings["redis_url"]),
-                      strategy="fixed-window", headers_enabled=False, key_prefix="relay-limits",
+                      strategy="fixed-window", headers_enabled=False, key_prefix=LIMITER_PREFIX,
                       swallow_errors=False)
     limits = [
         limiter.shared_limit(global_limit, scope="global", key_func=lambda: "all",
@@ -91,52 +80,6 @@ def rate_limited_error(limiter: Limiter) -> RateLimited:
                        f"{int(wait)} s.", retry_after=wait)
 
 
-class Quotas:
-    """Tokens per UTC day: checked with an estimate before a run, charged with actual usage after."""
-
-    def __init__(self, r: Any, global_limit: int) -> None:
-        self.r = r
-        self.global_limit = global_limit
-
-    def _keys(self, key_name: str | None) -> tuple[str, str]:
-        day = time.strftime("%Y-%m-%d", time.gmtime())
-        return f"{PREFIX}tokens:{day}:all", f"{PREFIX}tokens:{day}:key:{key_name or '-'}"
-
-    def state(self, key: Any) -> dict[str, Any] | None:
-        """The tightest token budget for this caller: limit, remaining, reset (None if unlimited)."""
-        g_key, k_key = self._keys(key.name if key else None)
-        used_all, used_key = (int(x or 0) for x in self.r.mget(g_key, k_key))
-        budgets = []
-        if self.global_limit:
-            budgets.append((self.global_limit, self.global_limit - used_all, "the relay"))
-        if key is not None and key.tokens_per_day:
-            budgets.append((key.tokens_per_day, key.tokens_per_day - used_key, "this API key"))
-        if not budgets:
-            return None
-        limit, remaining, who = min(budgets, key=lambda b: b[1])
-        return {"limit": limit, "remaining": max(0, remaining), "who": who,
-                "reset_s": _seconds_to_midnight(time.time())}
-
-    def check(self, key: Any, estimate: int) -> dict[str, Any] | None:
-        st = self.state(key)
-        if st is not None and estimate > st["remaining"]:
-            raise QuotaExceeded(
-                f"Daily token quota of {st['who']} exhausted: {st['remaining']} of {st['limit']} tokens left, "
-                f"this request needs about {estimate}. It resets at midnight UTC.",
-                retry_after=st["reset_s"], headers={"x-should-retry": "false"})
-        return st
-
-    def charge(self, key_name: str | None, tokens: int) -> None:
-        if tokens <= 0:
-            return
-        g_key, k_key = self._keys(key_name)
-        pipe = self.r.pipeline(transaction=True)
-        for k in (g_key, k_key):
-            pipe.incrby(k, tokens)
-            pipe.expire(k, 3 * 86400)
-        pipe.execute()
-
-
 def add_headers(resp: Response, limiter: Limiter | None) -> None:
     """`x-ratelimit-*` for requests and tokens, on successes and refusals alike."""
     current = limiter.current_limit if limiter is not None else None
@@ -151,4 +94,4 @@ def add_headers(resp: Response, limiter: Limiter | None) -> None:
         resp.headers["x-ratelimit-reset-tokens"] = go_duration(tokens["reset_s"])
 
 
-__all__ = ["RateLimitExceeded", "Quotas", "setup_limiter", "add_headers", "rate_limited_error", "go_duration"]
+__all__ = ["RateLimitExceeded", "setup_limiter", "add_headers", "rate_limited_error", "go_duration"]

@@ -1,4 +1,4 @@
-"""Redis: the connection, and leases (run slots and conversation locks) that expire on their own.
+"""Leases (run slots and conversation locks) that expire on their own.
 
 A lease is held by a live run and renewed by a heartbeat; if the worker dies (even by SIGKILL) the
 lease lapses after `LEASE_TTL` seconds, so nothing stays stuck.
@@ -7,7 +7,6 @@ lease lapses after `LEASE_TTL` seconds, so nothing stays stuck.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -16,11 +15,10 @@ from typing import Any
 
 import redis
 
-from .errors import Unavailable
+from .connection import PREFIX
 
 log = logging.getLogger("relay.store")
 LEASE_TTL = 15.0          # seconds a lease survives without renewal
-PREFIX = "relay:"
 
 _ACQUIRE_SLOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -36,18 +34,6 @@ _RENEW_SLOT = "if redis.call('ZSCORE', KEYS[1], ARGV[2]) then redis.call('ZADD',
 _RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _RENEW_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) " \
               "end return 0"
-
-
-def connect(url: str) -> Any:
-    if not url:
-        raise Unavailable("No Redis configured: start the relay with `make run` (which starts a private "
-                          "Redis) or set REDIS_URL.", code="redis_unconfigured")
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
-                                health_check_interval=30)
-
-
-def host_id() -> str:
-    return socket.gethostname()
 
 
 class Leases:
@@ -84,6 +70,10 @@ class Leases:
         if kind == "slot":
             return bool(self._renew_slot(keys=[key], args=[time.time() + self.ttl, member]))
         return bool(self._renew_lock(keys=[key], args=[member, int(self.ttl * 1000)]))
+
+    def once_per(self, seconds: int, job: str) -> bool:
+        """True for exactly one caller (worker or host) per `seconds` for this job."""
+        return bool(self.r.set(f"{PREFIX}once:{job}", "1", nx=True, ex=max(1, seconds)))
 
     def wait_for(self, attempt: Callable[[], bool], timeout: float, queued_key: str | None = None) -> bool:
         """Retry `attempt` until it succeeds or `timeout` passes; counts waiters in `queued_key`."""

@@ -15,9 +15,11 @@ from flask import Flask, Response, g, jsonify, request
 from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
-from .auth import require
-from .errors import PayloadTooLarge, RelayError, not_found_route
-from .limits import add_headers, rate_limited_error
+from ..errors import PayloadTooLarge, RelayError, not_found_route
+from ..runtime import Relay
+from ..state.apikeys import require
+from .common import record_rejection
+from .ratelimit import add_headers, rate_limited_error
 
 log = logging.getLogger("relay.http")
 CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-Project, OpenAI-Beta, X-Api-Key, "
@@ -62,7 +64,7 @@ def client_address(remote: str, forwarded_for: str | None, trusted: list[Any]) -
         return remote or "unknown"
 
 
-def install(app: Flask, relay: Any) -> None:
+def install(app: Flask, relay: Relay) -> None:
     settings = relay.settings
     trusted = _networks(settings["trusted_proxies"])
     origins = settings["cors.allowed_origins"]
@@ -122,10 +124,9 @@ def install(app: Flask, relay: Any) -> None:
 
     @app.errorhandler(RateLimitExceeded)
     def _rate_limited(_: RateLimitExceeded) -> Any:
+        assert relay.limiter is not None
         err = rate_limited_error(relay.limiter)
         if request.path.startswith(("/v1/chat/", "/v1/responses")):
-            from .routes_chat import record_rejection
-
             record_rejection(err, getattr(g, "t0", time.monotonic()))
         return _json_error(err)
 

@@ -12,7 +12,7 @@ import binascii
 import re
 from typing import Any
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,(.*)$", re.S)

@@ -1,0 +1,28 @@
+"""The HTTP boundary (Flask only): request hooks, error handlers, rate limits and one module per route family.
+
+Routes are thin: they parse, call the exchange or a store through the typed `Relay`, and format.
+They never touch Redis or the file system themselves.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from ..runtime import Relay
+from . import hooks
+from .chat import bp as chat_bp
+from .meta import bp as meta_bp
+from .ratelimit import setup_limiter
+from .responses import bp as responses_bp
+
+BLUEPRINTS = (meta_bp, chat_bp, responses_bp)
+COMPLETION_BLUEPRINTS = (chat_bp, responses_bp)
+
+
+def init_app(app: Flask, relay: Relay) -> None:
+    """Attach the relay to the app: hooks first (they identify the caller), then routes and the limiter."""
+    app.extensions["relay"] = relay
+    hooks.install(app, relay)
+    for bp in BLUEPRINTS:
+        app.register_blueprint(bp)
+    relay.limiter = setup_limiter(app, relay, list(COMPLETION_BLUEPRINTS))

@@ -1,0 +1,105 @@
+"""What every route shares: the typed relay, the JSON body, the caller's context, vetting and refusals."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from flask import current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from ..cli.agent import resolve
+from ..core.images import check_limits
+from ..core.record import RequestRecord
+from ..core.request import ChatRequest
+from ..errors import BadRequest, Forbidden, RelayError
+from ..exchange import Context, Exchange
+from ..runtime import Relay
+
+
+def current_relay() -> Relay:
+    relay = current_app.extensions["relay"]
+    assert isinstance(relay, Relay)
+    return relay
+
+
+def _body() -> bytes:
+    """The raw body, capped at max_body_mb; chunked bodies (no Content-Length) are read here too,
+    since werkzeug only reads those when the server marks the input terminated (gunicorn does not)."""
+    if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+        return request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    stream, size = request.environ["wsgi.input"], 0
+    chunks: list[bytes] = []
+    while True:
+        block = stream.read(65536)
+        if not block:
+            return b"".join(chunks)
+        size += len(block)
+        if limit is not None and size > limit:
+            raise RequestEntityTooLarge()
+        chunks.append(block)
+
+
+def read_json() -> Any:
+    """The request body as JSON, with a clear 400 for every way it can be malformed."""
+    raw = _body()
+    if not raw:
+        raise BadRequest("The request body is empty; send a JSON object.", param="body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid UTF-8.", param="body") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply.", param="body") from None
+    except ValueError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}", param="body",
+                         code="invalid_json") from None
+
+
+def context(endpoint: str) -> Context:
+    key = getattr(g, "api_key", None)
+    relay = current_relay()
+    agent = resolve(relay.settings, key.agent if key is not None else None)
+    return Context(request_id=g.request_id, key_name=getattr(g, "key_name", ""), api_key=key, agent=agent,
+                   scope=getattr(g, "key_name", "") or "anon",
+                   session_header=request.headers.get("X-Session-Id"),
+                   client_socket=request.environ.get("gunicorn.socket"), endpoint=endpoint)
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+def record_rejection(exc: RelayError, t0: float, body: Any = None) -> None:
+    """A request refused before any run started still counts once in the stats."""
+    b = body if isinstance(body, dict) else {}
+    current_relay().record(RequestRecord(
+        id=g.request_id, request_id=g.request_id, key=getattr(g, "key_name", ""),
+        requested_model=str(b["model"])[:256] if isinstance(b.get("model"), str) else None,
+        stream=b.get("stream") is True, status=exc.status, error=exc.code or type(exc).__name__,
+        response_time_ms=int((time.monotonic() - t0) * 1000), endpoint=request.path))
+
+
+def vet(req: ChatRequest) -> ChatRequest:
+    """Checks that need the caller or the settings: image limits, the key's allowed models."""
+    settings = current_relay().settings
+    check_limits(req.messages, settings["images.max_count"], settings["images.max_bytes"])
+    key = getattr(g, "api_key", None)
+    if key is not None and not key.allows_model(req.model, req.cli_model):
+        raise Forbidden(f"The API key {key.name!r} may not use the model {req.model!r}.", param="model",
+                        code="model_not_allowed")
+    return req
+
+
+def open_exchange(relay: Relay, req: ChatRequest, ctx: Context) -> Exchange:
+    ex = Exchange(relay, req, ctx)
+    try:
+        ex.open()
+    finally:
+        g.token_budget = ex.token_budget  # for the rate-limit headers, refusals included
+    return ex
+
+

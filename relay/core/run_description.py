@@ -1,0 +1,62 @@
+"""One description of a CLI run, built from the request and the conversation plan. Pure.
+
+`cli/invocation.py` turns it into the command line, environment and input files: that module is the
+only place the CLI's flags are spelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .agent import Agent
+from .conversation import Plan
+from .prompt import Prompt, build_prompt
+from .request import ChatRequest
+
+
+@dataclass(frozen=True)
+class SessionUse:
+    """How the run uses the CLI's session store."""
+    session_id: str | None = None    # None: no persistence at all
+    resume: bool = False             # resume `session_id` rather than create it
+    resume_at: str | None = None     # cut the resumed session back to this message uuid
+
+
+@dataclass
+class RunDescription:
+    model: str
+    prompt: Prompt
+    session: SessionUse = field(default_factory=SessionUse)
+    effort: str | None = None                    # the CLI's --effort level
+    json_schema: dict[str, Any] | None = None
+    client_tools: list[dict[str, Any]] = field(default_factory=list)   # served by the relay's MCP server
+    agent: Agent | None = None                   # the CLI's own tools, for agent keys
+
+    @property
+    def builtin_tools(self) -> tuple[str, ...]:
+        return self.agent.allowed_tools if self.agent else ()
+
+    @property
+    def answers_permissions(self) -> bool:
+        """The CLI asks for permissions on stdin (client functions): keep stdin open for the answers."""
+        return bool(self.client_tools)
+
+
+def effort_level(effort: str) -> str:
+    """OpenAI reasoning_effort to the CLI's --effort levels."""
+    return {"none": "low", "minimal": "low"}.get(effort, effort)
+
+
+def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent | None) -> RunDescription:
+    system = req.system
+    instruction = req.tools.instruction() if req.tools.active else ""
+    if instruction:
+        system = f"{system}\n\n{instruction}" if system else instruction
+    prompt = build_prompt(system, plan.send, system_prompt_mode, plan.first_turn,
+                          plan.pending_calls if plan.resume else None)
+    session = SessionUse(plan.cli_session, plan.resume, plan.resume_at if plan.resume else None)
+    return RunDescription(model=req.cli_model, prompt=prompt, session=session,
+                          effort=effort_level(req.reasoning_effort) if req.reasoning_effort else None,
+                          json_schema=req.json_schema, client_tools=req.tools.tools if req.tools.active else [],
+                          agent=agent)
