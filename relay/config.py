@@ -67,6 +67,12 @@ _NONNEG = _between(0, 1e12)
 # One entry per setting: dotted key -> Field. README's configuration table mirrors this.
 SCHEMA: dict[str, Field] = {
     "host": Field(str, "127.0.0.1", "Address to bind. Keep 127.0.0.1 behind nginx."),
+    "allowed_hosts": Field(list, [], "Host header names answered besides localhost, 127.0.0.1 and [::1] (any port); "
+                           "[\"*\"] for any. Anything else gets 403 (DNS rebinding)."),
+    "client_header_timeout_s": Field(float, 10.0, "A request's headers must arrive within this long of its "
+                                     "first byte (and of the connection's start).", _between(0.5, 3600)),
+    "client_body_timeout_s": Field(float, 60.0, "A request body must arrive within this long after its headers "
+                                   "(408 beyond).", _between(0.5, 86400)),
     "port": Field(int, 3456, "TCP port.", _between(1, 65535)),
     "workers": Field(int, 2, "gunicorn gevent worker processes.", _between(1, 64)),
     "worker_connections": Field(int, 200, "Concurrent connections per gevent worker.", _between(1, 10000)),
@@ -91,7 +97,11 @@ SCHEMA: dict[str, Field] = {
     "upstream_retry_after_s": Field(int, 30, "Retry-After for an upstream 429 that gives no reset time.",
                                     _between(1, 86400)),
     "max_requests_per_day": Field(int, 1000, "Requests kept per day in log/stats.json.", _between(0, 10**7)),
-    "var_dir": Field(str, "var", "Runtime state: CLI working dir, private Redis, temp files."),
+    "var_dir": Field(str, "var", "Runtime state: private Redis, temp files, agent folders."),
+    "state_dir": Field(str, "", "The CLI's own working folder lives here, outside any git repository "
+                       "(empty: $XDG_STATE_HOME/claude-max-relay, else ~/.local/state/claude-max-relay)."),
+    "redis_maxmemory_mb": Field(int, 256, "maxmemory of the private Redis (volatile-lru: expiring data goes "
+                                "first); 0 = no limit.", _between(0, 10**6)),
     "log_dir": Field(str, "log", "Where stats.json is written."),
     "log_level": Field(str, "info", "debug | info | warning | error.",
                        _one_of("debug", "info", "warning", "error")),
@@ -110,6 +120,8 @@ SCHEMA: dict[str, Field] = {
     "sessions.ttl_hours": Field(float, 24.0, "How long an idle conversation is kept.", _POS),
     "sessions.lock_wait_s": Field(float, 30.0, "How long a second request for a busy conversation waits.",
                                   _NONNEG),
+    "responses.max_stored_kb": Field(int, 8192, "Largest stored Response (store: true); bigger ones are "
+                                     "answered but not stored.", _between(1, 10**7)),
     "sessions.cleanup_interval_s": Field(float, 600.0, "How often expired CLI session files are removed.", _POS),
     "lease_ttl_s": Field(float, 15.0, "Run slots and conversation locks of a dead worker expire after this.",
                          _between(1, 600)),
@@ -216,6 +228,10 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
         problem = field.check(value) if field.check else None
         if problem:
             raise ConfigError(f"config: {key} {problem} (got {value!r})")
+    if values.get("agent.enabled") and not values.get("auth.enabled"):
+        # anyone who can reach the port would run commands on this host
+        raise ConfigError("config: agent.enabled needs auth.enabled: without API keys anyone who reaches the "
+                          "relay could run commands on this host (enable auth, or give agent mode to chosen keys)")
     return values
 
 

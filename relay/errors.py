@@ -2,7 +2,9 @@
 
     RelayError (500 server_error)
     ├── BadRequest (400 invalid_request_error)          malformed body, bad field, n>1, ...
-    │   └── PayloadTooLarge (413)
+    │   ├── PayloadTooLarge (413)
+    │   ├── UnsupportedMediaType (415)                   a body that is not JSON (no drive-by form posts)
+    │   └── RequestTimeout (408)                         a body slower than client_body_timeout_s
     ├── Unauthorized (401) / Forbidden (403)
     ├── NotFound (404)                                   unknown route or model
     ├── Conflict (409)                                   conversation busy
@@ -55,6 +57,16 @@ class BadRequest(RelayError):
 class PayloadTooLarge(BadRequest):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+    code = "request_timeout"
 
 
 class Unauthorized(RelayError):

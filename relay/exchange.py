@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .cli.agent import workdir
+from .cli.agent import conversation_dirs
 from .cli.invocation import build_spec
 from .cli.run import DisconnectWatcher, Limits, Run
 from .core.agent import Agent, smart_deltas
@@ -137,9 +137,10 @@ class Exchange:
         cfg, relay = self.cfg, self.relay
         agent = self.ctx.agent
         desc = describe(self.req, plan, cfg["system_prompt_mode"], agent)
-        # keys never share an agent directory: the conversation id is scoped to the caller's key
-        cwd = workdir(agent, f"{self.ctx.scope}\x00{self.conv}") if agent else relay.cli_cwd
-        spec = build_spec(desc, relay.cli_path(), relay.cli_env, str(cwd), relay.tmp_dir)
+        # keys never share agent folders: the conversation id is scoped to the caller's key
+        cwd, state = conversation_dirs(agent, f"{self.ctx.scope}\x00{self.conv}") if agent else (relay.cli_cwd, None)
+        spec = build_spec(desc, relay.cli_path(), relay.cli_env, str(cwd), relay.tmp_dir,
+                          str(state) if state else None)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
         self.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset())
@@ -307,7 +308,8 @@ class Exchange:
             usage = {"input_tokens": est["prompt_tokens"], "output_tokens": est["completion_tokens"]}
         first_user = next((text_of(m["content"]) for m in self.req.messages if m["role"] == "user"), "")
         self.relay.record(RequestRecord(
-            id=self.cid, request_id=self.ctx.request_id, key=self.ctx.key_name, model=self.model,
+            id=self.cid, request_id=self.ctx.request_id, key=self.ctx.key_name,
+            key_id=self.ctx.api_key.id if self.ctx.api_key else "", model=self.model,
             requested_model=self.req.model, stream=self.req.stream, status=self.status,
             error=(getattr(exc, "code", None) or type(exc).__name__) if exc is not None else None,
             input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),

@@ -5,6 +5,7 @@ Created once per worker by `create_app`; the exchange and the routes reach every
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .cli.agent import check as check_agent
+from .cli.agent import remove_all_dirs, remove_conversation_dirs
+from .cli.agent import resolve as resolve_agent
 from .cli.process import child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
@@ -39,6 +42,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay")
 
 
+def cli_workdir(settings: Settings) -> Path:
+    """The CLI's working folder: under `state_dir` (default $XDG_STATE_HOME), one per relay (named after
+    its var_dir), never inside the relay's git checkout, whose status the CLI would show the model."""
+    if settings["state_dir"]:
+        root = settings.path("state_dir")
+    else:
+        root = Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state").expanduser() / "claude-max-relay"
+    var = str(settings.path("var_dir").resolve())
+    d = root / ("cwd-" + hashlib.sha256(var.encode()).hexdigest()[:12])
+    repo = next((p for p in (d, *d.parents) if (p / ".git").exists()), None)
+    if repo is not None:
+        log.warning("the CLI's working folder %s is inside the git repository %s: the model may see its "
+                    "status; set state_dir elsewhere", d, repo)
+    return d
+
+
 class Relay:
     """Everything one worker needs; created once per worker by `create_app`."""
 
@@ -51,13 +70,14 @@ class Relay:
         self.leases = Leases(self._redis, settings["lease_ttl_s"])
         self.slots = RunSlots(self._redis, self.leases, self.host)
         self.sessions = Sessions(self._redis, settings["sessions.ttl_hours"], settings["sessions.enabled"])
-        self.responses = ResponseStore(self._redis, settings["sessions.ttl_hours"])
+        self.responses = ResponseStore(self._redis, settings["sessions.ttl_hours"],
+                                       settings["responses.max_stored_kb"] * 1024)
         self.account = AccountState(self._redis, self.host, settings["login_recheck_s"])
         var = settings.path("var_dir")
-        self.cli_cwd = var / "cli-cwd"      # stable (sessions are scoped to it) and empty
+        self.cli_cwd = cli_workdir(settings)  # stable (sessions are scoped to it), empty, outside any repo
         self.tmp_dir = var / "tmp"
-        for d in (self.cli_cwd, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.cli_cwd.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.cli_env = child_env(dict(os.environ), settings["cli_max_retries"], settings["claude_config_dir"])
         self.stats = Stats(self._redis, settings.path("log_dir") / "stats.json", settings["max_requests_per_day"],
                            settings["stats.log_first_message"], settings["prices"])
@@ -115,13 +135,29 @@ class Relay:
         return expire_session_files(self.session_folder(), self.settings["sessions.ttl_hours"] * 3600, keep)
 
     def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool) -> tuple[int, int]:
-        """Delete one conversation (or all, in `scope` or everywhere); returns (deleted, files removed)."""
+        """Forget one conversation of `scope` (or all, in `scope` or everywhere) with its stored Responses;
+        with `purge_files` also its CLI transcripts and agent folders. Returns (deleted, files removed)."""
         victims = self.sessions.delete(conv_id, scope)
+        for c in victims:
+            self.responses.delete_conversation(c["scope"], c["id"])
+        if conv_id is None:
+            self.responses.delete_scope(scope)
         removed = 0
         if purge_files:
             removed = remove_session_files(self.session_folder(),
                                            [c["cli_session_id"] for c in victims if c.get("cli_session_id")])
+            agents = self._agent_setups()
+            if conv_id is None and scope is None:  # everything: folders of expired conversations too
+                removed += sum(remove_all_dirs(a) for a in agents)
+            else:
+                removed += sum(remove_conversation_dirs(agents, f"{c['scope']}\x00{c['id']}") for c in victims)
         return len(victims), removed
+
+    def _agent_setups(self) -> list[Any]:
+        """Every agent folder layout in use: the global one and any key's own workdir_root."""
+        setups = [resolve_agent(self.settings, dict(k.agent or {}, enabled=True)) for k in self.keys.keys]
+        setups.append(resolve_agent(self.settings, {"enabled": True}))
+        return list({(a.workdir_root, a.config_root): a for a in setups if a is not None}.values())
 
     def uptime(self) -> float:
         """Seconds since the gunicorn master started (a bare worker counts from its own start)."""

@@ -17,7 +17,7 @@ from ..core.upstream import finish_reason
 from ..errors import RelayError
 from ..exchange import Exchange
 from ..state.cache import cache_key
-from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, vet
+from .common import SSE_HEADERS, context, current_relay, key_id, open_exchange, read_json, record_rejection, vet
 
 bp = Blueprint("chat", __name__)
 
@@ -27,7 +27,7 @@ def _from_cache(hit: dict[str, Any], req: ChatRequest, t0: float) -> Any:
     body = dict(hit, id=new_id(), created=int(time.time()))
     saved = int((hit.get("usage") or {}).get("total_tokens") or 0)
     current_relay().record(RequestRecord(
-        id=body["id"], request_id=g.request_id, key=getattr(g, "key_name", ""), model=str(hit.get("model")),
+        id=body["id"], request_id=g.request_id, key=getattr(g, "key_name", ""), key_id=key_id(), model=str(hit.get("model")),
         requested_model=req.model, status=200, response_time_ms=int((time.monotonic() - t0) * 1000),
         response_cache_hit=True, tokens_saved=saved, endpoint="/v1/chat/completions"))
     resp = jsonify(body)

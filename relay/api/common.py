@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from ..cli.agent import resolve
 from ..core.images import check_limits
 from ..core.record import RequestRecord
 from ..core.request import ChatRequest
-from ..errors import BadRequest, Forbidden, RelayError
+from ..errors import BadRequest, Forbidden, RelayError, RequestTimeout
 from ..exchange import Context, Exchange
 from ..runtime import Relay
 
@@ -24,7 +25,19 @@ def current_relay() -> Relay:
     return relay
 
 
+LONE_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape somewhere in the text
+
+
 def _body() -> bytes:
+    """The raw body within client_body_timeout_s (the server's socket raises an OSError past it)."""
+    try:
+        return _read_body()
+    except OSError:
+        raise RequestTimeout("The request body did not arrive in time (client_body_timeout_s).", param="body",
+                             headers={"Connection": "close"}) from None
+
+
+def _read_body() -> bytes:
     """The raw body, capped at max_body_mb; chunked bodies (no Content-Length) are read here too,
     since werkzeug only reads those when the server marks the input terminated (gunicorn does not)."""
     if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
@@ -52,12 +65,31 @@ def read_json() -> Any:
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.", param="body") from None
     try:
-        return json.loads(text)
+        body = json.loads(text)
     except RecursionError:
         raise BadRequest("The request body is nested too deeply.", param="body") from None
     except ValueError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}", param="body",
                          code="invalid_json") from None
+    if LONE_SURROGATE_HINT.search(text):  # escapes may pair up; only an unpaired one cannot be encoded
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("The request body holds an unpaired UTF-16 surrogate (such as \\ud800); "
+                             "send valid Unicode text.", param="body", code="invalid_unicode") from None
+    return body
+
+
+def key_id() -> str:
+    key = getattr(g, "api_key", None)
+    return key.id if key is not None else ""
+
+
+def caller_scope() -> str:
+    """Whose data this is: the key's name plus its digest prefix, so a new key given an old name
+    never sees its predecessor's conversations or stored responses."""
+    key = getattr(g, "api_key", None)
+    return key.scope if key is not None else "anon"
 
 
 def context(endpoint: str) -> Context:
@@ -65,7 +97,7 @@ def context(endpoint: str) -> Context:
     relay = current_relay()
     agent = resolve(relay.settings, key.agent if key is not None else None)
     return Context(request_id=g.request_id, key_name=getattr(g, "key_name", ""), api_key=key, agent=agent,
-                   scope=getattr(g, "key_name", "") or "anon",
+                   scope=caller_scope(),
                    session_header=request.headers.get("X-Session-Id"),
                    client_socket=request.environ.get("gunicorn.socket"), endpoint=endpoint)
 
@@ -77,7 +109,7 @@ def record_rejection(exc: RelayError, t0: float, body: Any = None) -> None:
     """A request refused before any run started still counts once in the stats."""
     b = body if isinstance(body, dict) else {}
     current_relay().record(RequestRecord(
-        id=g.request_id, request_id=g.request_id, key=getattr(g, "key_name", ""),
+        id=g.request_id, request_id=g.request_id, key=getattr(g, "key_name", ""), key_id=key_id(),
         requested_model=str(b["model"])[:256] if isinstance(b.get("model"), str) else None,
         stream=b.get("stream") is True, status=exc.status, error=exc.code or type(exc).__name__,
         response_time_ms=int((time.monotonic() - t0) * 1000), endpoint=request.path))

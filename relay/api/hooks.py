@@ -15,7 +15,7 @@ from flask import Flask, Response, g, jsonify, request
 from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
-from ..errors import PayloadTooLarge, RelayError, not_found_route
+from ..errors import Forbidden, PayloadTooLarge, RelayError, UnsupportedMediaType, not_found_route
 from ..runtime import Relay
 from ..state.apikeys import require
 from .common import record_rejection
@@ -30,6 +30,8 @@ CORS_EXPOSE = ("x-request-id, retry-after, retry-after-ms, x-should-retry, opena
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
                "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
 ADMIN_PREFIXES = ("/v1/sessions", "/stats")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+MAX_FORWARDED_HOPS = 32  # counted from the right: the hops our own proxies appended come last
 
 
 def _networks(items: list[str]) -> list[Any]:
@@ -54,7 +56,8 @@ def client_address(remote: str, forwarded_for: str | None, trusted: list[Any]) -
     addr = remote or "unknown"
     if not forwarded_for or not is_trusted(addr):
         return addr
-    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()][:32]):
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops[-MAX_FORWARDED_HOPS:]):  # a client can prepend any number of fake hops
         addr = hop
         if not is_trusted(hop):
             break
@@ -64,10 +67,31 @@ def client_address(remote: str, forwarded_for: str | None, trusted: list[Any]) -
         return remote or "unknown"
 
 
+def host_allowed(host_header: str | None, allowed: set[str]) -> bool:
+    """A Host header names this relay: a loopback name or a configured one, with any port.
+
+    A browser led here by DNS rebinding sends the attacker's name, which is refused."""
+    if not host_header or "*" in allowed:
+        return True  # no Host at all is an HTTP/1.0 tool, not a browser
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name = host[:host.find("]") + 1] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.rstrip(".") in allowed
+
+
+def is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
 def install(app: Flask, relay: Relay) -> None:
     settings = relay.settings
     trusted = _networks(settings["trusted_proxies"])
     origins = settings["cors.allowed_origins"]
+    hosts = {h.strip().lower().rstrip(".") for h in settings["allowed_hosts"]} | set(LOOPBACK_HOSTS)
+    if settings["host"] not in ("0.0.0.0", "::", ""):
+        hosts.add(settings["host"].lower() if ":" not in settings["host"] else f"[{settings['host'].lower()}]")
 
     def allowed_origin() -> str | None:
         origin = request.headers.get("Origin")
@@ -81,6 +105,9 @@ def install(app: Flask, relay: Relay) -> None:
         g.request_id = rid if 0 < len(rid) <= 128 and rid.isprintable() else "req_" + secrets.token_hex(16)
         g.t0 = time.monotonic()
         g.client_ip = client_address(request.remote_addr or "", request.headers.get("X-Forwarded-For"), trusted)
+        if not host_allowed(request.headers.get("Host"), hosts):
+            raise Forbidden("This relay does not answer to that Host name; add it to allowed_hosts if it is "
+                            "really this relay's.", param="Host", code="host_not_allowed")
         if request.method == "OPTIONS":  # CORS preflight: no auth, nothing else runs
             resp = Response(status=204)
             origin = allowed_origin()
@@ -91,6 +118,10 @@ def install(app: Flask, relay: Relay) -> None:
                 resp.headers["Access-Control-Max-Age"] = "600"
                 resp.headers["Vary"] = "Origin"
             return resp
+        if request.method in ("POST", "PUT", "PATCH") and not is_json(request.mimetype):
+            # a form or text/plain post needs no CORS preflight: refusing it stops drive-by requests
+            raise UnsupportedMediaType("Send the request body as JSON with `Content-Type: application/json`.",
+                                       param="Content-Type")
         g.api_key = None
         g.key_name = ""
         if settings["auth.enabled"] and (request.path.startswith("/v1/") or request.path == "/stats"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Any
 
@@ -9,13 +10,28 @@ from flask import Blueprint, g, jsonify, request
 
 from ..errors import NotFound
 from ..runtime import Relay
-from .common import current_relay
+from ..state.apikeys import presented_key
+from .common import caller_scope, current_relay
 
 bp = Blueprint("meta", __name__)
 
 
 def _relay() -> Relay:
     return current_relay()
+
+
+def _sees_details() -> bool:
+    """Paths, the hostname and the account state are for operators: an admin key, or (auth off) a
+    client on this machine itself."""
+    relay = _relay()
+    if relay.settings["auth.enabled"]:
+        presented = presented_key(request.headers)
+        key = relay.keys.identify(presented) if presented else None
+        return key is not None and key.admin
+    try:
+        return ipaddress.ip_address(g.client_ip).is_loopback
+    except ValueError:
+        return False
 
 
 @bp.get("/health")
@@ -36,6 +52,9 @@ def health() -> Any:
             "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
             "redis": red, "active_runs": active, "worker_active_runs": len(relay.active),
             "max_concurrent_runs": relay.settings["max_concurrent_runs"]}
+    if not _sees_details():  # anyone may ask whether the relay is up, not where it lives
+        body = {"status": body["status"], "cli": {"ok": bool(cli.get("ok")), "version": cli.get("version")},
+                "redis": {"ok": red["ok"]}}
     return jsonify(body), 200 if ok else 503
 
 
@@ -71,24 +90,27 @@ def stats() -> Any:
     })
 
 
-def _own_key() -> str | None:
-    """A normal key sees only its own usage; admins (and a relay without auth) see everyone's."""
+def _own_key() -> tuple[str | None, str | None]:
+    """A normal key sees only its own usage (by its id: a re-issued name starts afresh); admins (and
+    a relay without auth) see everyone's."""
     key = getattr(g, "api_key", None)
-    return key.name if key is not None and not key.admin else None
+    return (key.name, key.id) if key is not None and not key.admin else (None, None)
 
 
 @bp.get("/v1/usage")
 def usage() -> Any:
     days = request.args.get("days", "31")
     n = int(days) if days.isascii() and days.isdigit() else 31
-    return jsonify(_relay().stats.usage(key=_own_key(), days=max(1, min(366, n))))
+    name, kid = _own_key()
+    return jsonify(_relay().stats.usage(key=name, days=max(1, min(366, n)), key_id=kid))
 
 
 @bp.get("/v1/usage/recent")
 def usage_recent() -> Any:
     limit = request.args.get("limit", "50")
     n = max(1, min(1000, int(limit) if limit.isascii() and limit.isdigit() else 50))
-    return jsonify({"object": "list", "data": _relay().stats.recent(n, key=_own_key())})
+    name, kid = _own_key()
+    return jsonify({"object": "list", "data": _relay().stats.recent(n, key=name, key_id=kid)})
 
 
 @bp.get("/v1/sessions")
@@ -102,13 +124,16 @@ def _purge_files() -> bool:
 
 @bp.delete("/v1/sessions")
 def sessions_delete_all() -> Any:
-    deleted, removed = _relay().forget_conversations(None, None, _purge_files())
+    """Every conversation (or those of `?scope=`), with their stored Responses; files too with purge_files."""
+    deleted, removed = _relay().forget_conversations(None, request.args.get("scope") or None, _purge_files())
     return jsonify({"object": "list", "deleted": deleted, "files_removed": removed})
 
 
 @bp.delete("/v1/sessions/<path:conv_id>")
 def sessions_delete(conv_id: str) -> Any:
-    deleted, removed = _relay().forget_conversations(conv_id, None, _purge_files())
+    """One conversation of one scope: the caller's own unless `?scope=` names another (ids repeat across keys)."""
+    deleted, removed = _relay().forget_conversations(conv_id, request.args.get("scope") or caller_scope(),
+                                                     _purge_files())
     if not deleted:
         raise NotFound(f"No conversation {conv_id!r}.", param="id", code="session_not_found")
     return jsonify({"id": conv_id, "object": "conversation.deleted", "deleted": True, "files_removed": removed})

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from ..core import sse
 from ..core.request import parse_chat_request
@@ -19,13 +19,13 @@ from ..core.responses import EventStream, call_item, message_item, new_id, respo
 from ..errors import NotFound, RelayError
 from ..exchange import Exchange
 from ..state.responses import ResponseStore
-from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, vet
+from .common import SSE_HEADERS, caller_scope, context, current_relay, open_exchange, read_json, record_rejection, vet
 
 bp = Blueprint("responses", __name__)
 
 
 def _scope() -> str:
-    return getattr(g, "key_name", "") or "anon"
+    return caller_scope()
 
 
 def _output(chat: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -72,8 +72,8 @@ def create_response() -> Any:
         chat = ex.complete()
         items, answer = _output(chat)
         obj = response_object(rid, ex.created, chat["model"], body, "completed", items, usage_of(chat["usage"]))
-        if store:
-            relay.responses.save(_scope(), rid, conv, req.messages, answer, obj)
+        if store and not relay.responses.save(_scope(), rid, conv, req.messages, answer, obj):
+            obj["store"] = False  # over responses.max_stored_kb: answered, but not kept
         return jsonify(obj)
     return Response(_stream(ex, relay.responses if store else None, rid, conv, body, _scope()), mimetype="text/event-stream", headers=SSE_HEADERS)
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from ..core.agent import Agent
 from ..core.run_description import RunDescription, SessionUse
+from ..errors import Unavailable
+from . import sandbox
+from .credproxy import CredProxy, find_credential, unix_socket_ok
 from .process import RunSpec
 
 MCP_SERVER_MODULE = "relay.cli.mcp_server"
@@ -57,9 +61,14 @@ def mcp_config(tmp: str, tools: list[dict[str, object]]) -> str:
     return json.dumps({"mcpServers": {"client": server}})
 
 
-def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: str, tmp_root: Path) -> RunSpec:
-    """The whole invocation of one run; its temp folder is removed when the run ends."""
+def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: str, tmp_root: Path,
+               agent_state: str | None = None) -> RunSpec:
+    """The whole invocation of one run; its temp folder is removed when the run ends. An agent run
+    (`desc.agent`, with its conversation's folder `cwd` and CLI state folder `agent_state`) is
+    wrapped in its sandbox and gets its own credential proxy."""
     tmp = tempfile.mkdtemp(prefix="run-", dir=tmp_root)
+    if desc.agent:
+        cli_path = os.path.realpath(cli_path)  # bound into the sandbox at that path
     argv = base_argv(cli_path, desc.model, ",".join(desc.builtin_tools)) + session_args(desc.session)
     if desc.agent:
         argv += agent_args(desc.agent)
@@ -77,7 +86,44 @@ def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: st
         argv += ["--json-schema", json.dumps(desc.json_schema, separators=(",", ":"))]
     user = desc.agent.user if desc.agent and desc.agent.user else None
     if user:
-        env = dict(env, HOME=pwd.getpwnam(user).pw_dir, USER=user, LOGNAME=user)
         os.chmod(tmp, 0o755)  # the system prompt and tool files must be readable by that user
-    return RunSpec(argv=argv, env=env, cwd=cwd, stdin=prompt.stdin_line(), temp_dir=tmp,
-                   keep_stdin_open=desc.answers_permissions, user=user)
+    if not desc.agent:
+        return RunSpec(argv=argv, env=env, cwd=cwd, stdin=prompt.stdin_line(), temp_dir=tmp,
+                       keep_stdin_open=desc.answers_permissions, user=user)
+    try:
+        return _sandboxed(desc, desc.agent, argv, env, cwd, agent_state or "", tmp, user)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sandboxed(desc: RunDescription, agent: Agent, argv: list[str], env: dict[str, str], cwd: str, state: str,
+               tmp: str, user: str | None) -> RunSpec:
+    """An agent run inside bubblewrap, talking to the API only through its own credential proxy."""
+    config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or "~/.claude").expanduser()
+    credential = find_credential(env, config_dir)
+    if credential is None:
+        raise Unavailable("Agent runs need the relay's Anthropic credential outside their sandbox: give the relay "
+                          "ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN (claude setup-token), or log its CLI in.",
+                          code="agent_credential_missing")
+    sock = os.path.join(tmp, "api.sock")
+    if not unix_socket_ok(sock):
+        raise Unavailable(f"var_dir is too deep for a unix socket path ({sock}); move it.", code="agent_sandbox")
+    uid = gid = None
+    if user:
+        pw = pwd.getpwnam(user)
+        uid, gid = pw.pw_uid, pw.pw_gid
+    # the CLI's own requests per turn, plus some for retries and the tools' own calls
+    max_requests = 4 * (agent.max_turns or 50) + 10
+    proxy = CredProxy(sock, credential, max_requests, uid, gid)
+    read_only = [tmp]
+    if desc.client_tools:  # the relay's MCP server runs inside too: Python and the package, read-only
+        read_only += sorted({os.path.realpath(sys.executable), sys.prefix, sys.base_prefix,
+                             os.path.join(PACKAGE_PARENT, "relay")} - {"/usr"})
+    box = sandbox.Sandbox(cli_path=argv[0], workdir=cwd, config_dir=state, api_socket=sock,
+                          read_only=tuple(read_only))
+    return RunSpec(argv=sandbox.argv(box) + argv,
+                   env=sandbox.env(state, credential.variable, proxy.placeholder, int(env.get(
+                       "CLAUDE_CODE_MAX_RETRIES") or 0)),
+                   cwd=cwd, stdin=desc.prompt.stdin_line(), temp_dir=tmp,
+                   keep_stdin_open=desc.answers_permissions, user=user, closers=[proxy.close])

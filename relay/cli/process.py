@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ class RunSpec:
     temp_dir: str | None = None      # removed when the run ends
     user: str | None = None          # run as this user (agent mode)
     meta: dict[str, Any] = field(default_factory=dict)
+    closers: list[Callable[[], None]] = field(default_factory=list)  # called when the run ends (its proxy)
 
 
 def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> dict[str, str]:
@@ -267,5 +269,10 @@ class CliProcess:
                 pass
 
     def _cleanup_files(self) -> None:
+        while self.spec.closers:
+            try:
+                self.spec.closers.pop()()
+            except Exception as exc:  # clean-up goes on regardless
+                log.warning("cli: run clean-up failed: %s", exc)
         if self.spec.temp_dir:
             shutil.rmtree(self.spec.temp_dir, ignore_errors=True)

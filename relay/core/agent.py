@@ -25,6 +25,7 @@ class Agent:
     max_budget_usd: float
     intermediate: str
     user: str
+    config_root: str = ""           # absolute; each conversation's own CLI state (transcripts) under here
 
 
 def smart_deltas(turn: Turn, batches: Iterable[list[Delta] | None], shown: Callable[[Delta], bool],

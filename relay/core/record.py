@@ -12,6 +12,7 @@ class RequestRecord:
     id: str                              # the answer's id (or the request id for a refusal)
     request_id: str
     key: str = ""                        # API key name ("" without auth)
+    key_id: str = ""                     # the key's digest prefix: its own usage view follows the key, not the name
     model: str = "none"                  # the model that answered ("none" when refused before a run)
     requested_model: str | None = None
     stream: bool = False

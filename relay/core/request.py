@@ -98,6 +98,24 @@ def text_of(parts: list[dict[str, Any]]) -> str:
     return "\n".join(p["text"] for p in parts if p.get("type") == "text")
 
 
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512  # OpenAI's own limits
+
+
+def check_metadata(meta: Any) -> None:
+    """`metadata` as OpenAI accepts it: up to 16 string pairs, keys up to 64 and values up to 512
+    characters (it is stored with the response, so it must stay small)."""
+    if meta is None:
+        return
+    _expect(isinstance(meta, dict), "'metadata' must be an object of string keys and values.", "metadata")
+    _expect(len(meta) <= METADATA_MAX_PAIRS, f"'metadata' may hold at most {METADATA_MAX_PAIRS} pairs.", "metadata")
+    for k, v in meta.items():
+        _expect(len(k) <= METADATA_MAX_KEY, f"'metadata' keys may be at most {METADATA_MAX_KEY} characters.",
+                "metadata")
+        _expect(isinstance(v, str), "'metadata' values must be strings.", "metadata")
+        _expect(len(v) <= METADATA_MAX_VALUE, f"'metadata' values may be at most {METADATA_MAX_VALUE} characters.",
+                "metadata")
+
+
 def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
     _expect(isinstance(body, dict), "The request body must be a JSON object.", "body")
     msgs = body.get("messages")
@@ -126,6 +144,7 @@ def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
     effort = body.get("reasoning_effort")
     _expect(effort is None or effort in EFFORTS, "'reasoning_effort' must be one of " + ", ".join(EFFORTS),
             "reasoning_effort")
+    check_metadata(body.get("metadata"))
     user = body.get("user")
     _expect(user is None or isinstance(user, str), "'user' must be a string.", "user")
     if body.get("logprobs"):

@@ -60,6 +60,16 @@ class ApiKey:
                    max_concurrent=item.get("max_concurrent"), models=tuple(models) if models else None,
                    admin=bool(item.get("admin")), agent=item.get("agent"))
 
+    @property
+    def id(self) -> str:
+        """A short public id of this key (a digest prefix): stable for the key, new for a re-issued name."""
+        return self.sha256[:12]
+
+    @property
+    def scope(self) -> str:
+        """Whose conversations, stored responses and agent folders these are."""
+        return f"{self.name}~{self.id}"
+
     def allows_model(self, requested: str, cli_model: str) -> bool:
         if not self.models:
             return True
@@ -168,8 +178,12 @@ def _rewrite(mutate: Any) -> None:
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     auth = data.setdefault("auth", {})
     auth["api_keys"] = mutate(list(auth.get("api_keys") or []))
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600  # it holds key digests: stay private
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 

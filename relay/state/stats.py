@@ -88,6 +88,8 @@ class Stats:
                   S + f"day:{date}:model:{model}"]
         if key:
             hashes += [S + "key:" + key, S + f"day:{date}:key:{key}"]
+        if rec.get("key_id"):  # the key's own view: a re-issued name starts from nothing
+            hashes += [S + "kid:" + rec["key_id"], S + f"day:{date}:kid:{rec['key_id']}"]
         body = json.dumps(rec, separators=(",", ":"), default=str)
         pipe = self.r.pipeline(transaction=True)
         for h in hashes:
@@ -120,13 +122,15 @@ class Stats:
     def _with_cost(self, s: dict[str, Any], model: str | None = None) -> dict[str, Any]:
         return dict(s, estimated_cost_usd=cost_usd(s, model, self.prices))
 
-    def usage(self, key: str | None = None, days: int = 31) -> dict[str, Any]:
-        """Totals, per day, per key and per model; `key` limits it all to one key's view."""
+    def usage(self, key: str | None = None, days: int = 31, key_id: str | None = None) -> dict[str, Any]:
+        """Totals, per day, per key and per model; `key` (named `key`, with id `key_id`) limits it
+        all to that one key's view."""
         dates = sorted(self.r.smembers(S + "days"), reverse=True)[:days]
         models = sorted(self.r.smembers(S + "models"))
         if key is not None:
-            total = self._h("key:" + key)
-            per_day = {d: self._h(f"day:{d}:key:{key}") for d in dates}
+            kind, ident = ("kid", key_id) if key_id else ("key", key)
+            total = self._h(f"{kind}:{ident}")
+            per_day = {d: self._h(f"day:{d}:{kind}:{ident}") for d in dates}
             per_day = {d: v for d, v in per_day.items() if v["requests"]}
             per_key = {key: total}
             per_model: dict[str, Any] = {}
@@ -142,11 +146,12 @@ class Stats:
                 "pricing_note": "estimated_cost_usd is what the same tokens would cost at Anthropic API "
                                 "list prices; a subscription is billed differently."}
 
-    def recent(self, limit: int = 50, key: str | None = None) -> list[dict[str, Any]]:
+    def recent(self, limit: int = 50, key: str | None = None, key_id: str | None = None) -> list[dict[str, Any]]:
+        """The latest requests; `key_id` (else `key`, a name) keeps only that key's own."""
         out = []
         for raw in self.r.lrange(S + "recent", 0, RECENT_KEEP - 1):
             rec = json.loads(raw)
-            if key is None or rec.get("key") == key:
+            if (key is None and key_id is None) or (rec.get("key_id") == key_id if key_id else rec.get("key") == key):
                 out.append(rec)
             if len(out) >= limit:
                 break
