@@ -18,6 +18,8 @@ Markers (any number, anywhere in the last user message):
   MOCK:tool=<name>                      answer with a tool_use block for tool <name> (suffix match)
   MOCK:tools=<n1>,<n2>                  parallel tool_use blocks
   MOCK:bash=<cmd_with_underscores>      the command of a Bash tool_use (underscores become spaces)
+  MOCK:read=<path>                      the file_path of a Read tool_use (kept as written)
+  MOCK:write=<path>                     the file_path of a Write tool_use (content "written-by-agent")
   MOCK:structured                       call the StructuredOutput tool with MOCK_STRUCTURED_INPUT
   MOCK:usage=<in>,<cache_create>,<cache_read>,<out>
 Without markers the answer is "Hello from mock. You said: <last text>".
@@ -308,6 +310,10 @@ class MockAnthropic:
                 for j, name in enumerate(wanted):
                     real = next((o for o in offered if o == name or o.endswith("__" + name)), name)
                     args: dict = {"city": f"City{j}"} if name != "StructuredOutput" else mock.structured_input
+                    if name == "Read" and "read" in markers:
+                        args = {"file_path": markers["read"]}
+                    if name == "Write" and "write" in markers:
+                        args = {"file_path": markers["write"], "content": "written-by-agent\n"}
                     if name == "Bash":  # MOCK:bash=sleep_30 runs "sleep 30"
                         cmd = markers.get("bash", "echo_hi-from-bash").replace("_", " ")
                         args = {"command": cmd, "description": "run a command"}

@@ -4,8 +4,10 @@ kills the tools' processes too."""
 import json
 import os
 import pwd
+import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import psutil
@@ -15,15 +17,18 @@ from harness import ROOT, openai_client, wait_until
 
 from relay.state.apikeys import digest
 
+AGENT_KEY = "sk-agent-test-1"
+AUTH = {"RELAY_AUTH__ENABLED": "true", "API_KEYS": AGENT_KEY}  # agent mode needs auth
 
-def ask(srv, text, key=None, **kw):
+
+def ask(srv, text, key=AGENT_KEY, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return requests.post(srv.url + "/v1/chat/completions", headers=headers, timeout=90,
                          json={"model": "sonnet", "messages": [{"role": "user", "content": text}], **kw})
 
 
 def test_agent_tools_are_off_by_default(relay, mock_api):
-    r = ask(relay, "ag0 MOCK:tool=Bash")
+    r = ask(relay, "ag0 MOCK:tool=Bash", key=None)
     assert r.status_code == 200
     assert "hi-from-bash" not in r.json()["choices"][0]["message"]["content"]  # nothing ran
     assert [t["name"] for t in mock_api.bodies("ag0")[0]["tools"]] == []
@@ -31,7 +36,7 @@ def test_agent_tools_are_off_by_default(relay, mock_api):
 
 @pytest.fixture(scope="module")
 def agent_relay(relay_factory):
-    return relay_factory({"RELAY_AGENT__ENABLED": "true", "RELAY_AGENT__INTERMEDIATE": "reasoning"})
+    return relay_factory({"RELAY_AGENT__ENABLED": "true", "RELAY_AGENT__INTERMEDIATE": "reasoning", **AUTH})
 
 
 def test_agent_mode_runs_a_real_bash_tool_and_answers_with_the_final_text(agent_relay, mock_api):
@@ -45,7 +50,7 @@ def test_agent_mode_runs_a_real_bash_tool_and_answers_with_the_final_text(agent_
 
 
 def test_agent_smart_streaming_sends_steps_as_reasoning(agent_relay):
-    with openai_client(agent_relay.url) as c:
+    with openai_client(agent_relay.url, api_key=AGENT_KEY) as c:
         chunks = list(c.chat.completions.create(model="sonnet", stream=True,
                                                 messages=[{"role": "user", "content": "ag2 MOCK:tool=Bash"}]))
     content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -56,8 +61,9 @@ def test_agent_smart_streaming_sends_steps_as_reasoning(agent_relay):
 
 def test_each_conversation_gets_its_own_working_directory(agent_relay):
     for sid in ("agent-a", "agent-b"):
-        requests.post(agent_relay.url + "/v1/chat/completions", headers={"X-Session-Id": sid}, timeout=90, json={
-            "model": "s", "messages": [{"role": "user", "content": f"ag3 MOCK:tool=Bash MOCK:bash=touch_made-by-{sid}"}]})
+        requests.post(agent_relay.url + "/v1/chat/completions", timeout=90, json={
+            "model": "s", "messages": [{"role": "user", "content": f"ag3 MOCK:tool=Bash MOCK:bash=touch_made-by-{sid}"}]},
+            headers={"X-Session-Id": sid, "Authorization": f"Bearer {AGENT_KEY}"})
     root = agent_relay.tmp / "var" / "agent"
     dirs = [d for d in root.iterdir() if any(d.glob("made-by-*"))]
     assert sorted(f.name for d in dirs for f in d.glob("made-by-*")) == ["made-by-agent-a", "made-by-agent-b"]
@@ -68,7 +74,8 @@ def test_cancelling_kills_the_tool_processes_too(agent_relay):
     s = socket.create_connection(("127.0.0.1", agent_relay.port))
     data = json.dumps({"model": "s", "stream": True, "messages": [
         {"role": "user", "content": "ag4 MOCK:tool=Bash MOCK:bash=python3_-c_\"import_time;time.sleep(47.5)\""}]}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer " + AGENT_KEY.encode() + b"\r\nContent-Length: "
               + str(len(data)).encode() + b"\r\n\r\n" + data)
 
     def sleepers():
@@ -99,7 +106,7 @@ def test_agent_runs_as_a_non_root_user(relay_factory, tmp_path):
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True)
     srv = relay_factory({"RELAY_AGENT__ENABLED": "true", "RELAY_AGENT__USER": user,
-                         "RELAY_AGENT__PERMISSION_MODE": "bypassPermissions"}, start=False)
+                         "RELAY_AGENT__PERMISSION_MODE": "bypassPermissions", **AUTH}, start=False)
     pw = pwd.getpwnam(user)
     cfg_dir = srv.tmp / "claude-config"
     for d in (cfg_dir, srv.tmp):
@@ -115,10 +122,119 @@ def test_agent_runs_as_a_non_root_user(relay_factory, tmp_path):
 def test_bypass_mode_as_root_without_a_user_is_refused_at_start(relay_factory):
     if os.geteuid() != 0:
         pytest.skip("only root is refused")
-    srv = relay_factory({"RELAY_AGENT__ENABLED": "true", "RELAY_AGENT__PERMISSION_MODE": "bypassPermissions"},
-                        start=False)
+    srv = relay_factory({"RELAY_AGENT__ENABLED": "true", "RELAY_AGENT__PERMISSION_MODE": "bypassPermissions",
+                         **AUTH}, start=False)
     with pytest.raises(RuntimeError) as e:
         srv.start()
     assert "agent.permission_mode bypassPermissions cannot run as root" in str(e.value)
     time.sleep(0)
     assert digest("x")
+
+
+# -- containment: each agent conversation sees only its own folder ---------------------------------------
+
+def bash_script(script):
+    """MOCK:bash turns '_' into spaces: ship any script as base64 piped to bash."""
+    import base64
+
+    return f"MOCK:tool=Bash MOCK:bash=echo_{base64.b64encode(script.encode()).decode()}_|_base64_-d_|_bash"
+
+
+@pytest.fixture(scope="module")
+def boxed(relay_factory, tmp_path_factory):
+    """An agent relay with its private Redis (a unix socket under var/), keys in its own config.json,
+    and other conversations' secrets lying next to its folders."""
+    d = tmp_path_factory.mktemp("boxed")
+    cfg = json.loads((ROOT / "config.json").read_text())
+    cfg["auth"] = {"enabled": True, "api_keys": [{"name": "agent", "key": AGENT_KEY},
+                                                 {"name": "boss", "key": "sk-boss-1", "admin": True}]}
+    cfg["agent"] = {"enabled": True}
+    path = d / "config.json"
+    path.write_text(json.dumps(cfg))
+    srv = relay_factory({"RELAY_CONFIG": str(path), "REDIS_URL": ""}, start=False)
+    var = srv.tmp / "var"
+    sibling = var / "agent" / ("b" * 24)
+    sibling.mkdir(parents=True)
+    (sibling / "secret.txt").write_text("secret-of-B\n")
+    other = var / "agent-config" / ("c" * 24) / "projects" / "-conv-c"
+    other.mkdir(parents=True)
+    (other / "s.jsonl").write_text('{"t":"transcript-of-C"}\n')
+    shared = srv.tmp / "claude-config" / "projects" / "-relay"
+    shared.mkdir(parents=True)
+    (shared / "s.jsonl").write_text('{"t":"transcript-of-relay"}\n')
+    srv.start()
+    srv.config_path = path
+    srv.sibling = sibling
+    return srv
+
+
+def test_an_agent_conversation_cannot_reach_anything_but_its_own_folder(boxed, mock_api):
+    var = boxed.tmp / "var"
+    config_before = boxed.config_path.read_bytes()
+    assert (var / "redis.sock").exists()  # the private Redis is really there
+    probe = (f"echo own-ok > own.txt && cat own.txt; pwd\n"
+             f"cat ../*/secret.txt {boxed.sibling}/secret.txt 2>&1\n"
+             f"ls {boxed.tmp}/claude-config/projects 2>&1; ls {var}/agent-config | wc -l; "
+             f"grep -rho 'transcript-of-[A-Za-z]*' {var}/agent-config {boxed.tmp}/claude-config 2>&1 | sort -u\n"
+             "(env; for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; echo; done) 2>/dev/null "
+             "| grep -E 'KEY|TOKEN|sk-' | sort -u\n"
+             f"python3 -c \"import socket; s=socket.socket(socket.AF_UNIX); s.connect('{var}/redis.sock'); "
+             f"s.send(b'PING\\r\\n'); print(s.recv(64))\" 2>&1 | tail -1\n"
+             f"echo pwned >> {boxed.config_path} && echo CONFIG-WRITTEN\n"
+             "ls /root /home 2>&1; ls /\n"
+             f"curl -sS -m 3 {mock_api.url}/v1/models 2>&1 | head -c 200\n")
+    r = ask(boxed, "esc1 " + bash_script(probe))
+    assert r.status_code == 200, r.text
+    out = r.json()["choices"][0]["message"]["content"]
+    assert out.startswith("Tool said: own-ok")                           # its own folder works
+    assert "secret-of-B" not in out and "No such file" in out            # no sibling conversation
+    assert "transcript-of-C" not in out and "transcript-of-relay" not in out  # no other transcripts
+    assert "sk-ant-test" not in out and "sk-boss-1" not in out           # no credentials in any environ
+    assert "sk-ant-sandbox-" in out                                      # only the run's placeholder
+    assert "PONG" not in out                                             # no Redis
+    assert "CONFIG-WRITTEN" not in out and boxed.config_path.read_bytes() == config_before
+    assert "cannot access '/root'" in out and "cannot access '/home'" in out
+    assert mock_api.url.split("//")[1] not in out or "Couldn't connect" in out or "Failed" in out
+    workdir = next(d for d in (var / "agent").iterdir() if (d / "own.txt").exists())
+    assert (workdir / "own.txt").read_text() == "own-ok\n"
+    # the model calls themselves carried the real credential, added outside the sandbox
+    assert {rec["headers"].get("x-api-key") or rec["headers"].get("X-Api-Key") for rec in mock_api.records("esc1")} \
+        == {"sk-ant-test"}
+
+
+def test_the_in_process_read_and_write_tools_are_contained_too(boxed):
+    config_before = boxed.config_path.read_bytes()
+    r = ask(boxed, f"esc2 MOCK:tool=Read MOCK:read={boxed.sibling}/secret.txt")
+    assert r.status_code == 200 and "secret-of-B" not in r.json()["choices"][0]["message"]["content"]
+    r = ask(boxed, f"esc3 MOCK:tool=Write MOCK:write={boxed.config_path}")
+    assert r.status_code == 200
+    assert boxed.config_path.read_bytes() == config_before
+
+
+def test_tools_cannot_use_the_credential_proxy_beyond_messages(boxed):
+    probe = ("curl -sS -m 5 --unix-socket /run/anthropic.sock http://localhost/v1/models; echo; "
+             "curl -sS -m 5 --unix-socket /run/anthropic.sock -H 'x-api-key: guess' -d '{}' "
+             "http://localhost/v1/messages; echo")
+    out = ask(boxed, "esc4 " + bash_script(probe)).json()["choices"][0]["message"]["content"]
+    assert out.count("relay proxy:") == 2 and "sk-ant-test" not in out
+
+
+def test_agent_mode_without_auth_is_refused_at_start(relay_factory):
+    srv = relay_factory({"RELAY_AGENT__ENABLED": "true"}, start=False)
+    with pytest.raises(RuntimeError) as e:
+        srv.start()
+    assert "agent.enabled needs auth.enabled" in str(e.value)
+    out = subprocess.run([sys.executable, "-m", "relay", "check"], cwd=ROOT, env=srv.env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "agent.enabled needs auth.enabled" in out.stderr
+
+
+def test_agent_mode_without_bubblewrap_is_refused_at_start(relay_factory, tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH without bwrap
+    bin_dir.mkdir()
+    for tool in ("python3",):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    srv = relay_factory({"RELAY_AGENT__ENABLED": "true", **AUTH, "PATH": str(bin_dir)}, start=False)
+    with pytest.raises(RuntimeError) as e:
+        srv.start()
+    assert "bubblewrap" in str(e.value) and "apt-get install bubblewrap" in str(e.value)

@@ -59,7 +59,7 @@ def read_until(sock, token, limit=5.0):
 def raw_request(srv, payload):
     s = socket.create_connection(("127.0.0.1", srv.port))
     data = json.dumps(payload).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
     return s
 

@@ -110,7 +110,7 @@ def test_cancelled_requests_are_recorded_once(relay_factory):
     s = socket.create_connection(("127.0.0.1", srv.port))
     data = json.dumps({"model": "s", "stream": True,
                        "messages": [{"role": "user", "content": "cancel-me MOCK:slow=200 MOCK:words=50"}]}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: "
               + str(len(data)).encode() + b"\r\n\r\n" + data)
     from test_hygiene import read_until
     assert read_until(s, b"data:")
