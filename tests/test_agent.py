@@ -238,3 +238,24 @@ def test_agent_mode_without_bubblewrap_is_refused_at_start(relay_factory, tmp_pa
     with pytest.raises(RuntimeError) as e:
         srv.start()
     assert "bubblewrap" in str(e.value) and "apt-get install bubblewrap" in str(e.value)
+
+
+def test_forgetting_an_agent_conversation_removes_its_folders_transcripts_and_responses(boxed):
+    import hashlib
+
+    h = {"Authorization": f"Bearer {AGENT_KEY}", "X-Session-Id": "purge-me"}
+    r = requests.post(boxed.url + "/v1/chat/completions", headers=h, timeout=90, json={
+        "model": "s", "messages": [{"role": "user", "content": "purge1 " + bash_script("echo kept > kept.txt")}]})
+    assert r.status_code == 200
+    rid = requests.post(boxed.url + "/v1/responses", headers=h, timeout=90,
+                        json={"model": "sonnet", "input": "purge2"}).json()["id"]
+    scope = "agent~" + digest(AGENT_KEY)[:12]
+    name = hashlib.sha256(f"{scope}\x00s:purge-me".encode()).hexdigest()[:24]
+    work, state = boxed.tmp / "var" / "agent" / name, boxed.tmp / "var" / "agent-config" / name
+    assert (work / "kept.txt").exists() and list(state.rglob("*.jsonl"))  # its folder and its transcripts
+    r = requests.delete(boxed.url + "/v1/sessions/s:purge-me", headers={"Authorization": "Bearer sk-boss-1"},
+                        params={"scope": scope, "purge_files": "true"})
+    assert r.status_code == 200 and r.json()["files_removed"] >= 2
+    assert not work.exists() and not state.exists()
+    assert requests.get(boxed.url + "/v1/responses/" + rid, headers=h).status_code == 404
+    assert boxed.sibling.exists()  # nobody else's folder

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from flask import current_app, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from ..cli.agent import resolve
 from ..core.images import check_limits
@@ -32,7 +32,7 @@ def _body() -> bytes:
     """The raw body within client_body_timeout_s (the server's socket raises an OSError past it)."""
     try:
         return _read_body()
-    except OSError:
+    except (OSError, ClientDisconnected):  # werkzeug reports a failed read as a disconnect
         raise RequestTimeout("The request body did not arrive in time (client_body_timeout_s).", param="body",
                              headers={"Connection": "close"}) from None
 

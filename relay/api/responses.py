@@ -72,7 +72,7 @@ def create_response() -> Any:
         chat = ex.complete()
         items, answer = _output(chat)
         obj = response_object(rid, ex.created, chat["model"], body, "completed", items, usage_of(chat["usage"]))
-        if store and not relay.responses.save(_scope(), rid, conv, req.messages, answer, obj):
+        if store and not relay.responses.save(_scope(), rid, conv, req.messages, answer, obj, ex.conv):
             obj["store"] = False  # over responses.max_stored_kb: answered, but not kept
         return jsonify(obj)
     return Response(_stream(ex, relay.responses if store else None, rid, conv, body, _scope()), mimetype="text/event-stream", headers=SSE_HEADERS)
@@ -107,7 +107,7 @@ def _stream(ex: Exchange, store: ResponseStore | None, rid: str, conv: str, body
                      for i in events.output if i["type"] == "function_call"]
             if calls:
                 answer["tool_calls"] = calls
-            store.save(scope, rid, conv, ex.req.messages, answer, events.response)
+            store.save(scope, rid, conv, ex.req.messages, answer, events.response, ex.conv)
         for kind, data in finished:
             yield sse.event(kind, data)
     except RelayError as exc:

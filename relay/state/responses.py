@@ -31,12 +31,13 @@ class ResponseStore:
         return data if data is not None and data.get("scope") == scope else None
 
     def save(self, scope: str, rid: str, conv: str, messages: list[dict[str, Any]], answer: dict[str, Any],
-             obj: dict[str, Any]) -> bool:
-        """Store it unless it is bigger than the cap; returns whether it was stored."""
+             obj: dict[str, Any], conv_id: str | None = None) -> bool:
+        """Store it unless it is bigger than the cap; returns whether it was stored. `conv` is how the
+        client named the conversation; `conv_id` the relay's id for it (the index forgetting uses)."""
         data = json.dumps({"conv": conv, "scope": scope, "messages": messages + [answer], "response": obj})
         if len(data) > self.max_bytes:
             return False
-        index = self._index(scope, conv)
+        index = self._index(scope, conv_id or conv)
         pipe = self.r.pipeline()
         pipe.set(self._key(rid), data, ex=self.ttl)
         pipe.sadd(index, rid)
