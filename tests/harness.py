@@ -162,6 +162,7 @@ def relay_env(redis_url: str, cli_bin: str, mock_url: str, tmp: Path, extra: dic
         "RELAY_CONFIG": str(ROOT / "config.json"),
         "RELAY_WORKERS": "2",
         "RELAY_VAR_DIR": str(tmp / "var"),
+        "RELAY_STATE_DIR": str(tmp / "state"),
         "RELAY_LOG_DIR": str(tmp / "log"),
         "RELAY_LOG_LEVEL": "info",
         "RELAY_GRACEFUL_TIMEOUT_S": "10",
@@ -170,6 +171,11 @@ def relay_env(redis_url: str, cli_bin: str, mock_url: str, tmp: Path, extra: dic
     })
     env.update(extra or {})
     return env
+
+
+def cli_cwd(srv: RelayServer) -> Path:
+    """The CLI's working folder of a test relay (under its state_dir, named after its var_dir)."""
+    return next((srv.tmp / "state").glob("cwd-*")).resolve()
 
 
 def default_cli_bin() -> str:

@@ -259,3 +259,14 @@ def test_forgetting_an_agent_conversation_removes_its_folders_transcripts_and_re
     assert not work.exists() and not state.exists()
     assert requests.get(boxed.url + "/v1/responses/" + rid, headers=h).status_code == 404
     assert boxed.sibling.exists()  # nobody else's folder
+
+
+def test_client_functions_work_inside_the_sandbox(boxed, mock_api):
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}, "required": ["city"]}}}
+    r = ask(boxed, "fn1 MOCK:tool=get_weather", tools=[weather])
+    assert r.status_code == 200, r.text
+    calls = r.json()["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]  # served by the MCP server inside
+    assert "mcp__client__get_weather" in [t["name"] for t in mock_api.bodies("fn1")[0]["tools"]]

@@ -97,7 +97,9 @@ def test_conversations_are_private_to_each_key(team):
     rec = requests.get(team.url + "/v1/usage/recent", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"][0]
     assert rec["resumed"] is False  # another key never continues bob's session
     convs = requests.get(team.url + "/v1/sessions", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
-    assert {c["scope"] for c in convs if c["id"] == "s:shared-name"} == {"bob", "key-" + digest(PLAIN)[:8]}
+    plain = "key-" + digest(PLAIN)[:8]  # scopes are a key's name plus its digest prefix
+    assert {c["scope"] for c in convs if c["id"] == "s:shared-name"} == {"bob~" + digest(BOB)[:12],
+                                                                          f"{plain}~{digest(PLAIN)[:12]}"}
 
 
 def test_per_key_rpm_is_independent_and_has_headers(relay_factory, tmp_path):

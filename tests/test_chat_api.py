@@ -6,7 +6,7 @@ import json
 import openai
 import pytest
 import requests
-from harness import openai_client
+from harness import cli_cwd, openai_client
 from mock_anthropic import all_text
 
 
@@ -147,7 +147,7 @@ def test_the_cli_runs_isolated(relay, client, mock_api):
     assert body["tools"] == []  # the CLI's own tools are off
     assert "HOST-CLAUDE-MD-MUST-NOT-LEAK" not in json.dumps(body)
     assert not marker.exists()
-    cwd = relay.tmp / "var" / "cli-cwd"
+    cwd = cli_cwd(relay)  # under state_dir, outside any checkout
     assert f"Primary working directory: {cwd}" in all_text(body)
     assert list(cwd.iterdir()) == []
 

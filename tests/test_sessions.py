@@ -9,7 +9,7 @@ import openai
 import psutil
 import pytest
 import requests
-from harness import openai_client, wait_until
+from harness import cli_cwd, openai_client, wait_until
 from mock_anthropic import all_text
 
 from relay.cli.session_files import expire_session_files, session_dir
@@ -106,7 +106,7 @@ def test_a_busy_conversation_answers_409_after_the_wait(relay_factory):
 def test_resume_after_the_cli_session_file_vanished(relay, client, mock_api):
     sid = "conv-vanish-1"
     a = chat(client, [{"role": "user", "content": "V1 remember KIWI"}], sid).choices[0].message.content
-    folder = session_dir(relay.tmp / "claude-config", (relay.tmp / "var" / "cli-cwd").resolve())
+    folder = session_dir(relay.tmp / "claude-config", cli_cwd(relay))
     files = list(folder.glob("*.jsonl"))
     conv = next(c for c in requests.get(relay.url + "/v1/sessions").json()["data"] if c["id"] == "s:" + sid)
     target = folder / f"{conv['cli_session_id']}.jsonl"
@@ -137,7 +137,7 @@ def test_session_admin_list_and_delete(relay, client):
     listed = {c["id"]: c for c in requests.get(relay.url + "/v1/sessions").json()["data"]}
     conv = listed["s:" + sid]
     assert conv["messages"] == 2 and conv["cli_session_id"] and conv["expires_in"] > 0
-    folder = session_dir(relay.tmp / "claude-config", (relay.tmp / "var" / "cli-cwd").resolve())
+    folder = session_dir(relay.tmp / "claude-config", cli_cwd(relay))
     f = folder / f"{conv['cli_session_id']}.jsonl"
     assert f.exists()
     r = requests.delete(relay.url + f"/v1/sessions/s:{sid}?purge_files=true")
@@ -175,7 +175,7 @@ def test_old_cli_session_files_expire(tmp_path):
 
 def test_the_relay_expires_session_files_with_the_ttl(relay_factory):
     srv = relay_factory({"RELAY_SESSIONS__CLEANUP_INTERVAL_S": "1", "RELAY_SESSIONS__TTL_HOURS": "1"})
-    folder = session_dir(srv.tmp / "claude-config", (srv.tmp / "var" / "cli-cwd").resolve())
+    folder = session_dir(srv.tmp / "claude-config", cli_cwd(srv))
     folder.mkdir(parents=True, exist_ok=True)
     stale = folder / "00000000-0000-4000-8000-000000000000.jsonl"
     stale.write_text("{}")
