@@ -29,7 +29,7 @@ CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-
 CORS_EXPOSE = ("x-request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
                "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
-ADMIN_PREFIXES = ("/v1/sessions", "/stats")
+ADMIN_PREFIXES = ("/v1/sessions", "/stats", "/v1/accounts")
 
 
 def _networks(items: list[str]) -> list[Any]:

@@ -55,6 +55,21 @@ def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> d
     return env
 
 
+# credentials the CLI would prefer over an account's own login; an account's env never carries them
+CREDENTIAL_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+def account_env(base: dict[str, str], config_dir: str, token_env: str, all_token_envs: list[str]) -> dict[str, str]:
+    """The CLI environment of one configured account: its config directory and/or its OAuth token,
+    with every other credential (the host's API key, the other accounts' tokens) removed."""
+    env = {k: v for k, v in base.items() if k not in CREDENTIAL_ENV and k not in all_token_envs}
+    if config_dir:
+        env["CLAUDE_CONFIG_DIR"] = os.path.expanduser(config_dir)
+    if token_env and base.get(token_env):
+        env["CLAUDE_CODE_OAUTH_TOKEN"] = base[token_env]
+    return env
+
+
 def parse_version(text: str) -> tuple[int, ...] | None:
     m = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
     return tuple(int(x) for x in m.groups()) if m else None
