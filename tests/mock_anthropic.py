@@ -137,6 +137,8 @@ class MockAnthropic:
         self.max_active = 0
         self.structured_input: dict = {"name": "Alice", "age": 30}
         self.accounts: dict[str, Window] = {}
+        self.active_by_token: dict[str, int] = {}
+        self.max_active_by_token: dict[str, int] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -227,9 +229,13 @@ class MockAnthropic:
                 if not self.path.startswith("/v1/messages"):
                     self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no"}})
                     return
+                token = bearer(self.headers)
                 with mock.lock:
                     mock.active += 1
                     mock.max_active = max(mock.max_active, mock.active)
+                    mock.active_by_token[token] = mock.active_by_token.get(token, 0) + 1
+                    mock.max_active_by_token[token] = max(mock.max_active_by_token.get(token, 0),
+                                                          mock.active_by_token[token])
                 try:
                     self._messages(body)
                 except (BrokenPipeError, ConnectionResetError):
@@ -238,6 +244,7 @@ class MockAnthropic:
                     record["end"] = time.time()
                     with mock.lock:
                         mock.active -= 1
+                        mock.active_by_token[token] -= 1
 
             # -- helpers -------------------------------------------------------------------------
             def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:

@@ -76,9 +76,15 @@ def usability(state: dict[str, Any], now: float | None = None) -> Usability:
     return Usability(True)
 
 
-def headroom(state: dict[str, Any]) -> float:
-    """1 - the fuller of the two windows (1.0 when the CLI has not reported them yet)."""
-    used = [u for u in (_num(state.get("five_hour_util")), _num(state.get("seven_day_util"))) if u is not None]
+def headroom(state: dict[str, Any], now: float | None = None) -> float:
+    """1 - the fuller of the two windows (a window whose reset has passed is empty again; 1.0 when
+    the CLI has not reported them yet)."""
+    now = time.time() if now is None else now
+    used = []
+    for w in ("five_hour", "seven_day"):
+        util, reset = _num(state.get(f"{w}_util")), _num(state.get(f"{w}_reset"))
+        if util is not None and not (reset and reset <= now):
+            used.append(util)
     return max(0.0, 1.0 - max(used)) if used else 1.0
 
 
@@ -90,7 +96,7 @@ def choose(views: Iterable[AccountView], sticky: str | None = None, exclude: Ite
     usable = [v for v in views if v.name not in skip and usability(v.state, now).usable]
 
     def rank(v: AccountView) -> tuple[Any, ...]:
-        steps = int(headroom(v.state) / HEADROOM_STEP + 1e-9)
+        steps = int(headroom(v.state, now) / HEADROOM_STEP + 1e-9)
         return (v.name != sticky, v.priority, -steps, v.conversations, v.in_flight, v.name)
     return sorted(usable, key=rank)
 
