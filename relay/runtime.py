@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .cli.agent import check as check_agent
-from .cli.process import account_env, child_env, probe_cli
+from .cli.process import account_envs, child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
@@ -82,20 +82,8 @@ class Relay:
             [AccountSpec("default", implicit=True)]
         self.accounts = Accounts(self._redis, self.leases, specs, self.host, settings["login_recheck_s"],
                                  settings["accounts_overage"], settings["alerts.thresholds"], self.alerts.emit)
-        self.account_envs: dict[str, dict[str, str]] = {}
-        self.account_problems: dict[str, str] = {}   # known without a run, on this host
-        token_envs = [s.oauth_token_env for s in specs if s.oauth_token_env]
-        for spec in specs:
-            if spec.implicit:
-                self.account_envs[spec.name] = self.cli_env
-                continue
-            self.account_envs[spec.name] = account_env(self.cli_env, spec.config_dir, spec.oauth_token_env,
-                                                       token_envs)
-            if spec.oauth_token_env and not os.environ.get(spec.oauth_token_env):
-                problem = f"the environment variable {spec.oauth_token_env} (its OAuth token) is not set"
-                if not spec.config_dir:
-                    self.account_problems[spec.name] = problem
-                log.warning("account %s: %s", spec.name, problem)
+        # each account's login: its config dir and/or OAuth token; the others' tokens are scrubbed
+        self.account_envs, self.account_problems = account_envs(specs, self.cli_env)
 
     def account_meter(self) -> list[dict[str, Any]]:
         return self.accounts.snapshot(self.settings["sessions.ttl_hours"] * 3600, self.account_problems)

@@ -295,13 +295,13 @@ def test_alerts_reach_each_webhook_exactly_once_even_when_it_was_down(relay_fact
              {"url": base + "/telegram", "format": "telegram", "chat_id": 4242}]
     srv = start(relay_factory, [ta, tb], [{"priority": 2}, {"priority": 1}],
                 {"RELAY_ALERTS__WEBHOOKS": json.dumps(hooks), "RELAY_ALERTS__RETRY_BASE_S": "0.3",
-                 "RELAY_FIRST_TOKEN_TIMEOUT_S": "3"})
+                 "RELAY_IDLE_TIMEOUT_S": "3"})
     with openai_client(srv.url) as c:
         ask(c, "alert 0")                       # a1 is exhausted: limited (once), a0 answers at 85 %
         for i in range(1, 7):                   # both workers see 85 % again and again
             ask(c, f"alert {i}")
         with pytest.raises(openai.APIStatusError) as e:
-            ask(c, "alert timeout MOCK:stall=8")
+            ask(c, "alert timeout MOCK:pause=20")
         assert e.value.status_code == 504
     time.sleep(1.5)                             # deliveries fail while the receiver is down
     receiver = Receiver(port)
