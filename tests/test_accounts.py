@@ -329,3 +329,34 @@ def test_alerts_reach_each_webhook_exactly_once_even_when_it_was_down(relay_fact
         assert len({b["text"] for b in slack}) == 5
     finally:
         receiver.stop()
+
+
+def test_login_overage_limit_and_recovery_alerts_are_sent_once_each(relay_factory, mock_api):
+    ta, tb, tc = tokens(3)
+    mock_api.set_account(ta, login_ok=False)
+    mock_api.set_account(tc, five_hour=0.1)
+    port = free_port()
+    receiver = Receiver(port)
+    wanted = ["login_failing", "overage_detected", "account_limited", "account_recovered"]
+    hooks = [{"url": f"http://127.0.0.1:{port}/ops", "events": wanted}]
+    try:
+        srv = start(relay_factory, [ta, tb, tc], [{"priority": 1}, {"priority": 2}, {"priority": 3}],
+                    {"RELAY_ALERTS__WEBHOOKS": json.dumps(hooks), "RELAY_ALERTS__RETRY_BASE_S": "0.3"})
+        mock_api.set_account(tb, five_hour=1.0, overage="allowed", five_hour_reset=int(time.time()) + 25)
+        with openai_client(srv.url) as c:
+            ask(c, "alerts-b 1")     # a0's login fails -> a1 answers from extra usage -> blocked
+            ask(c, "alerts-b 2")     # a2
+            ask(c, "alerts-b 3")
+        assert len(mock_api.by_token(tb)) == 1 and len(mock_api.by_token(tc)) == 2
+
+        def events() -> list[tuple[str, str]]:
+            return sorted((b["event"], b["account"]) for _, b in receiver.got)
+        expect = sorted([("login_failing", "a0"), ("overage_detected", "a1"), ("account_limited", "a1"),
+                         ("account_recovered", "a1")])
+        assert wait_until(lambda: events() == expect, 60, 0.3), events()
+        time.sleep(2)
+        assert events() == expect
+        recovered = next(b for _, b in receiver.got if b["event"] == "account_recovered")
+        assert "usable again" in recovered["text"] and meter(srv)["a1"]["usable"]
+    finally:
+        receiver.stop()

@@ -70,6 +70,7 @@ def stats() -> Any:
     relay = _relay()
     total = relay.stats.totals()
     active = relay.slots.in_use()
+    per_account = relay.stats.accounts()
     return jsonify({
         "uptime_s": round(relay.uptime(), 1),
         "requests": {"total": total["requests"], "completed": total["successful"], "errors": total["errors"],
@@ -82,8 +83,7 @@ def stats() -> Any:
         **relay.stats.latency(),
         "accounts": {a["name"]: {"usable": a["usable"], "state": a["state"], "in_flight": a["in_flight"],
                                  "conversations": a["conversations"], "windows": a["windows"],
-                                 "usage": usage.get(a["name"], {})}
-                     for a in relay.account_meter() for usage in [relay.stats.accounts()]},
+                                 "usage": per_account.get(a["name"], {})} for a in relay.account_meter()},
     })
 
 
