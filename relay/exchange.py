@@ -103,6 +103,7 @@ class Exchange:
                 log.warning("%s: account %s cannot answer (%s); trying another account", ctx.request_id,
                             self.account, err.code)
                 self._end_run()
+                self.run = None  # nothing was answered: the conversation keeps its record for the next turn
                 self._drop_account()
                 tried.append(str(plan.account))
                 if relay.sessions.enabled and plan.conv_key:  # the next account starts from the full history

@@ -216,6 +216,9 @@ def test_a_broken_login_takes_out_only_its_account(relay_factory, mock_api):
         n = len(mock_api.by_token(ta))
         ask(c, "login-one 2")
     assert len(mock_api.by_token(ta)) == n and len(mock_api.by_token(tb)) == 2
+    r = requests.post(srv.url + "/v1/chat/completions", timeout=60, json={
+        "model": "sonnet", "messages": [{"role": "user", "content": "login-one 3"}]})
+    assert r.status_code == 200 and r.headers["x-relay-account"] == "a1"
     h = requests.get(srv.url + "/health", timeout=10).json()
     states = {a["name"]: a for a in h["accounts"]}
     assert states["a0"]["state"] == "login" and "401" in states["a0"]["reason"] and states["a1"]["usable"]

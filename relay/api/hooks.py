@@ -103,6 +103,8 @@ def install(app: Flask, relay: Relay) -> None:
     def _headers(resp: Response) -> Response:
         resp.headers["x-request-id"] = getattr(g, "request_id", "")
         resp.headers.setdefault("openai-version", "2020-10-01")
+        if getattr(g, "relay_account", None):
+            resp.headers["x-relay-account"] = g.relay_account
         origin = allowed_origin()
         if origin and request.method != "OPTIONS":
             resp.headers["Access-Control-Allow-Origin"] = origin
