@@ -8,6 +8,8 @@ keeps a separate quota window per bearer token (tests/mock_anthropic.py `set_acc
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 import requests
-from harness import free_port, openai_client, wait_until
+from harness import ROOT, free_port, openai_client, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +80,19 @@ def test_new_conversations_go_to_the_account_with_headroom(relay_factory, mock_a
     recent = requests.get(srv.url + "/v1/usage/recent?limit=5", timeout=10).json()["data"]
     assert {r["account"] for r in recent} == {"a0", "a1"}
     assert requests.get(srv.url + "/v1/usage", timeout=10).json()["accounts"]["a1"]["requests"] == 4
+    listed = subprocess.run([sys.executable, "-m", "relay", "accounts", "list"], env=srv.env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    rows = {a["name"]: a for a in map(json.loads, listed.stdout.splitlines())}
+    assert listed.returncode == 0 and rows["a0"]["windows"]["five_hour"]["utilization"] == pytest.approx(0.9)
+    env = dict(srv.env, RELAY_ACCOUNTS=json.dumps([{"name": "a0", "oauth_token_env": "CLAUDE_TOKEN_0"},
+                                                   {"name": "gone", "oauth_token_env": "CLAUDE_TOKEN_GONE"}]))
+    checked = subprocess.run([sys.executable, "-m", "relay", "accounts", "check"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    rows = {a["name"]: a for a in map(json.loads, checked.stdout.splitlines())}
+    assert checked.returncode == 1 and rows["a0"]["logged_in"] and "oauth_token" in rows["a0"]["detail"]
+    assert not rows["gone"]["logged_in"] and "CLAUDE_TOKEN_GONE" in rows["gone"]["detail"]
+    assert ta not in checked.stdout + checked.stderr and "model call" in checked.stderr
+    assert len(mock_api.by_token(ta)) == 1     # the check spent no model call
 
 
 def test_a_conversation_stays_on_its_account_over_several_turns(relay_factory, mock_api):
