@@ -29,7 +29,7 @@ CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-
 CORS_EXPOSE = ("x-request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
                "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
-ADMIN_PREFIXES = ("/v1/sessions", "/stats")
+ADMIN_PREFIXES = ("/v1/sessions", "/stats", "/v1/accounts")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 MAX_FORWARDED_HOPS = 32  # counted from the right: the hops our own proxies appended come last
 
@@ -134,6 +134,8 @@ def install(app: Flask, relay: Relay) -> None:
     def _headers(resp: Response) -> Response:
         resp.headers["x-request-id"] = getattr(g, "request_id", "")
         resp.headers.setdefault("openai-version", "2020-10-01")
+        if getattr(g, "relay_account", None):
+            resp.headers["x-relay-account"] = g.relay_account
         origin = allowed_origin()
         if origin and request.method != "OPTIONS":
             resp.headers["Access-Control-Allow-Origin"] = origin
