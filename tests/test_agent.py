@@ -93,8 +93,9 @@ def test_agent_mode_per_key_only(relay_factory, tmp_path, mock_api):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     srv = relay_factory({"RELAY_CONFIG": str(path)})
-    assert ask(srv, "ag5 MOCK:tool=Bash", key="sk-dev-1").json()["choices"][0]["message"]["content"] == \
-        "Tool said: hi-from-bash"
+    r = ask(srv, "ag5 MOCK:tool=Bash", key="sk-dev-1")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Tool said: hi-from-bash"
     assert "hi-from-bash" not in ask(srv, "ag6 MOCK:tool=Bash", key="sk-plain-1").json()["choices"][0]["message"]["content"]
 
 
@@ -215,7 +216,9 @@ def test_tools_cannot_use_the_credential_proxy_beyond_messages(boxed):
     probe = ("curl -sS -m 5 --unix-socket /run/anthropic.sock http://localhost/v1/models; echo; "
              "curl -sS -m 5 --unix-socket /run/anthropic.sock -H 'x-api-key: guess' -d '{}' "
              "http://localhost/v1/messages; echo")
-    out = ask(boxed, "esc4 " + bash_script(probe)).json()["choices"][0]["message"]["content"]
+    r = ask(boxed, "esc4 " + bash_script(probe))
+    assert r.status_code == 200, r.text
+    out = r.json()["choices"][0]["message"]["content"]
     assert out.count("relay proxy:") == 2 and "sk-ant-test" not in out
 
 
@@ -246,9 +249,10 @@ def test_forgetting_an_agent_conversation_removes_its_folders_transcripts_and_re
     h = {"Authorization": f"Bearer {AGENT_KEY}", "X-Session-Id": "purge-me"}
     r = requests.post(boxed.url + "/v1/chat/completions", headers=h, timeout=90, json={
         "model": "s", "messages": [{"role": "user", "content": "purge1 " + bash_script("echo kept > kept.txt")}]})
-    assert r.status_code == 200
-    rid = requests.post(boxed.url + "/v1/responses", headers=h, timeout=90,
-                        json={"model": "sonnet", "input": "purge2"}).json()["id"]
+    assert r.status_code == 200, r.text
+    r = requests.post(boxed.url + "/v1/responses", headers=h, timeout=90, json={"model": "sonnet", "input": "purge2"})
+    assert r.status_code == 200, r.text
+    rid = r.json()["id"]
     scope = "agent~" + digest(AGENT_KEY)[:12]
     name = hashlib.sha256(f"{scope}\x00s:purge-me".encode()).hexdigest()[:24]
     work, state = boxed.tmp / "var" / "agent" / name, boxed.tmp / "var" / "agent-config" / name

@@ -151,6 +151,7 @@ class CliProcess:
         self.started_at = 0.0
         self._killed = False
         self._stdin_lock = threading.Lock()
+        self._readers: list[threading.Thread] = []
 
     @property
     def pid(self) -> int | None:
@@ -174,7 +175,10 @@ class CliProcess:
                               "or fix claude_bin / CLAUDE_BIN.", code="cli_unavailable") from exc
         self.started_at = time.monotonic()
         for target in (self._read_stdout, self._read_stderr, self._write_stdin):
-            threading.Thread(target=target, daemon=True).start()
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            if target != self._write_stdin:
+                self._readers.append(t)
 
     # -- I/O threads -----------------------------------------------------------------------------
     def _write_stdin(self) -> None:
@@ -281,11 +285,13 @@ class CliProcess:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
                 log.error("cli: pid %s did not exit after SIGKILL", proc.pid)
+            for t in self._readers:  # the pipes reach EOF once every process holding them is gone
+                t.join(1.0)
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 try:
                     if stream:
                         stream.close()
-                except OSError:
+                except (OSError, RuntimeError):  # RuntimeError: a reader still inside read() (gevent)
                     pass
         self._cleanup_files()
 
