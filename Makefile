@@ -27,6 +27,8 @@ run: $(VENV)/.deps
 	exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(VENV)/.test-deps $(CLI)
+	@command -v bwrap >/dev/null || apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+		echo "bubblewrap is missing and could not be installed: the agent-mode tests will be skipped"
 	$(VENV)/bin/ruff check relay tests bench wsgi.py gunicorn.conf.py
 	$(VENV)/bin/mypy relay
 	CLAUDE_TEST_BIN=$(abspath $(CLI)) $(VENV)/bin/pytest $(PYTEST_ARGS)
