@@ -30,7 +30,7 @@ from .core.events import Delta
 from .core.models import display_model
 from .core.record import RequestRecord
 from .core.request import ChatRequest, text_of
-from .core.run_description import describe
+from .core.run_description import describe, prompt_cache
 from .core.tokens import count_text
 from .core.upstream import SessionMissing, classify, finish_reason
 from .errors import Conflict, RateLimited, RelayError, UpstreamError
@@ -51,6 +51,7 @@ class Context:
     agent: Agent | None = None     # set when this caller may use the CLI's own tools
     client_socket: Any = None      # the client's socket, watched for a hang-up
     endpoint: str = ""
+    conversation: str | None = None  # an already known conversation id (Responses' previous_response_id)
 
 
 class Exchange:
@@ -108,7 +109,8 @@ class Exchange:
         key = ctx.api_key
         self.estimate = req.prompt_estimate
         self.token_budget = relay.quotas.check(key, self.estimate)
-        conv = self.conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
+        conv = self.conv = ctx.conversation or conversation_id(ctx.session_header, req.user, req.system,
+                                                               req.messages)
         if relay.sessions.enabled:  # lock first, then read the conversation's state under the lock
             token = new_token()
             lock = relay.sessions.lock_key(relay.sessions.key(ctx.scope, conv))
@@ -118,7 +120,7 @@ class Exchange:
                                retry_after=2)
             self.heartbeat.add("lock", lock, token)
         plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
-        member = f"{os.getpid()}:{self.cid}"
+        member = relay.slots.member(f"{os.getpid()}:{self.cid}", ctx.scope)
         wait_s = self.cfg["queue_timeout_s"]
         if key is not None and key.max_concurrent:  # the key's own slot first: a busy key must not hold host slots
             kslots = relay.slots.key_slots(key.name)
@@ -126,17 +128,21 @@ class Exchange:
                 raise RateLimited(f"This API key may run {key.max_concurrent} requests at once; one must finish "
                                   "first.", retry_after=max(1.0, wait_s / 2))
             self.heartbeat.add("slot", kslots, member)
-        if not relay.slots.wait(relay.slots.host_key, self.cfg["max_concurrent_runs"], member, wait_s,
-                                count_waiter=True):
-            raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
-                              "retry shortly.", retry_after=max(1.0, wait_s / 2))
+        limit = self.cfg["max_concurrent_runs"]
+        if not relay.slots.queue_for_host(limit, member, wait_s):  # first come, first served; fair between keys
+            avg_s = relay.stats.latency()["latency"]["avg_ms"] / 1000
+            raise RateLimited(f"All {limit} Claude runs on this host stayed busy for the {wait_s:g} s this "
+                              "request waited in the queue; the relay is overloaded.",
+                              retry_after=relay.slots.retry_after(limit, avg_s))
         self.heartbeat.add("slot", relay.slots.host_key, member)
         return plan
 
     def _spawn(self, plan: Plan) -> None:
         cfg, relay = self.cfg, self.relay
         agent = self.ctx.agent
-        desc = describe(self.req, plan, cfg["system_prompt_mode"], agent)
+        cache = prompt_cache(cfg["cache.ttl"], cfg["cache.min_tokens"], self.req.prompt_estimate,
+                             cfg["system_prompt_mode"])
+        desc = describe(self.req, plan, cfg["system_prompt_mode"], agent, cache)
         # keys never share an agent directory: the conversation id is scoped to the caller's key
         cwd = workdir(agent, f"{self.ctx.scope}\x00{self.conv}") if agent else relay.cli_cwd
         spec = build_spec(desc, relay.cli_path(), relay.cli_env, str(cwd), relay.tmp_dir)

@@ -19,6 +19,7 @@ from .cli.process import child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
+from .core.conversation import client_ids
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
 from .errors import RateLimited, Unavailable
@@ -64,7 +65,7 @@ class Relay:
         self.active: dict[str, Run] = {}
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self._redis)
         self.quotas = Quotas(self._redis, settings["rate_limit.max_tokens_per_day"])
-        self.response_cache = ResponseCache(self._redis, settings["cache.ttl"], settings["cache.min_tokens"])
+        self.response_cache = ResponseCache(self._redis, settings["response_cache.ttl"], settings["response_cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
         self._cli: dict[str, Any] = {}
@@ -114,9 +115,16 @@ class Relay:
         keep = {c["cli_session_id"] for c in self.sessions.list_all() if c.get("cli_session_id")}
         return expire_session_files(self.session_folder(), self.settings["sessions.ttl_hours"] * 3600, keep)
 
-    def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool) -> tuple[int, int]:
-        """Delete one conversation (or all, in `scope` or everywhere); returns (deleted, files removed)."""
+    def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool,
+                             own_scope: str | None = None) -> tuple[int, int]:
+        """Delete one conversation (or all, in `scope` or everywhere); returns (deleted, files removed).
+
+        `conv_id` is a listed id (`s:ticket-4711`) or, within the caller's `own_scope`, the id the client
+        chose: its X-Session-Id value or its `user`."""
         victims = self.sessions.delete(conv_id, scope)
+        if not victims and conv_id and own_scope:
+            for alias in client_ids(conv_id):
+                victims += self.sessions.delete(alias, own_scope)
         removed = 0
         if purge_files:
             removed = remove_session_files(self.session_folder(),

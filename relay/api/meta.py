@@ -58,11 +58,13 @@ def stats() -> Any:
     relay = _relay()
     total = relay.stats.totals()
     active = relay.slots.in_use()
+    queue = relay.slots.queue()
     return jsonify({
         "uptime_s": round(relay.uptime(), 1),
         "requests": {"total": total["requests"], "completed": total["successful"], "errors": total["errors"],
                      "cancelled": total["cancelled"], "active": active,
-                     "queued": relay.slots.queued()},
+                     "queued": queue["length"]},
+        "queue": dict(queue, timeout_s=relay.settings["queue_timeout_s"]),
         "concurrency": {"max_concurrent_runs": relay.settings["max_concurrent_runs"], "in_use": active},
         "sessions": relay.sessions.count(),
         "tokens": {k: total[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
@@ -108,7 +110,8 @@ def sessions_delete_all() -> Any:
 
 @bp.delete("/v1/sessions/<path:conv_id>")
 def sessions_delete(conv_id: str) -> Any:
-    deleted, removed = _relay().forget_conversations(conv_id, None, _purge_files())
+    deleted, removed = _relay().forget_conversations(conv_id, None, _purge_files(),
+                                                     own_scope=getattr(g, "key_name", "") or "anon")
     if not deleted:
         raise NotFound(f"No conversation {conv_id!r}.", param="id", code="session_not_found")
     return jsonify({"id": conv_id, "object": "conversation.deleted", "deleted": True, "files_removed": removed})

@@ -90,7 +90,8 @@ def tool_results_content(messages: list[dict[str, Any]], pending: list[str]) -> 
             content.append({"type": "tool_result", "tool_use_id": call_id, "is_error": True,
                             "content": "The client did not run this tool call."})
         else:
-            blocks = [b for b in _blocks(msg) if b["type"] in ("text", "image")] or [{"type": "text", "text": "(empty)"}]
+            blocks = [b for b in _blocks(msg) if b["type"] in ("text", "image", "document")] or \
+                [{"type": "text", "text": "(empty)"}]
             content.append({"type": "tool_result", "tool_use_id": call_id, "content": blocks})
     rest = [m for m in messages if m["role"] != "tool" or m.get("tool_call_id") in results]
     if len(rest) == 1 and rest[0]["role"] == "user":
