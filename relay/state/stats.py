@@ -189,14 +189,15 @@ class Stats:
                 "generated_at": datetime.now(UTC).isoformat()}
 
     def write_snapshot(self, force: bool = False) -> bool:
-        """Write log/stats.json if anything changed, by one worker at a time. True if written."""
+        """Write log/stats.json if anything changed, by one worker at a time. False only while another
+        worker holds the snapshot lock (the file may then miss this worker's latest requests)."""
         token = str(os.getpid())
         if not self.r.set(S + "snapshot_lock", token, nx=True, px=10000):
             return False
         try:
             version = self.r.get(S + "version") or "0"
             if not force and version == self.r.get(S + "snapshot_version") and self.path.exists():
-                return False
+                return True
             data = json.dumps(self.snapshot(), indent=1, default=str)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".stats-", suffix=".tmp")
@@ -257,9 +258,13 @@ class Stats:
                     log.warning("stats: snapshot failed: %s", exc)
         threading.Thread(target=loop, daemon=True).start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """The last snapshot at shutdown: waits (boundedly) for a worker that is writing one, so the
+        requests this worker answered last are in the file; one failure is logged, never retried."""
         self._stop.set()
+        deadline = time.monotonic() + wait_s
         try:
-            self.write_snapshot(force=True)
+            while not self.write_snapshot() and time.monotonic() < deadline:
+                time.sleep(0.05)
         except Exception as exc:
             log.warning("stats: final snapshot failed: %s", exc)
