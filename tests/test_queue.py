@@ -26,6 +26,11 @@ def queue(srv, key=None):
     return requests.get(srv.url + "/stats", headers=headers).json()["queue"]
 
 
+def waiting(srv, key=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.get(srv.url + "/stats", headers=headers).json()["requests"]["queued"]
+
+
 def started(mock_api, marker):
     """When the model first received each request holding `marker` (the CLI may retry: first try counts)."""
     return min(r["t"] for r in mock_api.records(marker))
@@ -41,7 +46,7 @@ def test_a_burst_on_the_default_config_is_queued_not_refused(relay_factory):
 
 
 def test_waiters_are_served_first_come_first_served_across_workers(relay_factory, mock_api):
-    srv = relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "1"})
+    srv = relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "1", "RELAY_QUEUE_TIMEOUT_S": "60"})
     threads = [threading.Thread(target=ask, args=(srv, "q2 blocker MOCK:delay=8"))]
     threads[0].start()
     assert wait_until(lambda: mock_api.records("q2 blocker"), 30)
@@ -49,13 +54,14 @@ def test_waiters_are_served_first_come_first_served_across_workers(relay_factory
         t = threading.Thread(target=ask, args=(srv, f"q2 waiter-{i}"))
         t.start()
         threads.append(t)
-        assert wait_until(lambda n=i + 1: queue(srv)["length"] == n, 30)
-    q = queue(srv)
-    assert q["length"] == 5 and q["oldest_wait_s"] > 0 and q["timeout_s"] == 60
+        assert wait_until(lambda n=i + 1: waiting(srv) == n, 30)
+    stats = requests.get(srv.url + "/stats").json()
     for t in threads:
         t.join(120)
     order = sorted(range(5), key=lambda i: started(mock_api, f"q2 waiter-{i}"))
     assert order == [0, 1, 2, 3, 4]
+    q = stats["queue"]  # what /stats showed while they waited
+    assert q["length"] == 5 and q["oldest_wait_s"] > 0 and q["timeout_s"] == 60
     pids = {r["worker"] for r in requests.get(srv.url + "/v1/usage/recent").json()["data"]}
     assert len(pids) == 2  # the waiters were spread over both workers
 
@@ -68,7 +74,7 @@ def test_a_busy_key_cannot_keep_another_key_behind_its_whole_queue(relay_factory
     srv = relay_factory({"RELAY_CONFIG": str(tmp_path / "c.json"), "RELAY_MAX_CONCURRENT_RUNS": "2"})
     with ThreadPoolExecutor(7) as pool:
         bulk = [pool.submit(ask, srv, f"q3 bulk-{i} MOCK:delay=4", BULK) for i in range(6)]
-        assert wait_until(lambda: queue(srv, OPS)["length"] == 4, 60)  # 2 running, 4 waiting
+        assert wait_until(lambda: waiting(srv, OPS) == 4, 60)  # 2 running, 4 waiting
         ops = pool.submit(ask, srv, "q3 ops", OPS)
         assert ops.result().status_code == 200 and [f.result().status_code for f in bulk] == [200] * 6
     ops_start = started(mock_api, "q3 ops")
