@@ -86,9 +86,9 @@ class Exchange:
 
     def _open(self) -> None:
         req, ctx, relay = self.req, self.ctx, self.relay
-        plan = self._admit()
-        if ctx.client_socket is not None:
+        if ctx.client_socket is not None:  # watched from the start: a client may give up while queued
             self.watcher = DisconnectWatcher(ctx.client_socket, self._client_gone).start()
+        plan = self._admit()
         for attempt in (0, 1):
             self.plan = plan
             self._spawn(plan)
@@ -129,7 +129,8 @@ class Exchange:
                                   "first.", retry_after=max(1.0, wait_s / 2))
             self.heartbeat.add("slot", kslots, member)
         limit = self.cfg["max_concurrent_runs"]
-        if not relay.slots.queue_for_host(limit, member, wait_s):  # first come, first served; fair between keys
+        gone = lambda: self.watcher is not None and self.watcher.gone  # noqa: E731
+        if not relay.slots.queue_for_host(limit, member, wait_s, gone):  # first come first served, fair between keys
             avg_s = relay.stats.latency()["latency"]["avg_ms"] / 1000
             raise RateLimited(f"All {limit} Claude runs on this host stayed busy for the {wait_s:g} s this "
                               "request waited in the queue; the relay is overloaded.",

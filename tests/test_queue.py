@@ -115,3 +115,21 @@ def test_an_over_quota_key_is_refused_before_its_body_is_read(relay_factory, tmp
     s.close()
     assert head.startswith(b"HTTP/1.1 429") and b"retry-after" in head.lower()
     assert json.loads(body)["error"]["code"] == "insufficient_quota"
+
+
+def test_a_client_that_hangs_up_while_queued_leaves_the_queue(relay_factory, mock_api):
+    srv = relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "1"})
+    blocker = threading.Thread(target=ask, args=(srv, "q6 blocker MOCK:delay=15"))
+    blocker.start()
+    assert wait_until(lambda: mock_api.records("q6 blocker"), 30)
+    data = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "q6 abandoned"}]}).encode()
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    assert wait_until(lambda: waiting(srv) == 1, 30)
+    s.close()
+    assert wait_until(lambda: waiting(srv) == 0, 30)
+    assert blocker.is_alive()  # it left the queue at once, not when a slot came free
+    blocker.join(60)
+    assert wait_until(lambda: requests.get(srv.url + "/v1/usage").json()["total"]["cancelled"] == 1, 10)
+    assert not mock_api.records("q6 abandoned")

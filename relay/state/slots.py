@@ -87,8 +87,10 @@ class RunSlots:
         attempt: Callable[[], bool] = lambda: self.leases.try_slot(key, limit, member)  # noqa: E731
         return self.leases.wait_for(attempt, timeout)
 
-    def queue_for_host(self, limit: int, member: str, timeout: float) -> bool:
-        """Wait in the host's queue for one of its `limit` slots; False after `timeout` seconds."""
+    def queue_for_host(self, limit: int, member: str, timeout: float,
+                       gone: Callable[[], bool] = lambda: False) -> bool:
+        """Wait in the host's queue for one of its `limit` slots; False after `timeout` seconds, or
+        as soon as `gone()` says the client hung up (its place goes to the next waiter)."""
         arrival = time.time()
         deadline = time.monotonic() + timeout
         delay = 0.02
@@ -100,7 +102,7 @@ class RunSlots:
                 if got:
                     return True
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or gone():
                     return False
                 time.sleep(min(delay, left))
                 delay = min(delay * 1.5, 0.2)
