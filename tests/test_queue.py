@@ -118,7 +118,7 @@ def test_an_over_quota_key_is_refused_before_its_body_is_read(relay_factory, tmp
 
 
 def test_a_client_that_hangs_up_while_queued_leaves_the_queue(relay_factory, mock_api):
-    srv = relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "1"})
+    srv = relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "1", "RELAY_QUEUE_TIMEOUT_S": "60"})
     blocker = threading.Thread(target=ask, args=(srv, "q6 blocker MOCK:delay=15"))
     blocker.start()
     assert wait_until(lambda: mock_api.records("q6 blocker"), 30)
