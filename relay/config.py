@@ -96,8 +96,8 @@ SCHEMA: dict[str, Field] = {
     "log_dir": Field(str, "log", "Where stats.json is written."),
     "log_level": Field(str, "info", "debug | info | warning (or warn) | error.",
                        _one_of("debug", "info", "warning", "error")),
-    "cache.ttl": Field(str, "5m", "Anthropic prompt-cache lifetime: \"5m\" or \"1h\" (\"off\": no prompt caching).",
-                       _one_of("5m", "1h", "off")),
+    "cache.ttl": Field(str, "auto", "Anthropic prompt-cache lifetime: \"5m\", \"1h\", \"auto\" (the CLI's choice: 1h on a "
+                       "subscription, 5m on an API key) or \"off\".", _one_of("auto", "5m", "1h", "off")),
     "cache.min_tokens": Field(int, 1024, "Prompts (system prompt plus history) shorter than this many tokens are "
                               "sent without prompt caching (0 = always cache).", _between(0, 10**9)),
     "response_cache.ttl": Field(int, 0, "Seconds an identical non-streaming answer is served from the response "
@@ -269,7 +269,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
             if key not in SCHEMA:
                 raise ConfigError(f"config: unknown key {key} in {file}")
             if key == "cache.ttl" and isinstance(raw, int) and not isinstance(raw, bool):
-                raise ConfigError(f"config: cache.ttl is the prompt-cache lifetime, \"5m\" or \"1h\" (got {raw!r}); "
+                raise ConfigError(f"config: cache.ttl is the prompt-cache lifetime, \"5m\", \"1h\" or \"auto\" (got {raw!r}); "
                                   "the response cache's seconds are response_cache.ttl")
             values[key] = _coerce(key, raw, from_env=False)
     elif path or env.get("RELAY_CONFIG"):

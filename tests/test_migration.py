@@ -8,7 +8,7 @@ import sys
 import time
 
 import requests
-from harness import ROOT, default_cli_bin, wait_until
+from harness import ROOT, RelayServer, default_cli_bin, relay_env, wait_until
 
 from relay.config import load_settings
 
@@ -113,10 +113,14 @@ def _cache_controls(body):
     return [b["cache_control"] for b in blocks if isinstance(b, dict) and b.get("cache_control")]
 
 
-def test_cache_settings_are_prompt_caching_at_the_model(relay_factory, mock_api, tmp_path):
+def test_cache_settings_are_prompt_caching_at_the_model(relay_factory, redis_server, mock_api, cli_bin, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(ORIGINAL_CONFIG))
-    srv = relay_factory({"RELAY_CONFIG": str(path)})
+    # a subscription login (OAuth token): the CLI's own default there is the 1-hour cache
+    env = relay_env(redis_server.fresh_db(), cli_bin, mock_api.url, tmp_path, {"RELAY_CONFIG": str(path)})
+    env.pop("ANTHROPIC_API_KEY")
+    env["CLAUDE_CODE_OAUTH_TOKEN"] = "sk-ant-oat01-test"
+    srv = RelayServer(tmp_path, env).start()
     long_system = "mig2 policy. " + "Follow every rule carefully and be precise. " * 300  # > 1024 tokens
 
     def ask(server, system, text):
@@ -124,10 +128,13 @@ def test_cache_settings_are_prompt_caching_at_the_model(relay_factory, mock_api,
             {"role": "system", "content": system}, {"role": "user", "content": text}]})
         assert r.status_code == 200
         return mock_api.bodies(text)[-1]
-    assert _cache_controls(ask(srv, "Be brief.", "mig2 short prompt")) == []  # under min_tokens: no cache writes
-    controls = _cache_controls(ask(srv, long_system, "mig2 long prompt"))
-    assert controls and all(c == {"type": "ephemeral"} for c in controls)  # the 5-minute cache
-    hour = relay_factory({"RELAY_CONFIG": str(path), "RELAY_CACHE__TTL": "1h"})
+    try:
+        assert _cache_controls(ask(srv, "Be brief.", "mig2 short prompt")) == []  # under min_tokens: no cache writes
+        controls = _cache_controls(ask(srv, long_system, "mig2 long prompt"))
+        assert controls and all(c == {"type": "ephemeral"} for c in controls)  # "5m" means 5 minutes
+    finally:
+        srv.stop()
+    hour = relay_factory({"RELAY_CONFIG": str(path), "RELAY_CACHE__TTL": "1h"})  # an API key: 5m by default
     controls = _cache_controls(ask(hour, long_system, "mig2 hour prompt"))
     assert controls and all(c == {"type": "ephemeral", "ttl": "1h"} for c in controls)
 

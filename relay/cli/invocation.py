@@ -59,10 +59,11 @@ def mcp_config(tmp: str, tools: list[dict[str, object]]) -> str:
 
 def cache_env(prompt_cache: str) -> dict[str, str]:
     """Prompt caching is set through the CLI's environment (measured with 2.1.330 at the mock):
-    ENABLE_PROMPT_CACHING_1H=1 marks blocks `{"type": "ephemeral", "ttl": "1h"}`, DISABLE_PROMPT_CACHING=1
-    sends no `cache_control` at all; the default is the 5-minute cache."""
-    if prompt_cache == "1h":
-        return {"ENABLE_PROMPT_CACHING_1H": "1"}
+    CLAUDE_CODE_PROMPT_CACHE_TTL=5m|1h marks blocks `{"type": "ephemeral"}` or `{..., "ttl": "1h"}` (without
+    it the CLI picks 1h on a subscription, 5m on an API key); DISABLE_PROMPT_CACHING=1 sends no
+    `cache_control` at all."""
+    if prompt_cache in ("5m", "1h"):
+        return {"CLAUDE_CODE_PROMPT_CACHE_TTL": prompt_cache}
     if prompt_cache == "off":
         return {"DISABLE_PROMPT_CACHING": "1"}
     return {}

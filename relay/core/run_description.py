@@ -32,7 +32,7 @@ class RunDescription:
     json_schema: dict[str, Any] | None = None
     client_tools: list[dict[str, Any]] = field(default_factory=list)   # served by the relay's MCP server
     agent: Agent | None = None                   # the CLI's own tools, for agent keys
-    prompt_cache: str = "5m"                     # Anthropic prompt caching: "5m", "1h" or "off"
+    prompt_cache: str = "auto"                   # Anthropic prompt caching: "auto", "5m", "1h" or "off"
 
     @property
     def builtin_tools(self) -> tuple[str, ...]:
@@ -59,7 +59,7 @@ def prompt_cache(ttl: str, min_tokens: int, estimate: int, system_prompt_mode: s
 
 
 def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent | None,
-             cache: str = "5m") -> RunDescription:
+             cache: str = "auto") -> RunDescription:
     system = req.system
     instruction = req.tools.instruction() if req.tools.active else ""
     if instruction:
