@@ -137,6 +137,8 @@ SCHEMA: dict[str, Field] = {
                                 _one_of("hidden", "reasoning")),
     "agent.user": Field(str, "", "Run agent CLIs as this user (required for bypassPermissions when the relay is root)."),
     "prices": Field(dict, {}, "Override USD prices per million tokens, per model family."),
+    "metrics.scrape_token": Field(str, "", "A token Prometheus may send (Authorization: Bearer) to read /metrics "
+                                  "instead of an admin key; empty = admin keys only."),
 }
 
 

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from ..core.metrics import AccountStatus
 from ..errors import SubscriptionLimited
 from .connection import PREFIX
 
@@ -29,6 +30,14 @@ class AccountState:
         if float(raw.get("login_until") or 0) > now:
             out["login_problem"] = raw.get("login_problem", "")
         return out
+
+    def status(self, name: str) -> AccountStatus:
+        """This login as the metrics and the dashboard see it. Only a cooldown is known today: the
+        window's utilization below the limit is not reported by the CLI, so it stays None."""
+        st = self.get()
+        until = st.get("cooldown_until")
+        return AccountStatus(name=name, limited=bool(until or st.get("login_problem")), resets_at=until,
+                             reason=str(st.get("cooldown_reason") or st.get("login_problem") or ""))
 
     def note_error(self, err: Exception) -> None:
         """Remember a subscription limit (cooldown until the reset) or a broken login, for every worker."""
