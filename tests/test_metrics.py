@@ -62,7 +62,7 @@ def known_mix(srv):
     ok = 0
     while len({r["worker"] for r in recent(srv)}) < 2 and ok < 40:  # until both workers served some
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda i: chat(srv, ADMIN, f"mix {ok} {i}"), range(4)))
+            answers = list(pool.map(lambda i, base=ok: chat(srv, ADMIN, f"mix {base} {i}"), range(4)))
         assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
         ok += 4
     assert len({r["worker"] for r in recent(srv)}) == 2
@@ -83,6 +83,7 @@ def known_mix(srv):
     return ok
 
 
+@pytest.mark.slow
 def test_metrics_count_a_known_mix_exactly_across_workers_and_a_worker_restart(team):
     host = requests.get(team.url + "/health").json()["host"]
     ok_root = known_mix(team)
@@ -175,3 +176,54 @@ def test_without_auth_metrics_answer_only_this_machine(relay_factory):
     tok = relay_factory({"RELAY_METRICS__SCRAPE_TOKEN": SCRAPE})
     assert requests.get(tok.url + "/metrics").status_code == 401
     assert requests.get(tok.url + "/metrics", headers=auth(SCRAPE)).status_code == 200
+
+
+@pytest.mark.slow
+def test_live_gauges_show_running_and_waiting_requests(relay_factory):
+    srv = relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "1", "RELAY_QUEUE_TIMEOUT_S": "60"})
+    slow = "live MOCK:slow=400 MOCK:words=40"
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(requests.post, srv.url + "/v1/chat/completions", timeout=120,
+                            json={"model": "sonnet", "stream": True, "messages": [{"role": "user", "content": slow}]})
+        assert wait_until(lambda: total(scrape(srv), "relay_active_runs") == 1, 60)
+        second = pool.submit(requests.post, srv.url + "/v1/chat/completions", timeout=120,
+                             json={"model": "haiku", "messages": [{"role": "user", "content": "waits"}]})
+        assert wait_until(lambda: total(scrape(srv), "relay_queue_length") == 1, 30)
+        assert wait_until(lambda: total(scrape(srv), "relay_queue_oldest_wait_seconds") > 0, 10)
+        live = requests.get(srv.url + "/dashboard/data").json()["live"]
+        assert live["active_runs"] == 1 and live["queued"] == 1 and live["oldest_wait_s"] > 0
+        assert [(r["model"], r["endpoint"], r["stream"]) for r in live["runs"]] == [("sonnet", "/v1/chat/completions", True)]
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    m = scrape(srv)
+    assert total(m, "relay_active_runs") == 0 and total(m, "relay_queue_length") == 0
+    assert total(m, "relay_queue_oldest_wait_seconds") == 0 and total(m, "relay_requests_total", status=200) == 2
+    assert requests.get(srv.url + "/dashboard/data").json()["live"]["runs"] == []
+
+
+def test_a_record_adds_to_the_right_bucket_and_labels():
+    from relay.core.metrics import record_updates
+    from relay.core.record import RequestRecord
+
+    up = record_updates(RequestRecord(id="a", request_id="r", key="k", model="m", status=200, endpoint="/e",
+                                      account="acc", input_tokens=5, ttft_ms=300, response_time_ms=7000))
+    assert up[("requests", '["/e","200","m","k","acc"]')] == 1
+    assert up[("tokens", '["input","m","k","acc"]')] == 5 and ("tokens", '["output","m","k","acc"]') not in up
+    assert up[("time_to_first_token_seconds", '["/e","m","le","0.5"]')] == 1
+    assert up[("request_duration_seconds", '["/e","m","le","10.0"]')] == 1
+    assert up[("request_duration_seconds", '["/e","m","sum"]')] == 7.0
+    refused = record_updates(RequestRecord(id="b", request_id="r", status=429, error="insufficient_quota"))
+    assert refused[("rejections", '["quota","none"]')] == 1
+    upstream_429 = record_updates(RequestRecord(id="c", request_id="r", status=429, account="acc",
+                                                error="rate_limit_exceeded"))
+    assert not [k for k in upstream_429 if k[0] == "rejections"]  # the subscription's 429 is not the relay's refusal
+    crash = record_updates(RequestRecord(id="d", request_id="r", status=502, account="acc", error="cli_crashed"))
+    assert crash[("cli_failures", '["crash"]')] == 1
+
+
+def test_charts_escape_names_and_use_no_style_attributes():
+    from relay.core.charts import meter, stacked_bars
+
+    svg = stacked_bars("t", ["a", "b"], {"<script>x</script>": [1, 2], "ok": [0, 3]})
+    assert "<script>" not in svg and "&lt;script&gt;" in svg and "style=" not in svg and svg.count("<rect") >= 3
+    m = meter('"><img src=x>', 50, 100)
+    assert "<img" not in m and "style=" not in m

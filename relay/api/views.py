@@ -10,18 +10,28 @@ import time
 from typing import Any
 
 from ..core.charts import meter, stacked_bars
-from ..core.metrics import pivot
+from ..core.metrics import AccountStatus, pivot
 from ..runtime import Relay
 from ..state.apikeys import ApiKey
 
 HOURS, DAYS = 24, 14
 
 
-def _charts(relay: Relay, key: str | None = None) -> dict[str, str]:
+def _account(a: AccountStatus) -> dict[str, Any]:
+    if a.limited:
+        pct, shown, note = 100.0, "limited", "until " + time.strftime("%H:%M UTC", time.gmtime(a.resets_at or 0))
+    elif a.utilization is None:
+        pct, shown, note = 0.0, "usable", "window use not reported"
+    else:
+        pct, shown, note = a.utilization * 100, f"{a.utilization * 100:.0f} % of the window", ""
+    return dict(a.__dict__, meter=meter(a.name, pct, 100, note, shown=shown))
+
+
+def _charts(relay: Relay, key: str | None = None) -> list[dict[str, str]]:
     hours, days = relay.metrics.hours(HOURS), relay.metrics.days(DAYS)
     h_labels = [h[-2:] + "h" for h, _ in hours]
     d_labels = [d[5:] for d, _ in days]
-    out = {}
+    out = []
     dims = ("key", "model", "account") if key is None else ("key",)
     for dim in dims:
         by_hour = pivot(hours, "requests", dim)
@@ -29,10 +39,10 @@ def _charts(relay: Relay, key: str | None = None) -> dict[str, str]:
         if key is not None:  # a key's own page: its own series only
             by_hour = {k: v for k, v in by_hour.items() if k == key}
             by_day = {k: v for k, v in by_day.items() if k == key}
-        out[f"hour_{dim}"] = stacked_bars(f"Requests per hour (UTC, last {HOURS} h) by {dim}", h_labels, by_hour,
-                                          tick_every=3)
-        out[f"day_{dim}"] = stacked_bars(f"Tokens per day (last {DAYS} days) by {dim}", d_labels, by_day,
-                                         tick_every=2)
+        out.append({"name": f"hour_{dim}", "svg": stacked_bars(
+            f"Requests per hour (UTC, last {HOURS} h) by {dim}", h_labels, by_hour, tick_every=3)})
+        out.append({"name": f"day_{dim}", "svg": stacked_bars(
+            f"Tokens per day (last {DAYS} days) by {dim}", d_labels, by_day, tick_every=2)})
     return out
 
 
@@ -74,9 +84,7 @@ def dashboard(relay: Relay) -> dict[str, Any]:
     live = relay.live()
     used_all, _ = relay.quotas.used_today(None)
     global_limit = relay.settings["rate_limit.max_tokens_per_day"]
-    accounts = [dict(a.__dict__, meter=meter(a.name, 1 if a.limited else (a.utilization or 0), 1,
-                                             "limited until reset" if a.limited else "usable"))
-                for a in live.accounts]
+    accounts = [_account(a) for a in live.accounts]
     seen: set[str] = set()
     keys = []
     for k in relay.keys.keys:

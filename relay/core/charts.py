@@ -75,11 +75,13 @@ def _legend(series: dict[str, list[int]], x0: int, y0: int) -> list[str]:
     return out
 
 
-def meter(label: str, used: float, limit: float | None, note: str = "", width: int = 420) -> str:
+def meter(label: str, used: float, limit: float | None, note: str = "", width: int = 420,
+          shown: str | None = None) -> str:
     """A horizontal gauge: `used` of `limit` (no limit: an empty track with the count)."""
     share = min(1.0, used / limit) if limit else 0.0
     colour = "#59a14f" if share < 0.75 else "#edc948" if share < 0.95 else "#e15759"
-    shown = f"{_num(used)} / {_num(limit)}" if limit else f"{_num(used)} (no limit)"
+    if shown is None:
+        shown = f"{_num(used)} / {_num(limit)}" if limit else f"{_num(used)} (no limit)"
     track_w = width - 160
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} 34" width="{width}" role="img" '
             f'aria-label="{escape(label)}: {escape(shown)}"><title>{escape(label)}: {escape(shown)} {escape(note)}</title>'

@@ -57,7 +57,7 @@
     }
   }
   function charts(all) {
-    for (const markup of Object.values(all)) svg($("charts"), markup);
+    for (const c of all) svg($("charts"), c.svg);
   }
 
   function renderDashboard(d) {
