@@ -164,9 +164,9 @@ class Relay:
 
     def live(self) -> Live:
         """The gauges of this host, read now."""
+        queued, oldest = self.slots.waiting(self.settings["queue_timeout_s"])
         return Live(host=self.host, active_runs=self.slots.in_use(), max_runs=self.settings["max_concurrent_runs"],
-                    queued=self.slots.queued(), oldest_wait_s=round(self.slots.oldest_wait(), 3),
-                    warm=self.warm_stats(), accounts=self.accounts())
+                    queued=queued, oldest_wait_s=round(oldest, 3), warm=self.warm_stats(), accounts=self.accounts())
 
     def record(self, rec: RequestRecord) -> None:
         try:

@@ -31,7 +31,7 @@ def team(relay_factory, tmp_path_factory):
     cfg["metrics"] = {"scrape_token": SCRAPE}
     path = tmp_path_factory.mktemp("metrics") / "config.json"
     path.write_text(json.dumps(cfg))
-    return relay_factory({"RELAY_CONFIG": str(path), "RELAY_FIRST_TOKEN_TIMEOUT_S": "12"})
+    return relay_factory({"RELAY_CONFIG": str(path), "RELAY_FIRST_TOKEN_TIMEOUT_S": "30"})
 
 
 def chat(srv, key, text, **kw):
@@ -78,7 +78,7 @@ def known_mix(srv):
     assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
     r = chat(srv, ADMIN, "boom MOCK:error=500")
     assert r.status_code == 502
-    r = chat(srv, ADMIN, "silence MOCK:stall=25")
+    r = chat(srv, ADMIN, "silence MOCK:stall=60")
     assert r.status_code == 504 and r.json()["error"]["code"] == "first_token_timeout"
     return ok
 

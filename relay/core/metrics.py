@@ -172,7 +172,7 @@ def families(stored: dict[str, dict[str, float]], live: Live) -> Iterator[Metric
         return g
     yield gauge("active_runs", "CLI runs in progress on this host.", live.active_runs)
     yield gauge("max_concurrent_runs", "Run slots on this host (max_concurrent_runs).", live.max_runs)
-    yield gauge("queue_length", "Requests waiting for a run slot.", live.queued)
+    yield gauge("queue_length", "Requests waiting for a run slot on this host.", live.queued)
     yield gauge("queue_oldest_wait_seconds", "How long the longest-waiting request has waited (0 if none).",
                 live.oldest_wait_s)
     yield gauge("warm_processes", "Warm CLI processes alive on this host.", live.warm.processes)

@@ -10,7 +10,7 @@ from typing import Any
 from .connection import PREFIX
 from .leases import Leases
 
-STALE_WAIT_S = 3600.0  # a waiter left behind by a killed worker is forgotten after this
+STALE_GRACE_S = 60.0  # a waiter left behind by a killed worker is forgotten this long after its time-out
 
 
 class RunSlots:
@@ -18,7 +18,7 @@ class RunSlots:
         self.r, self.leases, self.host = r, leases, host
         self.host_key = f"{PREFIX}slots:{host}"
         self.queue_key = PREFIX + "queued"
-        self.waiting_key = PREFIX + "waiting"        # member -> when it started waiting
+        self.waiting_key = f"{PREFIX}waiting:{host}"  # member -> when it started waiting for a host slot
         self.runs_key = f"{PREFIX}runs:{host}"       # slot member -> what it runs (for the dashboard)
 
     def key_slots(self, key_name: str) -> str:
@@ -47,12 +47,16 @@ class RunSlots:
     def queued(self) -> int:
         return max(0, int(self.r.get(self.queue_key) or 0))
 
-    def oldest_wait(self) -> float:
-        """Seconds the longest-waiting request has waited for a host slot (0 when nobody waits)."""
+    def waiting(self, max_wait_s: float) -> tuple[int, float]:
+        """Requests waiting for a host slot on this host, and the longest wait in seconds (0 when none).
+        Nobody waits longer than `max_wait_s` (queue_timeout_s), so older entries are a killed worker's."""
         now = time.time()
-        self.r.zremrangebyscore(self.waiting_key, "-inf", now - STALE_WAIT_S)
-        first = self.r.zrange(self.waiting_key, 0, 0, withscores=True)
-        return max(0.0, now - float(first[0][1])) if first else 0.0
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zremrangebyscore(self.waiting_key, "-inf", now - max_wait_s - STALE_GRACE_S)
+        pipe.zcard(self.waiting_key)
+        pipe.zrange(self.waiting_key, 0, 0, withscores=True)
+        _, count, first = pipe.execute()
+        return int(count), (max(0.0, now - float(first[0][1])) if first else 0.0)
 
     # -- what runs, for the dashboard ---------------------------------------------------------------
     def describe(self, member: str, info: dict[str, Any]) -> None:
