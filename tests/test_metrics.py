@@ -211,6 +211,8 @@ def test_a_record_adds_to_the_right_bucket_and_labels():
     assert up[("time_to_first_token_seconds", '["/e","m","le","0.5"]')] == 1
     assert up[("request_duration_seconds", '["/e","m","le","10.0"]')] == 1
     assert up[("request_duration_seconds", '["/e","m","sum"]')] == 7.0
+    assert isinstance(up[("request_duration_seconds", '["/e","m","sum"]')], float)  # whole seconds too
+    assert all(isinstance(v, int) for (fam, f), v in up.items() if not f.endswith('"sum"]'))
     refused = record_updates(RequestRecord(id="b", request_id="r", status=429, error="insufficient_quota"))
     assert refused[("rejections", '["quota","none"]')] == 1
     upstream_429 = record_updates(RequestRecord(id="c", request_id="r", status=429, account="acc",
@@ -227,3 +229,23 @@ def test_charts_escape_names_and_use_no_style_attributes():
     assert "<script>" not in svg and "&lt;script&gt;" in svg and "style=" not in svg and svg.count("<rect") >= 3
     m = meter('"><img src=x>', 50, 100)
     assert "<img" not in m and "style=" not in m
+
+
+def test_the_store_adds_whole_and_fractional_seconds_to_one_sum(redis_server):
+    import redis
+
+    from relay.core.metrics import Live, WarmStats, families
+    from relay.core.record import RequestRecord
+    from relay.state.metrics import MetricsStore
+
+    store = MetricsStore(redis.Redis.from_url(redis_server.fresh_db(), decode_responses=True))
+    for ms in (5000, 2345, 7000):  # a whole first sum must not make the field an integer for HINCRBY
+        store.record(RequestRecord(id="x", request_id="x", status=200, endpoint="/e", model="m", ttft_ms=ms,
+                                   response_time_ms=ms))
+    stored = store.counters()
+    assert stored["request_duration_seconds"]['["/e","m","sum"]'] == pytest.approx(14.345)
+    assert stored["requests"] == {'["/e","200","m","none","none"]': 3.0}
+    fam = {f.name: f for f in families(stored, Live("h", 0, 1, 0, 0.0, WarmStats(), []))}
+    buckets = {s.labels["le"]: s.value for s in fam["relay_request_duration_seconds"].samples
+               if s.name.endswith("_bucket")}
+    assert buckets["2.5"] == 1 and buckets["5.0"] == 2 and buckets["10.0"] == 3 and buckets["+Inf"] == 3

@@ -82,25 +82,26 @@ def _bucket(seconds: float) -> str:
     return "+Inf"
 
 
-def _observe(out: dict[tuple[str, str], float], family: str, labels: tuple[str, ...], seconds: float) -> None:
-    for f, n in ((_field(*labels, "le", _bucket(seconds)), 1.0), (_field(*labels, "sum"), seconds),
-                 (_field(*labels, "count"), 1.0)):
-        out[(family, f)] = out.get((family, f), 0.0) + n
+def _observe(out: dict[tuple[str, str], int | float], family: str, labels: tuple[str, ...], seconds: float) -> None:
+    for f, n in ((_field(*labels, "le", _bucket(seconds)), 1), (_field(*labels, "sum"), float(seconds)),
+                 (_field(*labels, "count"), 1)):
+        out[(family, f)] = out.get((family, f), 0) + n
 
 
-def record_updates(rec: RequestRecord) -> dict[tuple[str, str], float]:
-    """(family, field) -> amount for one finished request; fields encode the label values."""
+def record_updates(rec: RequestRecord) -> dict[tuple[str, str], int | float]:
+    """(family, field) -> amount for one finished request; fields encode the label values. Counts are
+    ints, histogram sums floats (always, even when whole: the store adds floats with HINCRBYFLOAT)."""
     key, model, account = rec.key or "none", rec.model or "none", rec.account or "none"
     endpoint = rec.endpoint or "none"
-    out: dict[tuple[str, str], float] = {("requests", _field(endpoint, str(rec.status), model, key, account)): 1.0}
+    out: dict[tuple[str, str], int | float] = {("requests", _field(endpoint, str(rec.status), model, key, account)): 1}
     for kind, attr in TOKEN_KINDS:
         n = int(getattr(rec, attr) or 0)
         if n:
-            out[("tokens", _field(kind, model, key, account))] = float(n)
+            out[("tokens", _field(kind, model, key, account))] = n
     if rec.status == 429 and not rec.account:  # refused by the relay itself, before any CLI run
-        out[("rejections", _field(REJECTIONS.get(rec.error or "", "rate_limit"), key))] = 1.0
+        out[("rejections", _field(REJECTIONS.get(rec.error or "", "rate_limit"), key))] = 1
     if rec.error in CLI_FAILURES:
-        out[("cli_failures", _field(CLI_FAILURES[rec.error]))] = 1.0
+        out[("cli_failures", _field(CLI_FAILURES[rec.error]))] = 1
     if rec.ttft_ms is not None:
         _observe(out, "time_to_first_token_seconds", (endpoint, model), rec.ttft_ms / 1000)
     _observe(out, "request_duration_seconds", (endpoint, model), rec.response_time_ms / 1000)

@@ -29,10 +29,10 @@ class MetricsStore:
         hour, day = series_buckets(rec.timestamp)
         pipe = self.r.pipeline(transaction=True)
         for (family, field), amount in record_updates(rec).items():
-            if float(amount).is_integer():
-                pipe.hincrby(M + family, field, int(amount))
-            else:
+            if isinstance(amount, float):  # histogram sums: always float, or HINCRBY would refuse the field
                 pipe.hincrbyfloat(M + family, field, amount)
+            else:
+                pipe.hincrby(M + family, field, amount)
         for name, ttl in ((f"{SERIES}hour:{hour}", HOUR_TTL_S), (f"{SERIES}day:{day}", DAY_TTL_S)):
             for field, n in series_updates(rec).items():
                 if n:
