@@ -207,6 +207,8 @@ SCHEMA: dict[str, Field] = {
     "alerts.max_attempts": Field(int, 10, "Deliveries of one alert tried before it is dropped.", _between(1, 100)),
     "alerts.retry_base_s": Field(float, 2.0, "First retry delay of a failed alert delivery (doubles each time).",
                                  _between(0.01, 3600)),
+    "metrics.scrape_token": Field(str, "", "A token Prometheus may send (Authorization: Bearer) to read /metrics "
+                                  "instead of an admin key; empty = admin keys only."),
 }
 
 

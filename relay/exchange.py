@@ -179,6 +179,13 @@ class Exchange:
             raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
                               "retry shortly.", retry_after=max(1.0, wait_s / 2))
         self.heartbeat.add("slot", relay.slots.host_key, member)
+        self.member = member
+        try:
+            relay.slots.describe(member, {"id": self.cid, "key": ctx.key_name, "model": req.cli_model,
+                                          "endpoint": ctx.endpoint, "stream": req.stream, "worker": os.getpid(),
+                                          "started": time.time()})
+        except Exception as exc:  # the dashboard's list of runs is a courtesy
+            log.warning("could not describe run %s: %s", self.cid, exc)
         return plan
 
     def _spawn(self, plan: Plan) -> None:
@@ -351,6 +358,11 @@ class Exchange:
         except Exception as e:  # never lose the stats record over a session update
             log.error("%s: session update failed: %s", self.ctx.request_id, e)
         finally:
+            if self.member:
+                try:
+                    self.relay.slots.forget(self.member)
+                except Exception as e:  # it vanishes with the slot's lease anyway
+                    log.warning("%s: could not forget the run: %s", self.ctx.request_id, e)
             self.heartbeat.release()
             if isinstance(exc, Timeout):
                 self.relay.alerts.emit("run_timeout", self.account, f"A run on account {self.account} timed out "
@@ -377,4 +389,4 @@ class Exchange:
             response_time_ms=int((time.monotonic() - self.t0) * 1000),
             ttft_ms=self.run.ttft_ms if self.run else None, first_message=first_user[:200],
             resumed=bool(self.plan and self.plan.resume), bytes_to_cli=self.bytes_to_cli, worker=os.getpid(),
-            endpoint=self.ctx.endpoint, account=self.account))
+            endpoint=self.ctx.endpoint, account=self.account or ""))

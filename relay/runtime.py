@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -19,6 +19,7 @@ from .cli.process import account_envs, child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
+from .core.metrics import AccountStatus, Live, WarmStats
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
 from .core.routing import AccountSpec
@@ -29,6 +30,7 @@ from .state.apikeys import KeyRing
 from .state.cache import ResponseCache
 from .state.connection import connect, host_id
 from .state.leases import Leases
+from .state.metrics import MetricsStore
 from .state.quotas import Quotas
 from .state.responses import ResponseStore
 from .state.sessions import Sessions
@@ -39,6 +41,12 @@ if TYPE_CHECKING:
     from flask_limiter import Limiter
 
 log = logging.getLogger("relay")
+
+
+class WarmPoolStats(Protocol):
+    """What the metrics need from a warm CLI pool; `Relay.warm_pool` is None until one exists."""
+
+    def stats(self) -> WarmStats: ...
 
 
 class Relay:
@@ -66,6 +74,8 @@ class Relay:
         self.active: dict[str, Run] = {}
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self._redis)
         self.quotas = Quotas(self._redis, settings["rate_limit.max_tokens_per_day"])
+        self.metrics = MetricsStore(self._redis)
+        self.warm_pool: WarmPoolStats | None = None
         self.response_cache = ResponseCache(self._redis, settings["cache.ttl"], settings["cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
@@ -161,11 +171,30 @@ class Relay:
         except Exception as exc:  # any Redis trouble is reported, never raised, by /health
             return {"ok": False, "error": str(exc)}
 
+    # -- what operators see ---------------------------------------------------------------------
+    def account_statuses(self) -> list[AccountStatus]:
+        """Every account this relay routes to, with its limit state and window utilization."""
+        return self.accounts.statuses(problems=self.account_problems)
+
+    def warm_stats(self) -> WarmStats:
+        return self.warm_pool.stats() if self.warm_pool is not None else WarmStats()
+
+    def live(self) -> Live:
+        """The gauges of this host, read now."""
+        queued, oldest = self.slots.waiting(self.settings["queue_timeout_s"])
+        return Live(host=self.host, active_runs=self.slots.in_use(), max_runs=self.settings["max_concurrent_runs"],
+                    queued=queued, oldest_wait_s=round(oldest, 3), warm=self.warm_stats(),
+                    accounts=self.account_statuses())
+
     def record(self, rec: RequestRecord) -> None:
         try:
             self.stats.record(rec.as_dict())
         except Exception as exc:  # stats must never break a response
             log.error("stats: could not record %s: %s", rec.id, exc)
+        try:
+            self.metrics.record(rec)
+        except Exception as exc:  # nor must the metrics
+            log.error("metrics: could not record %s: %s", rec.id, exc)
         log.info("request %s key=%s model=%s stream=%s status=%s in=%s out=%s ms=%s", rec.request_id,
                  rec.key or "-", rec.model, rec.stream, rec.status, rec.input_tokens, rec.output_tokens,
                  rec.response_time_ms)
