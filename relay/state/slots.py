@@ -1,4 +1,5 @@
-"""Run slots: how many CLI runs this host and each API key may have at once, and the queue for them.
+"""Run slots: how many CLI runs this host and each API key may have at once, the queue for them, and
+what is running (for the dashboard).
 
 A request that finds the host's slots busy takes a ticket in a Redis queue shared by every worker of
 the host and waits (up to `queue_timeout_s`). A freed slot goes to the waiter first in line, where
@@ -13,6 +14,7 @@ ticket on every try; a ticket not refreshed for a lease TTL belongs to a dead wo
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -72,6 +74,7 @@ class RunSlots:
         self.host_key = f"{PREFIX}slots:{host}"
         self.queue_key = f"{PREFIX}queue:{host}"
         self.seen_key = f"{PREFIX}queue-seen:{host}"
+        self.runs_key = f"{PREFIX}runs:{host}"       # slot member -> what it runs (for the dashboard)
         self._take_turn = r.register_script(_TAKE_TURN)
 
     @staticmethod
@@ -115,23 +118,50 @@ class RunSlots:
     def in_use(self) -> int:
         return self.leases.slot_count(self.host_key)
 
-    def queue(self) -> dict[str, Any]:
-        """The host's queue as /stats shows it: how many wait, and for how long the first has waited."""
+    def key_in_use(self, key_name: str) -> int:
+        return self.leases.slot_count(self.key_slots(key_name))
+
+    def waiting(self, max_wait_s: float = 0.0) -> tuple[int, float]:
+        """Requests waiting in this host's queue, and the longest wait in seconds (0 when none). A ticket
+        not refreshed for a lease TTL is a killed worker's and is not counted."""
         now = time.time()
         pipe = self.r.pipeline()
         pipe.zrange(self.queue_key, 0, -1, withscores=True)
         pipe.zrangebyscore(self.seen_key, now - self.leases.ttl, "+inf")
         tickets, alive = pipe.execute()
-        live = set(alive)  # tickets of dead workers are not waiting any more
+        live = set(alive)
         arrivals = [t for m, t in tickets if m in live]
-        oldest = max(0.0, now - min(arrivals)) if arrivals else 0.0
-        return {"length": len(arrivals), "oldest_wait_s": round(oldest, 1)}
+        return len(arrivals), (max(0.0, now - min(arrivals)) if arrivals else 0.0)
+
+    def queue(self) -> dict[str, Any]:
+        """The host's queue as /stats shows it: how many wait, and for how long the first has waited."""
+        length, oldest = self.waiting()
+        return {"length": length, "oldest_wait_s": round(oldest, 1)}
 
     def queued(self) -> int:
-        return int(self.queue()["length"])
+        return self.waiting()[0]
 
     def retry_after(self, limit: int, avg_run_s: float) -> float:
         """An honest Retry-After for a request refused after its wait: the time the runs now waiting
         and running need to get through `limit` slots at their average length."""
         waiting = self.queued()
         return float(max(1, math.ceil((waiting + 1) / max(1, limit) * max(1.0, avg_run_s))))
+
+    # -- what runs, for the dashboard ---------------------------------------------------------------
+    def describe(self, member: str, info: dict[str, Any]) -> None:
+        self.r.hset(self.runs_key, member, json.dumps(info, separators=(",", ":")))
+        self.r.expire(self.runs_key, 86400)
+
+    def forget(self, member: str) -> None:
+        self.r.hdel(self.runs_key, member)
+
+    def running(self) -> list[dict[str, Any]]:
+        """Runs holding a live host slot (entries of a killed worker vanish with its lease)."""
+        held = set(self.r.zrangebyscore(self.host_key, time.time(), "+inf"))
+        out = []
+        for member, raw in self.r.hgetall(self.runs_key).items():
+            if member in held:
+                out.append(json.loads(raw))
+            else:
+                self.r.hdel(self.runs_key, member)
+        return sorted(out, key=lambda i: i.get("started", 0))
