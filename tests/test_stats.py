@@ -115,7 +115,7 @@ def test_cancelled_requests_are_recorded_once(relay_factory):
     from test_hygiene import read_until
     assert read_until(s, b"data:")
     s.close()
-    assert wait_until(lambda: requests.get(srv.url + "/v1/usage").json()["total"]["cancelled"] == 1, 5)
+    assert wait_until(lambda: requests.get(srv.url + "/v1/usage").json()["total"]["cancelled"] == 1, 20)
     time.sleep(1)
     assert requests.get(srv.url + "/v1/usage").json()["total"]["requests"] == 1
     with openai_client(srv.url) as c:
