@@ -188,14 +188,18 @@ class Exchange:
     def model(self) -> str:
         return display_model(self.run.turn.model if self.run else None, self.req.cli_model)
 
-    def usage(self) -> tuple[dict[str, Any], bool]:
+    def raw_usage(self) -> tuple[dict[str, int], bool]:
+        """The CLI's usage in Claude's terms (input, cache read/creation, output), or an estimate."""
         assert self.run
         usage = self.run.turn.usage
         if usage is not None:
-            return openai_usage(usage), False
-        est = {"input_tokens": self.req.prompt_estimate,
-               "output_tokens": count_text(self.run.turn.partial_text)}
-        return openai_usage(est, estimated=True), True
+            return usage, False
+        return {"input_tokens": self.req.prompt_estimate,
+                "output_tokens": count_text(self.run.turn.partial_text)}, True
+
+    def usage(self) -> tuple[dict[str, Any], bool]:
+        raw, estimated = self.raw_usage()
+        return openai_usage(raw, estimated=estimated), estimated
 
     def complete(self) -> dict[str, Any]:
         assert self.run

@@ -52,6 +52,10 @@ def count_content(content: Any) -> int:
                 total += count_text(str(part.get("text") or ""))
             elif kind in ("image_url", "image", "input_image"):
                 total += IMAGE_TOKENS
+            elif kind in ("document", "file"):
+                src = part.get("source")
+                text = src.get("data") if isinstance(src, dict) and src.get("type") == "text" else None
+                total += count_text(text) if isinstance(text, str) else IMAGE_TOKENS
             else:
                 total += count_text(json.dumps(part, default=str))
     return total

@@ -1,0 +1,205 @@
+"""The Anthropic Messages API through the relay: the official `anthropic` SDK (strict validation), raw SSE
+where the exact event sequence matters, and the pinned Claude Code CLI itself as a client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anthropic
+import pytest
+import requests
+from harness import anthropic_client, default_cli_bin, wait_until
+from mock_anthropic import all_text
+
+PNG = base64.b64encode(bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360f8cf"
+    "c0f01f0005000201d3ae6d3b0000000049454e44ae426082")).decode()
+PDF = base64.b64encode(b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n").decode()
+WEATHER = {"name": "get_weather", "description": "Current weather for a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture()
+def ac(relay):
+    c = anthropic_client(relay.url)
+    yield c
+    c.close()
+
+
+def sse_events(raw: str) -> list[tuple[str, dict]]:
+    """(event, data) pairs of an Anthropic SSE stream; every frame must name its event."""
+    out = []
+    for frame in raw.split("\n\n"):
+        if not frame.strip():
+            continue
+        lines = frame.split("\n")
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), frame
+        data = json.loads(lines[1][len("data: "):])
+        assert data["type"] == lines[0][len("event: "):]
+        out.append((data["type"], data))
+    return out
+
+
+def post_stream(relay, body, headers=None):
+    with requests.post(relay.url + "/v1/messages", json=dict(body, stream=True), stream=True, timeout=60,
+                       headers=dict({"anthropic-version": "2023-06-01"}, **(headers or {}))) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return sse_events(r.raw.read().decode())
+
+
+# -- answers ---------------------------------------------------------------------------------------
+def test_create_answers_with_a_message_and_claude_usage(ac, mock_api):
+    m = ac.messages.create(model="claude-sonnet-4-5", max_tokens=1024,
+                           system=[{"type": "text", "text": "Answer like MSG-SYS-1."},
+                                   {"type": "text", "text": "Second block.", "cache_control": {"type": "ephemeral"}}],
+                           messages=[{"role": "user", "content": "ms1 hello"}])
+    assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
+    assert [b.type for b in m.content] == ["text"] and m.content[0].text == "Hello from mock. You said: ms1 hello"
+    assert m.stop_reason == "end_turn" and m.stop_sequence is None
+    u = m.usage  # the CLI's own figures: input excludes the cache
+    assert (u.input_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens, u.output_tokens) == (100, 200, 300, 7)
+    body = mock_api.bodies("ms1 hello")[-1]
+    texts = [b["text"] for b in body["system"]]
+    assert any("Answer like MSG-SYS-1.\n\nSecond block." in t for t in texts)
+
+
+def test_stream_is_the_exact_anthropic_event_sequence(relay):
+    events = post_stream(relay, {"model": "sonnet", "max_tokens": 100,
+                                 "messages": [{"role": "user", "content": "ms2 MOCK:words=4"}]})
+    kinds = [k for k, _ in events if k != "ping"]
+    assert kinds == ["message_start", "content_block_start"] + ["content_block_delta"] * 4 + \
+        ["content_block_stop", "message_delta", "message_stop"]
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["role"] == "assistant"
+    # what Claude Code reads: every usage field present and numeric in message_start and message_delta
+    assert start["usage"] == {"input_tokens": 100, "cache_creation_input_tokens": 200, "cache_read_input_tokens": 300,
+                              "output_tokens": 1, "service_tier": "standard"}
+    delta = next(d for k, d in events if k == "message_delta")
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"] == {"input_tokens": 100, "cache_creation_input_tokens": 200, "cache_read_input_tokens": 300,
+                              "output_tokens": 4}
+    texts = [d["delta"]["text"] for k, d in events if k == "content_block_delta"]
+    assert "".join(texts) == "w0 w1 w2 w3"
+    assert all(d["index"] == 0 for k, d in events if k.startswith("content_block"))
+
+
+def test_sdk_stream_helper_accumulates_the_message(ac):
+    with ac.messages.stream(model="sonnet", max_tokens=100,
+                            messages=[{"role": "user", "content": "ms3 MOCK:words=5"}]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == "w0 w1 w2 w3 w4" == final.content[0].text
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == 5
+    assert final.usage.cache_read_input_tokens == 300
+
+
+def test_images_documents_and_history_reach_the_model(ac, mock_api):
+    ac.messages.create(model="sonnet", max_tokens=100, messages=[
+        {"role": "user", "content": "ms4 my name is ZED"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hi ZED."}]},
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+             "title": "spec"},
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "ms4 plain doc"}},
+            {"type": "text", "text": "ms4 what is this?"}]}])
+    body = mock_api.bodies("ms4 what is this?")[-1]
+    blocks = [b for m in body["messages"] for b in (m["content"] if isinstance(m["content"], list) else [])]
+    assert any(b["type"] == "image" and b["source"]["data"] == PNG for b in blocks)
+    docs = [b for b in blocks if b["type"] == "document"]
+    assert docs[0]["source"]["media_type"] == "application/pdf" and docs[0]["title"] == "spec"
+    assert docs[1]["source"] == {"type": "text", "media_type": "text/plain", "data": "ms4 plain doc"}
+    assert "ms4 my name is ZED" in all_text(body) and "Hi ZED." in all_text(body)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ac.messages.create(model="sonnet", max_tokens=100, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "bm90IGFuIGltYWdl"}}]}])
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+
+
+# -- tools -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_use_round_trip_resumes_the_session(relay, ac, mock_api, stream):
+    tag = f"ms5-{stream}"
+    msgs: list = [{"role": "user", "content": f"{tag} weather in two cities MOCK:tools=get_weather,get_weather"}]
+    kw = dict(model="sonnet", max_tokens=500, tools=[WEATHER], metadata={"user_id": f"user-{tag}"})
+    if stream:
+        with ac.messages.stream(messages=msgs, **kw) as s:
+            first = s.get_final_message()
+    else:
+        first = ac.messages.create(messages=msgs, **kw)
+    offered = {t["name"]: t for t in mock_api.bodies(tag)[-1]["tools"]}
+    assert offered["mcp__client__get_weather"]["input_schema"]["required"] == ["city"]
+    assert first.stop_reason == "tool_use"
+    uses = [b for b in first.content if b.type == "tool_use"]
+    assert [(u.name, u.input) for u in uses] == [("get_weather", {"city": "City0"}), ("get_weather", {"city": "City1"})]
+    msgs.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]})
+    msgs.append({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": uses[0].id, "content": [
+            {"type": "text", "text": f"{tag} sunny in City0"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}]},
+        {"type": "tool_result", "tool_use_id": uses[1].id, "is_error": True, "content": f"{tag} no data"}]})
+    second = ac.messages.create(messages=msgs, **kw)
+    assert second.stop_reason == "end_turn" and second.content[0].text.startswith("Tool said:")
+    body = mock_api.bodies(f"{tag} no data")[-1]
+    last = body["messages"][-1]["content"]  # resumed: real tool_result blocks tied to the model's tool_use ids
+    results = {b["tool_use_id"]: b for b in last if b["type"] == "tool_result"}
+    assert set(results) == {uses[0].id, uses[1].id}
+    assert results[uses[1].id].get("is_error") is True
+    assert any(c["type"] == "image" for c in results[uses[0].id]["content"])
+    rec = requests.get(relay.url + "/v1/usage/recent?limit=1").json()["data"][0]
+    assert rec["resumed"] is True and rec["endpoint"] == "/v1/messages"
+
+
+def test_streamed_tool_use_arrives_as_input_json_deltas(relay):
+    events = post_stream(relay, {"model": "sonnet", "max_tokens": 100, "tools": [WEATHER],
+                                 "messages": [{"role": "user", "content": "ms6 MOCK:tool=get_weather"}]})
+    start = next(d for k, d in events if k == "content_block_start")
+    assert start["content_block"]["type"] == "tool_use" and start["content_block"]["name"] == "get_weather"
+    assert start["content_block"]["input"] == {}
+    partial = "".join(d["delta"]["partial_json"] for k, d in events
+                      if k == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
+    assert json.loads(partial) == {"city": "City0"}
+    assert next(d for k, d in events if k == "message_delta")["delta"]["stop_reason"] == "tool_use"
+
+
+def test_tool_choice_and_server_tools(ac, mock_api):
+    ac.messages.create(model="sonnet", max_tokens=100, tools=[WEATHER],
+                       tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+                       messages=[{"role": "user", "content": "ms7 go"}])
+    text = all_text(mock_api.bodies("ms7 go")[-1])
+    assert "You must answer by calling the tool `get_weather`." in text and "at most one tool" in text
+    ac.messages.create(model="sonnet", max_tokens=100, tools=[WEATHER], tool_choice={"type": "none"},
+                       messages=[{"role": "user", "content": "ms7b none"}])
+    assert not [t for t in mock_api.bodies("ms7b none")[-1].get("tools", []) if t["name"].startswith("mcp__client__")]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ac.messages.create(model="sonnet", max_tokens=100, messages=[{"role": "user", "content": "x"}],
+                           tools=[{"type": "web_search_20250305", "name": "web_search"}])
+    assert "not supported" in e.value.message
+
+
+# -- thinking ----------------------------------------------------------------------------------------
+def test_thinking_comes_back_as_thinking_blocks_when_asked(ac, mock_api):
+    with ac.messages.stream(model="sonnet", max_tokens=20000, thinking={"type": "enabled", "budget_tokens": 10000},
+                            messages=[{"role": "user", "content": "ms8 MOCK:thinking"}]) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Let me think step by step about this."
+    assert "thinking" in kinds
+    assert mock_api.bodies("ms8 MOCK:thinking")[-1]["output_config"]["effort"] == "medium"  # from the budget
+    plain = ac.messages.create(model="sonnet", max_tokens=100, messages=[{"role": "user", "content": "ms8b MOCK:thinking"}])
+    assert [b.type for b in plain.content] == ["text"]  # not asked for: no thinking blocks
+    made = ac.messages.create(model="sonnet", max_tokens=20000, thinking={"type": "adaptive"},
+                              messages=[{"role": "user", "content": "ms8c MOCK:thinking"}])
+    assert made.content[0].type == "thinking" and made.content[0].signature == ""
+
+
+def test_refusal_is_the_refusal_stop_reason(ac):
+    r = ac.messages.create(model="sonnet", max_tokens=100, messages=[{"role": "user", "content": "ms9b MOCK:refusal"}])
+    assert r.stop_reason == "refusal"
