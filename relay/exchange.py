@@ -53,6 +53,11 @@ class Context:
     endpoint: str = ""
 
 
+def _reminder(part: dict[str, Any]) -> bool:
+    """Claude Code's `<system-reminder>` blocks: not what a person reading the stats wants to see."""
+    return part.get("type") == "text" and str(part.get("text", "")).lstrip().startswith("<system-reminder>")
+
+
 class Exchange:
     """One request through the shared pipeline; see the module docstring."""
 
@@ -309,7 +314,8 @@ class Exchange:
         elif self.run:
             est, estimated = self.usage()
             usage = {"input_tokens": est["prompt_tokens"], "output_tokens": est["completion_tokens"]}
-        first_user = next((text_of(m["content"]) for m in self.req.messages if m["role"] == "user"), "")
+        first_user = next((text_of([p for p in m["content"] if not _reminder(p)]) for m in self.req.messages
+                           if m["role"] == "user"), "")
         self.relay.record(RequestRecord(
             id=self.cid, request_id=self.ctx.request_id, key=self.ctx.key_name, model=self.model,
             requested_model=self.req.model, stream=self.req.stream, status=self.status,

@@ -203,3 +203,167 @@ def test_thinking_comes_back_as_thinking_blocks_when_asked(ac, mock_api):
 def test_refusal_is_the_refusal_stop_reason(ac):
     r = ac.messages.create(model="sonnet", max_tokens=100, messages=[{"role": "user", "content": "ms9b MOCK:refusal"}])
     assert r.stop_reason == "refusal"
+
+
+# -- errors --------------------------------------------------------------------------------------------
+def test_errors_are_anthropic_shaped_and_typed_in_the_sdk(relay, ac):
+    r = requests.post(relay.url + "/v1/messages", json={"model": "sonnet", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json() == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "max_tokens: Field required (a positive integer)"}}
+    assert r.headers["request-id"] == r.headers["x-request-id"]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ac.messages.create(model="sonnet", max_tokens=10, messages=[{"role": "user", "content": [{"type": "audio"}]}])
+    assert "messages.0.content.0.type" in e.value.message
+    with pytest.raises(anthropic.NotFoundError) as nf:
+        ac.post("/v1/messages/batches", body={}, cast_to=object)
+    assert nf.value.body["error"]["type"] == "not_found_error"
+    r = requests.get(relay.url + "/v1/messages", headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    r = requests.post(relay.url + "/v1/messages", data=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("marker,exc,status,kind", [
+    ("MOCK:error=500", anthropic.InternalServerError, 502, "api_error"),
+    ("MOCK:error=529", anthropic.OverloadedError, 529, "overloaded_error"),
+    ("MOCK:error=429", anthropic.RateLimitError, 429, "rate_limit_error"),
+    ("MOCK:error=400", anthropic.BadRequestError, 400, "invalid_request_error"),
+])
+def test_upstream_errors_reach_the_sdk_as_its_typed_exceptions(ac, marker, exc, status, kind):
+    with pytest.raises(exc) as e:
+        ac.messages.create(model="sonnet", max_tokens=10, messages=[{"role": "user", "content": f"ms10 {marker}"}])
+    assert e.value.status_code == status and e.value.body["error"]["type"] == kind
+    if status in (429, 529):
+        assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+def test_error_after_the_stream_began_is_an_error_event_without_message_stop(relay, ac):
+    events = post_stream(relay, {"model": "sonnet", "max_tokens": 10,
+                                 "messages": [{"role": "user", "content": "ms11 MOCK:break_stream"}]})
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "error" and "message_stop" not in kinds
+    assert events[-1][1]["error"]["type"] == "api_error"
+    with pytest.raises(anthropic.APIStatusError):
+        with ac.messages.stream(model="sonnet", max_tokens=10,
+                                messages=[{"role": "user", "content": "ms11b MOCK:break_stream"}]) as s:
+            s.get_final_message()
+
+
+def test_sdk_retries_honour_retry_after(relay_factory, mock_api):
+    srv = relay_factory({"RELAY_CLI_MAX_RETRIES": "0", "RELAY_UPSTREAM_RETRY_AFTER_S": "1"})
+    with anthropic_client(srv.url, max_retries=2) as c:
+        m = c.messages.create(model="sonnet", max_tokens=10,
+                              messages=[{"role": "user", "content": "ms12 MOCK:fail_first=1:429"}])
+    assert m.content[0].text.endswith("ms12 MOCK:fail_first=1:429")
+    tries = mock_api.records("ms12 MOCK:fail_first")
+    assert len(tries) == 2
+    assert tries[1]["t"] - tries[0]["t"] >= 1.0  # the SDK waited as long as Retry-After said
+
+
+# -- count_tokens and models -------------------------------------------------------------------------
+def test_count_tokens_is_answered_locally_and_stands_a_burst(relay_factory, mock_api):
+    srv = relay_factory({"RELAY_RATE_LIMIT__MAX_REQUESTS_PER_MINUTE": "5"})
+    system = "You are a coding agent. " * 2000
+    body = {"model": "claude-sonnet-4-5", "system": system, "tools": [WEATHER],
+            "messages": [{"role": "user", "content": "ms13 count me"}]}
+    with anthropic_client(srv.url) as c:
+        n = c.messages.count_tokens(**body).input_tokens
+        small = c.messages.count_tokens(model="sonnet", messages=[{"role": "user", "content": "ms13 count me"}])
+    assert n > 10000 and 0 < small.input_tokens < 100
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:  # an editor's start-up burst: 50 at once, past the 5/minute limit
+        codes = list(pool.map(lambda _: requests.post(srv.url + "/v1/messages/count_tokens", json=body).status_code,
+                              range(50)))
+    took = time.monotonic() - t0
+    print(f"count_tokens: 50 requests with a {len(system)}-character system prompt in {took:.2f} s")
+    assert codes == [200] * 50
+    assert mock_api.records("ms13 count me") == []  # no CLI run, nothing upstream
+    r = requests.post(srv.url + "/v1/messages/count_tokens", json={"messages": "nope"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_models_in_anthropic_shape_when_anthropic_version_is_sent(relay, ac):
+    models = list(ac.models.list())
+    assert {"sonnet", "claude-opus-4"} <= {m.id for m in models}
+    assert all(m.type == "model" and m.display_name.startswith("Claude") for m in models)
+    assert ac.models.retrieve("claude-sonnet-4").id == "claude-sonnet-4"
+    with pytest.raises(anthropic.NotFoundError):
+        ac.models.retrieve("nope")
+    assert requests.get(relay.url + "/v1/models").json()["object"] == "list"  # OpenAI clients unchanged
+
+
+def test_cors_preflight_allows_the_anthropic_headers(relay_factory):
+    srv = relay_factory({"RELAY_CORS__ALLOWED_ORIGINS": '["https://app.example"]'})
+    r = requests.options(srv.url + "/v1/messages", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "anthropic-version,anthropic-beta,x-api-key"})
+    allowed = r.headers["Access-Control-Allow-Headers"].lower()
+    assert r.status_code == 204 and "anthropic-version" in allowed and "anthropic-beta" in allowed
+
+
+# -- Claude Code itself as a client ------------------------------------------------------------------
+TEAM_KEY = "sk-team-claude-code-1"
+
+
+@pytest.fixture(scope="module")
+def team(relay_factory):
+    return relay_factory({"RELAY_AUTH__ENABLED": "true", "RELAY_AUTH__API_KEYS": json.dumps([
+        {"name": "dev", "key": TEAM_KEY}, {"name": "ops", "key": "sk-team-admin-1", "admin": True}])})
+
+
+def claude_code(srv, prompt: str, cwd: Path, auth: str = "api_key", *args: str) -> dict:
+    """Run the pinned Claude Code CLI headless with ANTHROPIC_BASE_URL at the relay; its JSON result."""
+    home = cwd.parent / (cwd.name + "-home")
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE", "RELAY_"))}
+    env.update(HOME=str(home), CLAUDE_CONFIG_DIR=str(home / ".claude"), ANTHROPIC_BASE_URL=srv.url,
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1")
+    env["ANTHROPIC_API_KEY" if auth == "api_key" else "ANTHROPIC_AUTH_TOKEN"] = TEAM_KEY
+    p = subprocess.run([default_cli_bin(), "-p", prompt, "--output-format", "json", *args], cwd=cwd, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:], srv.log()[-3000:])
+    return json.loads(p.stdout)
+
+
+def admin_get(srv, path: str) -> dict:
+    return requests.get(srv.url + path, headers={"x-api-key": "sk-team-admin-1"}, timeout=10).json()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("auth", ["api_key", "auth_token"])
+def test_claude_code_headless_gets_its_answer_and_reads_the_usage(team, mock_api, tmp_path, auth):
+    out = claude_code(team, f"ms20-{auth} Say hi", tmp_path, auth)
+    assert out["is_error"] is False and out["result"] == f"Hello from mock. You said: ms20-{auth} Say hi"
+    # Claude Code read the usage of message_start/message_delta: the relay's CLI reported 100/200/300 and 7
+    u = out["usage"]
+    assert (u["input_tokens"], u["cache_creation_input_tokens"], u["cache_read_input_tokens"]) == (100, 200, 300)
+    assert u["output_tokens"] == 8 and out["total_cost_usd"] > 0
+    body = mock_api.bodies(f"ms20-{auth} Say hi")[-1]  # Claude Code's own system prompt reached the model
+    assert "You are an agent working with the user" in all_text(body)
+    assert "x-anthropic-billing-header: cc_version" not in json.dumps(body["system"][1:])
+    recent = admin_get(team, "/v1/usage/recent?limit=5")["data"]
+    mine = [r for r in recent if r["first_message"] and f"ms20-{auth}" in r["first_message"]]
+    assert mine and mine[0]["endpoint"] == "/v1/messages" and mine[0]["key"] == "dev" and mine[0]["status"] == 200
+
+
+@pytest.mark.slow
+def test_claude_code_runs_its_own_tool_and_the_relay_resumes_the_session(team, mock_api, tmp_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "notes.txt").write_text("ms21-secret-content\n")
+    before = admin_get(team, "/stats")["requests"]["total"]
+    out = claude_code(team, f"ms21 read my notes MOCK:tool=Read MOCK:read={work / 'notes.txt'}", work)
+    # the relay answered tool_use; Claude Code ran Read in its own cwd and sent the tool_result back
+    assert out["result"].startswith("Tool said:") and "ms21-secret-content" in out["result"]
+    assert out["num_turns"] == 2
+    first, second = mock_api.bodies("ms21 read my notes")[-2:]
+    offered = {t["name"] for t in first["tools"]}
+    assert {"mcp__client__Read", "mcp__client__Bash", "mcp__client__Edit"} <= offered  # its tools, as real tools
+    results = [b for b in second["messages"][-1]["content"] if b["type"] == "tool_result"]
+    assert "ms21-secret-content" in json.dumps(results)  # resumed: a real tool_result, not a transcript
+    recent = admin_get(team, "/v1/usage/recent?limit=10")["data"]
+    turns = [r for r in recent if r["first_message"] and "ms21 read my notes" in r["first_message"]]
+    assert len(turns) == 2 and turns[0]["resumed"] is True and {r["endpoint"] for r in turns} == {"/v1/messages"}
+    assert admin_get(team, "/stats")["requests"]["total"] >= before + 2
+    convs = [c for c in admin_get(team, "/v1/sessions")["data"] if c["scope"] == "dev" and c["turns"] >= 2]
+    assert convs  # one conversation across both requests

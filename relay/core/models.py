@@ -32,7 +32,7 @@ class ModelEntry:
     def as_anthropic(self) -> dict[str, Any]:
         name = " ".join(w.capitalize() for w in self.id.replace("-", " ").split())
         return {"type": "model", "id": self.id, "display_name": name if name.startswith("Claude") else f"Claude {name}",
-                "created_at": CREATED_AT}
+                "created_at": CREATED_AT, "lifecycle": "active", "deprecated_at": None, "retires_at": None}
 
 
 def strip_prefix(name: str) -> str:
