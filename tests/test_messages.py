@@ -367,3 +367,130 @@ def test_claude_code_runs_its_own_tool_and_the_relay_resumes_the_session(team, m
     assert admin_get(team, "/stats")["requests"]["total"] >= before + 2
     convs = [c for c in admin_get(team, "/v1/sessions")["data"] if c["scope"] == "dev" and c["turns"] >= 2]
     assert convs  # one conversation across both requests
+
+
+# -- limits, quotas, keys, keep-alives -------------------------------------------------------------
+def test_keys_limits_and_quotas_apply_in_anthropic_shape(relay_factory):
+    srv = relay_factory({"RELAY_AUTH__ENABLED": "true", "RELAY_AUTH__API_KEYS": json.dumps([
+        {"name": "amy", "key": "sk-amy-123456", "rpm": 2, "models": ["haiku"]},
+        {"name": "quota", "key": "sk-quota-123456", "tokens_per_day": 500}])})
+    with pytest.raises(anthropic.AuthenticationError) as e:  # 401 from the auth hook
+        anthropic_client(srv.url, api_key="sk-wrong").messages.create(
+            model="haiku", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["error"]["type"] == "authentication_error"
+    bearer = requests.post(srv.url + "/v1/messages/count_tokens", headers={"Authorization": "Bearer sk-amy-123456"},
+                           json={"model": "haiku", "messages": [{"role": "user", "content": "hi"}]})
+    assert bearer.status_code == 200  # Authorization: Bearer works as well as x-api-key
+    amy = anthropic_client(srv.url, api_key="sk-amy-123456")
+    with pytest.raises(anthropic.PermissionDeniedError) as forbidden:
+        amy.messages.create(model="opus", max_tokens=10, messages=[{"role": "user", "content": "ms30 opus?"}])
+    assert forbidden.value.body["error"]["type"] == "permission_error"
+    amy.messages.create(model="haiku", max_tokens=10, messages=[{"role": "user", "content": "ms30 one"}])
+    with pytest.raises(anthropic.RateLimitError) as limited:  # flask-limiter's 429 (the 403 above counted too)
+        amy.messages.create(model="haiku", max_tokens=10, messages=[{"role": "user", "content": "ms30 two"}])
+    assert limited.value.body["error"]["type"] == "rate_limit_error"
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+    q = anthropic_client(srv.url, api_key="sk-quota-123456")
+    q.messages.create(model="sonnet", max_tokens=10, messages=[{"role": "user", "content": "ms31 spend"}])  # 607 tokens
+    with pytest.raises(anthropic.RateLimitError) as quota:
+        q.messages.create(model="sonnet", max_tokens=10, messages=[{"role": "user", "content": "ms31 more"}])
+    assert quota.value.response.headers["x-should-retry"] == "false"
+    usage = requests.get(srv.url + "/v1/usage", headers={"x-api-key": "sk-quota-123456"}).json()
+    assert usage["total"]["input_tokens"] == 100 and usage["total"]["cache_read_tokens"] == 300  # recorded like chat
+
+
+def test_silence_is_filled_with_ping_events(relay_factory):
+    srv = relay_factory({"RELAY_KEEPALIVE_S": "0.2"})
+    events = post_stream(srv, {"model": "sonnet", "max_tokens": 10,
+                               "messages": [{"role": "user", "content": "ms32 MOCK:words=3 MOCK:slow=700"}]})
+    kinds = [k for k, _ in events]
+    assert "ping" in kinds[kinds.index("content_block_start"):kinds.index("message_stop")]
+    assert kinds[-1] == "message_stop"
+
+
+# -- sessions and JSON output --------------------------------------------------------------------------
+def test_a_conversation_resumes_and_metadata_user_id_keeps_sessions_apart(relay, ac, mock_api):
+    def turn(user_id, messages):
+        m = ac.messages.create(model="sonnet", max_tokens=50, metadata={"user_id": user_id}, messages=messages)
+        rec = requests.get(relay.url + "/v1/usage/recent?limit=1").json()["data"][0]
+        return m.content[0].text, rec["resumed"]
+
+    opening = [{"role": "user", "content": "ms40 my name is ZED"}]
+    a1, resumed = turn("sess-1", opening)
+    assert resumed is False
+    history = opening + [{"role": "assistant", "content": a1}, {"role": "user", "content": "ms40 who am I?"}]
+    assert turn("sess-1", history)[1] is True  # only the new message went to the CLI
+    assert mock_api.bodies("ms40 who am I?")[-1]["messages"][-1]["content"][-1]["text"] == "ms40 who am I?"
+    assert turn("sess-2", history)[1] is False  # another client session with the same opening: its own
+
+
+def test_output_format_json_schema_answers_json(ac):
+    m = ac.messages.create(model="sonnet", max_tokens=100, messages=[{"role": "user", "content": "ms41 MOCK:structured"}],
+                           extra_body={"output_config": {"format": {"type": "json_schema", "schema": {
+                               "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                               "required": ["name", "age"]}}}})
+    assert json.loads(m.content[0].text) == {"name": "Alice", "age": 30}
+
+
+# -- the pure translation ---------------------------------------------------------------------------
+def test_translation_of_blocks_roles_and_options():
+    from relay.core.messages import to_chat_body
+
+    chat = to_chat_body({
+        "model": "sonnet", "max_tokens": 10, "temperature": 0.2, "stop_sequences": ["END"],
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1;"}, {"type": "text", "text": "S"}],
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "system", "content": [{"type": "text", "text": "env"}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
+                                              {"type": "text", "text": "let me"},
+                                              {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r"},
+                                         {"type": "text", "text": "and then?"}]}],
+        "tool_choice": {"type": "any"}, "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "thinking": {"type": "enabled", "budget_tokens": 2048}, "metadata": {"user_id": "u1"}})
+    roles = [m["role"] for m in chat["messages"]]
+    assert roles == ["system", "user", "system", "assistant", "tool", "user"]
+    assert chat["messages"][0]["content"] == "S"  # Claude Code's billing line is not an instruction
+    assistant = chat["messages"][3]
+    assert assistant["content"] == [{"type": "text", "text": "let me"}]  # thinking dropped
+    assert assistant["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert chat["messages"][4] == {"role": "tool", "tool_call_id": "t1", "content": "r"}
+    assert chat["tool_choice"] == "required" and chat["reasoning_effort"] == "low" and chat["expose_reasoning"]
+    assert chat["user"] == "u1" and "temperature" not in chat and "stop" not in chat
+
+
+def test_stream_fills_in_whole_tool_input_and_maps_stop_reasons():
+    from relay.core.events import Delta
+    from relay.core.messages import MessageStream, stop_reason
+
+    s = MessageStream("msg_1", "m", lambda call_id: '{"city":"Oslo"}' if call_id == "t1" else "{}")
+    usage = {"input_tokens": 1, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "output_tokens": 4}
+    events = s.start(dict(usage, service_tier="standard")) + s.delta(Delta("reasoning", "hm")) + \
+        s.delta(Delta("text", "hi")) + s.delta(Delta("tool_start", index=0, call_id="t1", name="w")) + \
+        s.finish("tool_calls", usage)
+    kinds = [(k, d.get("delta", {}).get("type") or d.get("delta", {}).get("stop_reason")) for k, d in events]
+    assert kinds == [("message_start", None), ("content_block_start", None), ("content_block_delta", "thinking_delta"),
+                     ("content_block_delta", "signature_delta"), ("content_block_stop", None),
+                     ("content_block_start", None), ("content_block_delta", "text_delta"), ("content_block_stop", None),
+                     ("content_block_start", None), ("content_block_delta", "input_json_delta"),
+                     ("content_block_stop", None), ("message_delta", "tool_use"), ("message_stop", None)]
+    assert events[9][1]["delta"]["partial_json"] == '{"city":"Oslo"}' and events[9][1]["index"] == 2
+    assert events[0][1]["message"]["usage"]["output_tokens"] == 1
+    assert [stop_reason(f) for f in ("stop", "length", "tool_calls", "content_filter")] == \
+        ["end_turn", "max_tokens", "tool_use", "refusal"]
+
+
+def test_relay_errors_render_with_anthropic_types_and_statuses():
+    from relay import errors
+
+    cases = [(errors.BadRequest("b"), 400, "invalid_request_error"), (errors.Unauthorized("u"), 401, "authentication_error"),
+             (errors.Forbidden("f"), 403, "permission_error"), (errors.NotFound("n"), 404, "not_found_error"),
+             (errors.PayloadTooLarge("p"), 413, "request_too_large"), (errors.RateLimited("r"), 429, "rate_limit_error"),
+             (errors.QuotaExceeded("q"), 429, "rate_limit_error"), (errors.RelayError("e"), 500, "api_error"),
+             (errors.UpstreamError("x"), 502, "api_error"), (errors.Timeout("t"), 504, "timeout_error"),
+             (errors.Unavailable("o", code="overloaded"), 529, "overloaded_error"),
+             (errors.Conflict("c"), 409, "invalid_request_error")]
+    for err, status, kind in cases:
+        assert err.anthropic_status() == status
+        assert err.anthropic_body() == {"type": "error", "error": {"type": kind, "message": err.message}}
