@@ -19,6 +19,7 @@ from .cli.process import child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
+from .core import tokens
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
 from .errors import RateLimited, Unavailable
@@ -165,6 +166,7 @@ class Relay:
             log.error("stats: restore skipped: %s", exc)
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         threading.Thread(target=self._janitor, daemon=True).start()
+        tokens.warm()  # a burst of count_tokens right after start-up must not wait for it
 
     def _janitor(self) -> None:
         interval = self.settings["sessions.cleanup_interval_s"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import anthropic
 import pytest
 import requests
-from harness import anthropic_client, default_cli_bin, wait_until
+from harness import anthropic_client, default_cli_bin
 from mock_anthropic import all_text
 
 PNG = base64.b64encode(bytes.fromhex(
