@@ -200,9 +200,13 @@ def test_thinking_comes_back_as_thinking_blocks_when_asked(ac, mock_api):
     assert made.content[0].type == "thinking" and made.content[0].signature == ""
 
 
-def test_refusal_is_the_refusal_stop_reason(ac):
+def test_refusal_is_the_refusal_stop_reason_even_after_the_clis_continuation(relay, ac):
+    # the CLI continues once after a refused message ("safeguards stopped the response above"): still a refusal
     r = ac.messages.create(model="sonnet", max_tokens=100, messages=[{"role": "user", "content": "ms9b MOCK:refusal"}])
     assert r.stop_reason == "refusal"
+    events = post_stream(relay, {"model": "sonnet", "max_tokens": 100,
+                                 "messages": [{"role": "user", "content": "ms9c MOCK:refusal"}]})
+    assert next(d for k, d in events if k == "message_delta")["delta"]["stop_reason"] == "refusal"
 
 
 # -- errors --------------------------------------------------------------------------------------------
@@ -292,8 +296,11 @@ def test_models_in_anthropic_shape_when_anthropic_version_is_sent(relay, ac):
     assert requests.get(relay.url + "/v1/models").json()["object"] == "list"  # OpenAI clients unchanged
 
 
-def test_cors_preflight_allows_the_anthropic_headers(relay_factory):
-    srv = relay_factory({"RELAY_CORS__ALLOWED_ORIGINS": '["https://app.example"]'})
+def test_cors_preflight_and_body_limit_on_the_messages_routes(relay_factory):
+    srv = relay_factory({"RELAY_CORS__ALLOWED_ORIGINS": '["https://app.example"]', "RELAY_MAX_BODY_MB": "0.01"})
+    big = requests.post(srv.url + "/v1/messages", json={"model": "sonnet", "max_tokens": 5,
+                                                        "messages": [{"role": "user", "content": "x" * 20000}]})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
     r = requests.options(srv.url + "/v1/messages", headers={
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "anthropic-version,anthropic-beta,x-api-key"})
@@ -367,6 +374,18 @@ def test_claude_code_runs_its_own_tool_and_the_relay_resumes_the_session(team, m
     assert admin_get(team, "/stats")["requests"]["total"] >= before + 2
     convs = [c for c in admin_get(team, "/v1/sessions")["data"] if c["scope"] == "dev" and c["turns"] >= 2]
     assert convs  # one conversation across both requests
+
+
+@pytest.mark.slow
+def test_a_continued_claude_code_session_is_one_resumed_conversation(team, mock_api, tmp_path):
+    claude_code(team, "ms22 first question", tmp_path)
+    out = claude_code(team, "ms22 second question", tmp_path, "api_key", "--continue")
+    assert out["result"] == "Hello from mock. You said: ms22 second question"
+    rec = admin_get(team, "/v1/usage/recent?limit=1")["data"][0]
+    assert rec["resumed"] is True and rec["first_message"].startswith("ms22 first question")
+    body = mock_api.bodies("ms22 second question")[-1]
+    history = [m for m in body["messages"] if m["role"] == "assistant"]
+    assert history[-1]["content"][-1]["text"] == "Hello from mock. You said: ms22 first question"  # the CLI's session
 
 
 # -- limits, quotas, keys, keep-alives -------------------------------------------------------------
