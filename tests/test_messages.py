@@ -513,3 +513,61 @@ def test_relay_errors_render_with_anthropic_types_and_statuses():
     for err, status, kind in cases:
         assert err.anthropic_status() == status
         assert err.anthropic_body() == {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def test_fuzzed_messages_bodies_are_clear_400s_or_valid_prompts():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from relay.core.conversation import conversation_id
+    from relay.core.images import check_limits
+    from relay.core.messages import parse_messages_request
+    from relay.core.models import ModelCatalog
+    from relay.core.prompt import build_prompt
+    from relay.errors import BadRequest
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(alphabet="ab /{}\"é\x00", max_size=5))
+    anything = st.recursive(scalar, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                        st.dictionaries(st.text(max_size=4), c, max_size=3)), max_leaves=6)
+    source = st.fixed_dictionaries({"type": st.sampled_from(["base64", "url", "text", "x"])},
+                                   optional={"media_type": st.sampled_from(["image/png", "application/pdf", "x"]),
+                                             "data": st.one_of(st.just(PNG), anything), "url": anything})
+    text = st.text(alphabet="ab <>/@\n", max_size=6)
+    block = st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "text", "image", "document", "tool_use", "tool_result", "thinking", "x"])},
+        optional={"text": st.one_of(text, anything), "source": source, "id": st.one_of(st.just("t1"), anything),
+                  "name": st.one_of(st.just("f"), anything), "input": st.one_of(st.just({"a": 1}), anything),
+                  "tool_use_id": st.one_of(st.just("t1"), anything), "is_error": anything,
+                  "content": st.one_of(text, st.lists(st.one_of(st.just({"type": "text", "text": "r"}), anything),
+                                                      max_size=2))})
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "user", "assistant", "system", "bogus"]),
+                                     "content": st.one_of(text, text, st.lists(block, max_size=3), anything)})
+    def mostly(value, other=anything):
+        return st.one_of(st.just(value), st.just(value), st.just(value), other)
+
+    body = st.fixed_dictionaries({"model": mostly("sonnet"), "max_tokens": mostly(100),
+                                  "messages": st.lists(message, min_size=1, max_size=4)},
+                                 optional={"system": st.one_of(text, anything),
+                                           "tools": mostly([{"name": "f", "input_schema": {"type": "object"}}]),
+                                           "tool_choice": mostly({"type": "any"}), "metadata": mostly({"user_id": "u"}),
+                                           "thinking": mostly({"type": "enabled", "budget_tokens": 2048}),
+                                           "output_config": mostly({"effort": "low"}), "stream": mostly(True),
+                                           "stop_sequences": mostly(["x"])})
+    catalog = ModelCatalog("sonnet")
+    valid: list[int] = []
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(fuzz=body)
+    def check(fuzz):
+        try:
+            req = parse_messages_request(fuzz, catalog)
+            check_limits(req.messages, 20, 5_000_000)
+            conversation_id(None, req.user, req.system, req.messages)
+            build_prompt(req.system, req.messages, "replace", True).stdin_line()
+            valid.append(1)
+        except BadRequest as exc:
+            assert exc.anthropic_body()["error"]["type"] == "invalid_request_error" and exc.message
+
+    check()
+    print(f"fuzz: {len(valid)} of 400 bodies became prompts")
+    assert valid  # the fuzz reached prompt building, not only the first check
