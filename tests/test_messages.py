@@ -14,7 +14,7 @@ from pathlib import Path
 import anthropic
 import pytest
 import requests
-from harness import anthropic_client, default_cli_bin
+from harness import anthropic_client, default_cli_bin, wait_until
 from mock_anthropic import all_text
 
 PNG = base64.b64encode(bytes.fromhex(
@@ -571,3 +571,25 @@ def test_fuzzed_messages_bodies_are_clear_400s_or_valid_prompts():
     check()
     print(f"fuzz: {len(valid)} of 400 bodies became prompts")
     assert valid  # the fuzz reached prompt building, not only the first check
+
+
+def test_a_client_hanging_up_mid_stream_stops_the_cli(relay):
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", relay.port))
+    data = json.dumps({"model": "sonnet", "max_tokens": 10, "stream": True,
+                       "messages": [{"role": "user", "content": "ms50 MOCK:slow=300 MOCK:words=60"}]}).encode()
+    s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(data)).encode() + b"\r\n\r\n" + data)
+    got = b""
+    while b"text_delta" not in got:
+        chunk = s.recv(65536)
+        assert chunk
+        got += chunk
+    s.close()
+
+    def cancelled():
+        recent = requests.get(relay.url + "/v1/usage/recent?limit=5").json()["data"]
+        return any(r["first_message"] == "ms50 MOCK:slow=300 MOCK:words=60" and r["status"] == 499 for r in recent)
+    assert wait_until(cancelled, 15)
+    assert wait_until(lambda: not relay.cli_pids(), 15)  # nothing left running
