@@ -481,7 +481,7 @@ def test_translation_of_blocks_roles_and_options():
 
 def test_stream_fills_in_whole_tool_input_and_maps_stop_reasons():
     from relay.core.events import Delta
-    from relay.core.messages import MessageStream, stop_reason
+    from relay.core.message_events import MessageStream, stop_reason
 
     s = MessageStream("msg_1", "m", lambda call_id: '{"city":"Oslo"}' if call_id == "t1" else "{}")
     usage = {"input_tokens": 1, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "output_tokens": 4}

@@ -16,7 +16,8 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from ..core import sse
-from ..core.messages import PING, MessageStream, count_body, message_object, new_id, parse_messages_request, usage_of
+from ..core.message_events import PING, MessageStream, message_object, new_id, usage_of
+from ..core.messages import count_body, parse_messages_request
 from ..core.upstream import finish_reason
 from ..errors import RelayError
 from ..exchange import Exchange
