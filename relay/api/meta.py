@@ -25,18 +25,30 @@ def health() -> Any:
     red = relay.redis_ok()
     active: int | None = None
     account: dict[str, Any] = {}
+    accounts: list[dict[str, Any]] = []
     if red["ok"]:
         active = relay.slots.in_use()
-        account = relay.account.get()
+        accounts = relay.account_meter()
+        if not any(a["usable"] for a in accounts):  # the relay as a whole cannot answer: say why
+            account = relay.account_summary()
     ok = bool(cli.get("ok")) and red["ok"]
     if account.get("cooldown_until"):
         account["cooldown_until_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(account["cooldown_until"]))
         account["cooldown_remaining_s"] = round(account["cooldown_until"] - time.time())
-    body = {"status": "ok" if ok else "degraded", "host": relay.host, "account": account,
+    body = {"status": "ok" if ok else "degraded", "host": relay.host, "account": account, "accounts": accounts,
             "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
             "redis": red, "active_runs": active, "worker_active_runs": len(relay.active),
             "max_concurrent_runs": relay.settings["max_concurrent_runs"]}
     return jsonify(body), 200 if ok else 503
+
+
+@bp.get("/v1/accounts")
+def accounts() -> Any:
+    """The quota meter (admin): every account's windows, overage, runs, conversations, errors, usage."""
+    relay = _relay()
+    usage = relay.stats.accounts()
+    data = [dict(a, object="account", usage=usage.get(a["name"], {})) for a in relay.account_meter()]
+    return jsonify({"object": "list", "overage_policy": relay.settings["accounts_overage"], "data": data})
 
 
 def _anthropic() -> bool:
@@ -65,6 +77,7 @@ def stats() -> Any:
     relay = _relay()
     total = relay.stats.totals()
     active = relay.slots.in_use()
+    per_account = relay.stats.accounts()
     return jsonify({
         "uptime_s": round(relay.uptime(), 1),
         "requests": {"total": total["requests"], "completed": total["successful"], "errors": total["errors"],
@@ -75,6 +88,9 @@ def stats() -> Any:
         "tokens": {k: total[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
                                          "cache_creation_tokens", "total_tokens")},
         **relay.stats.latency(),
+        "accounts": {a["name"]: {"usable": a["usable"], "state": a["state"], "in_flight": a["in_flight"],
+                                 "conversations": a["conversations"], "windows": a["windows"],
+                                 "usage": per_account.get(a["name"], {})} for a in relay.account_meter()},
     })
 
 
