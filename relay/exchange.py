@@ -54,6 +54,11 @@ class Context:
     conversation: str | None = None  # an already known conversation id (Responses' previous_response_id)
 
 
+def _reminder(part: dict[str, Any]) -> bool:
+    """Claude Code's `<system-reminder>` blocks: not what a person reading the stats wants to see."""
+    return part.get("type") == "text" and str(part.get("text", "")).lstrip().startswith("<system-reminder>")
+
+
 class Exchange:
     """One request through the shared pipeline; see the module docstring."""
 
@@ -256,14 +261,18 @@ class Exchange:
     def model(self) -> str:
         return display_model(self.run.turn.model if self.run else None, self.req.cli_model)
 
-    def usage(self) -> tuple[dict[str, Any], bool]:
+    def raw_usage(self) -> tuple[dict[str, int], bool]:
+        """The CLI's usage in Claude's terms (input, cache read/creation, output), or an estimate."""
         assert self.run
         usage = self.run.turn.usage
         if usage is not None:
-            return openai_usage(usage), False
-        est = {"input_tokens": self.req.prompt_estimate,
-               "output_tokens": count_text(self.run.turn.partial_text)}
-        return openai_usage(est, estimated=True), True
+            return usage, False
+        return {"input_tokens": self.req.prompt_estimate,
+                "output_tokens": count_text(self.run.turn.partial_text)}, True
+
+    def usage(self) -> tuple[dict[str, Any], bool]:
+        raw, estimated = self.raw_usage()
+        return openai_usage(raw, estimated=estimated), estimated
 
     def complete(self) -> dict[str, Any]:
         assert self.run
@@ -385,7 +394,8 @@ class Exchange:
         elif self.run:
             est, estimated = self.usage()
             usage = {"input_tokens": est["prompt_tokens"], "output_tokens": est["completion_tokens"]}
-        first_user = next((text_of(m["content"]) for m in self.req.messages if m["role"] == "user"), "")
+        first_user = next((text_of([p for p in m["content"] if not _reminder(p)]) for m in self.req.messages
+                           if m["role"] == "user"), "")
         self.relay.record(RequestRecord(
             id=self.cid, request_id=self.ctx.request_id, key=self.ctx.key_name, model=self.model,
             requested_model=self.req.model, stream=self.req.stream, status=self.status,

@@ -19,6 +19,7 @@ from .cli.process import account_envs, child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
+from .core import tokens
 from .core.conversation import client_ids
 from .core.metrics import AccountStatus, Live, WarmStats
 from .core.models import ModelCatalog
@@ -226,6 +227,7 @@ class Relay:
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         self.alerts.run(tick=self.accounts.recoveries)
         threading.Thread(target=self._janitor, daemon=True).start()
+        tokens.warm()  # a burst of count_tokens right after start-up must not wait for it
 
     def _janitor(self) -> None:
         interval = self.settings["sessions.cleanup_interval_s"]

@@ -51,8 +51,15 @@ def accounts() -> Any:
     return jsonify({"object": "list", "overage_policy": relay.settings["accounts_overage"], "data": data})
 
 
+def _anthropic() -> bool:
+    """Anthropic clients send `anthropic-version`: they get Anthropic's model objects."""
+    return "anthropic-version" in request.headers
+
+
 @bp.get("/v1/models")
 def list_models() -> Any:
+    if _anthropic():
+        return jsonify(_relay().catalog.list_anthropic())
     return jsonify({"object": "list", "data": _relay().catalog.list()})
 
 
@@ -62,7 +69,7 @@ def get_model(model_id: str) -> Any:
     if entry is None:
         raise NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
-    return jsonify(entry.as_openai())
+    return jsonify(entry.as_anthropic() if _anthropic() else entry.as_openai())
 
 
 @bp.get("/stats")

@@ -85,7 +85,7 @@ def normalise_content(content: Any, param: str, role: str) -> list[dict[str, Any
             parts.append({"type": "text", "text": text})
         elif kind == "refusal":
             parts.append({"type": "text", "text": str(part.get("refusal") or "")})
-        elif kind in ("image_url", "image", "input_image"):
+        elif kind in ("image_url", "image", "input_image", "document"):
             parts.append(part)  # checked and converted by images.py
         elif kind == "input_audio":
             raise BadRequest("Audio input is not supported by Claude.", param=p, code="unsupported_content")
@@ -173,6 +173,8 @@ def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
             _expect(isinstance(msg.get("tool_call_id"), str), f"{p}.tool_call_id must be a string",
                     f"{p}.tool_call_id")
             out["tool_call_id"] = msg["tool_call_id"]
+            if msg.get("is_error") is True:  # Anthropic tool_result blocks may say the tool failed
+                out["is_error"] = True
         if role == "function":
             out = {"role": "tool", "content": parts, "tool_call_id": "call_legacy", "name": msg.get("name")}
         messages.append(out)
