@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -22,6 +22,9 @@ from .cli.process import account_envs, child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
+from .core import tokens
+from .core.conversation import client_ids
+from .core.metrics import AccountStatus, Live, WarmStats
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
 from .core.routing import AccountSpec
@@ -32,6 +35,7 @@ from .state.apikeys import KeyRing
 from .state.cache import ResponseCache
 from .state.connection import connect, host_id
 from .state.leases import Leases
+from .state.metrics import MetricsStore
 from .state.quotas import Quotas
 from .state.responses import ResponseStore
 from .state.sessions import Sessions
@@ -60,6 +64,12 @@ def cli_workdir(settings: Settings) -> Path:
     return d
 
 
+class WarmPoolStats(Protocol):
+    """What the metrics need from a warm CLI pool; `Relay.warm_pool` is None until one exists."""
+
+    def stats(self) -> WarmStats: ...
+
+
 class Relay:
     """Everything one worker needs; created once per worker by `create_app`."""
 
@@ -86,7 +96,10 @@ class Relay:
         self.active: dict[str, Run] = {}
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self._redis)
         self.quotas = Quotas(self._redis, settings["rate_limit.max_tokens_per_day"])
-        self.response_cache = ResponseCache(self._redis, settings["cache.ttl"], settings["cache.min_tokens"])
+        self.metrics = MetricsStore(self._redis)
+        self.warm_pool: WarmPoolStats | None = None
+        self.response_cache = ResponseCache(self._redis, settings["response_cache.ttl"],
+                                            settings["response_cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
         self._cli: dict[str, Any] = {}
@@ -155,10 +168,17 @@ class Relay:
         ttl = self.settings["sessions.ttl_hours"] * 3600
         return sum(expire_session_files(folder, ttl, keep) for folder in self.session_folders())
 
-    def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool) -> tuple[int, int]:
+    def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool,
+                             own_scope: str | None = None) -> tuple[int, int]:
         """Forget one conversation of `scope` (or all, in `scope` or everywhere) with its stored Responses;
-        with `purge_files` also its CLI transcripts and agent folders. Returns (deleted, files removed)."""
+        with `purge_files` also its CLI transcripts and agent folders. Returns (deleted, files removed).
+
+        `conv_id` is a listed id (`s:ticket-4711`) or, within the caller's `own_scope`, the id the client
+        chose: its X-Session-Id value or its `user`."""
         victims = self.sessions.delete(conv_id, scope)
+        if not victims and conv_id and own_scope:
+            for alias in client_ids(conv_id):
+                victims += self.sessions.delete(alias, own_scope)
         for c in victims:
             self.responses.delete_conversation(c["scope"], c["id"])
         if conv_id is None:
@@ -197,11 +217,30 @@ class Relay:
         except Exception as exc:  # any Redis trouble is reported, never raised, by /health
             return {"ok": False, "error": str(exc)}
 
+    # -- what operators see ---------------------------------------------------------------------
+    def account_statuses(self) -> list[AccountStatus]:
+        """Every account this relay routes to, with its limit state and window utilization."""
+        return self.accounts.statuses(problems=self.account_problems)
+
+    def warm_stats(self) -> WarmStats:
+        return self.warm_pool.stats() if self.warm_pool is not None else WarmStats()
+
+    def live(self) -> Live:
+        """The gauges of this host, read now."""
+        queued, oldest = self.slots.waiting(self.settings["queue_timeout_s"])
+        return Live(host=self.host, active_runs=self.slots.in_use(), max_runs=self.settings["max_concurrent_runs"],
+                    queued=queued, oldest_wait_s=round(oldest, 3), warm=self.warm_stats(),
+                    accounts=self.account_statuses())
+
     def record(self, rec: RequestRecord) -> None:
         try:
             self.stats.record(rec.as_dict())
         except Exception as exc:  # stats must never break a response
             log.error("stats: could not record %s: %s", rec.id, exc)
+        try:
+            self.metrics.record(rec)
+        except Exception as exc:  # nor must the metrics
+            log.error("metrics: could not record %s: %s", rec.id, exc)
         log.info("request %s key=%s model=%s stream=%s status=%s in=%s out=%s ms=%s", rec.request_id,
                  rec.key or "-", rec.model, rec.stream, rec.status, rec.input_tokens, rec.output_tokens,
                  rec.response_time_ms)
@@ -224,6 +263,7 @@ class Relay:
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         self.alerts.run(tick=self.accounts.recoveries)
         threading.Thread(target=self._janitor, daemon=True).start()
+        tokens.warm()  # a burst of count_tokens right after start-up must not wait for it
 
     def _janitor(self) -> None:
         interval = self.settings["sessions.cleanup_interval_s"]

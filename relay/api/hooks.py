@@ -1,10 +1,12 @@
 """Request hooks at the HTTP boundary: request ids, client address, CORS, API keys, headers, errors.
 
-Every error leaves here as an OpenAI error object; nothing else ever reaches a client.
+Every error leaves here as an OpenAI error object, or in Anthropic's shape on the Messages API routes
+(and on /v1/models when the client sends `anthropic-version`); nothing else ever reaches a client.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import secrets
@@ -15,9 +17,9 @@ from flask import Flask, Response, g, jsonify, request
 from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
-from ..errors import Forbidden, PayloadTooLarge, RelayError, UnsupportedMediaType, not_found_route
+from ..errors import Forbidden, PayloadTooLarge, RelayError, Unauthorized, UnsupportedMediaType, not_found_route
 from ..runtime import Relay
-from ..state.apikeys import require
+from ..state.apikeys import ApiKey, presented_key, require
 from .common import record_rejection
 from .ratelimit import add_headers, rate_limited_error
 
@@ -25,13 +27,50 @@ log = logging.getLogger("relay.http")
 CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-Project, OpenAI-Beta, X-Api-Key, "
                       "X-Session-Id, X-Request-Id, X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, "
                       "X-Stainless-Arch, X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, "
-                      "X-Stainless-Timeout, X-Stainless-Async, X-Stainless-Helper-Method")
-CORS_EXPOSE = ("x-request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
+                      "X-Stainless-Timeout, X-Stainless-Async, X-Stainless-Helper-Method, anthropic-version, "
+                      "anthropic-beta, anthropic-dangerous-direct-browser-access")
+CORS_EXPOSE = ("x-request-id, request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
                "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
 ADMIN_PREFIXES = ("/v1/sessions", "/stats", "/v1/accounts")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 MAX_FORWARDED_HOPS = 32  # counted from the right: the hops our own proxies appended come last
+COMPLETION_PATHS = ("/v1/chat/", "/v1/responses", "/v1/messages")
+OPS_DATA = ("/metrics", "/dashboard/data", "/me/data")  # the pages' shells and scripts hold no data
+
+
+def _loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def guard_ops(relay: Relay, path: str, headers: Any, client_ip: str) -> ApiKey | None:
+    """Who may read the operators' data. /metrics: an admin key, or the scrape token when one is set.
+    /dashboard/data: an admin key. /me/data: any valid key (it shows only that key's own data).
+    With auth off there are no keys: the data answers only this machine (the relay's default bind;
+    behind a trusted proxy the real client counts), and /metrics needs the scrape token if one is set."""
+    token = relay.settings["metrics.scrape_token"]
+    presented = presented_key(headers)
+    if path == "/metrics" and token and presented and hmac.compare_digest(presented.encode(), token.encode()):
+        return None
+    if relay.settings["auth.enabled"]:
+        return require(relay.keys, headers, admin=path != "/me/data")
+    if path == "/metrics" and token:
+        raise Unauthorized("/metrics needs the scrape token (metrics.scrape_token) as `Authorization: Bearer`."
+                           if not presented else "Incorrect scrape token.")
+    if not _loopback(client_ip):
+        raise Forbidden("With auth.enabled off, the operators' pages answer only requests from this machine; "
+                        "enable API keys (or set metrics.scrape_token for /metrics).", code="admin_required")
+    return None
+
+
+def anthropic_shaped() -> bool:
+    """Whether this request's errors (and model list) take Anthropic's shape."""
+    path = request.path
+    return path == "/v1/messages" or path.startswith("/v1/messages/") or \
+        (path.startswith("/v1/models") and "anthropic-version" in request.headers)
 
 
 def _networks(items: list[str]) -> list[Any]:
@@ -124,7 +163,10 @@ def install(app: Flask, relay: Relay) -> None:
                                        param="Content-Type")
         g.api_key = None
         g.key_name = ""
-        if settings["auth.enabled"] and (request.path.startswith("/v1/") or request.path == "/stats"):
+        if request.path in OPS_DATA:
+            g.api_key = guard_ops(relay, request.path, request.headers, g.client_ip)
+            g.key_name = g.api_key.name if g.api_key is not None else ""
+        elif settings["auth.enabled"] and (request.path.startswith("/v1/") or request.path == "/stats"):
             admin = request.path.startswith(ADMIN_PREFIXES)
             g.api_key = require(relay.keys, request.headers, admin=admin)
             g.key_name = g.api_key.name
@@ -134,6 +176,8 @@ def install(app: Flask, relay: Relay) -> None:
     def _headers(resp: Response) -> Response:
         resp.headers["x-request-id"] = getattr(g, "request_id", "")
         resp.headers.setdefault("openai-version", "2020-10-01")
+        if anthropic_shaped():
+            resp.headers["request-id"] = getattr(g, "request_id", "")  # what the Anthropic SDKs report
         if getattr(g, "relay_account", None):
             resp.headers["x-relay-account"] = g.relay_account
         origin = allowed_origin()
@@ -141,7 +185,7 @@ def install(app: Flask, relay: Relay) -> None:
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
             resp.headers["Vary"] = "Origin"
-        if request.path.startswith(("/v1/chat/", "/v1/responses")):
+        if request.path.startswith(COMPLETION_PATHS) and not request.path.endswith("/count_tokens"):
             try:
                 add_headers(resp, relay.limiter)
             except Exception as exc:  # headers are a courtesy; never fail a response over them
@@ -149,6 +193,8 @@ def install(app: Flask, relay: Relay) -> None:
         return resp
 
     def _json_error(err: RelayError) -> tuple[Response, int, dict[str, str]]:
+        if anthropic_shaped():
+            return jsonify(err.anthropic_body()), err.anthropic_status(), err.response_headers()
         return jsonify(err.body()), err.status, err.response_headers()
 
     @app.errorhandler(RelayError)
@@ -159,12 +205,14 @@ def install(app: Flask, relay: Relay) -> None:
     def _rate_limited(_: RateLimitExceeded) -> Any:
         assert relay.limiter is not None
         err = rate_limited_error(relay.limiter)
-        if request.path.startswith(("/v1/chat/", "/v1/responses")):
+        if request.path.startswith(COMPLETION_PATHS):
             record_rejection(err, getattr(g, "t0", time.monotonic()))
         return _json_error(err)
 
     @app.errorhandler(404)
     def _not_found(_: Any) -> Any:
+        log.info("%s: no route for %s %s (user agent %s)", getattr(g, "request_id", ""), request.method,
+                 request.path, request.headers.get("User-Agent", "-")[:80])
         return _json_error(not_found_route(request.path))
 
     @app.errorhandler(413)

@@ -30,7 +30,7 @@ class RequestRecord:
     bytes_to_cli: int = 0
     worker: int = 0
     endpoint: str = ""
-    account: str | None = None           # the Claude account that served it (None: refused before a run)
+    account: str = ""                    # the Claude account whose CLI ran it ("" when refused before a run)
     response_cache_hit: bool = False
     tokens_saved: int = 0
     timestamp: float = field(default_factory=time.time)

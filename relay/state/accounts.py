@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..core.metrics import AccountStatus
 from ..core.routing import (
     UNKNOWN_LIMIT_S,
     AccountSpec,
@@ -112,6 +113,23 @@ class Accounts:
                 "last_error_at": _iso(float(st["last_error_at"])) if st.get("last_error_at") else None,
                 "updated_at": _iso(float(st["updated"])) if st.get("updated") else None,
             })
+        return out
+
+    def statuses(self, problems: dict[str, str] | None = None) -> list[AccountStatus]:
+        """Every account as the metrics and the dashboard see it: limited or not, the fuller window's
+        utilization (when the CLI reported it) and when the limit or that window resets."""
+        now = time.time()
+        out = []
+        for v in self.views(problems=problems):
+            u = usability(v.state, now)
+            fullest: tuple[float, float | None] | None = None
+            for w in ("five_hour", "seven_day"):
+                util, reset = v.state.get(f"{w}_util"), v.state.get(f"{w}_reset")
+                if util and (fullest is None or float(util) > fullest[0]):
+                    fullest = (float(util), float(reset) if reset else None)
+            resets = u.until if not u.usable else (fullest[1] if fullest else None)
+            out.append(AccountStatus(name=v.name, limited=not u.usable, utilization=fullest[0] if fullest else None,
+                                     resets_at=resets, reason=u.reason or ""))
         return out
 
     def legacy(self, name: str) -> dict[str, Any]:
