@@ -55,11 +55,12 @@ def test_a_client_id_reaches_only_the_callers_own_conversation(relay_factory, tm
     srv = relay_factory({"RELAY_CONFIG": str(tmp_path / "c.json")})
     for key in (OPS, ALICE):
         assert chat(srv, "up2 hello", key=key, headers={"X-Session-Id": "shared-name"}).status_code == 200
-    assert {("ops", "s:shared-name"), ("alice", "s:shared-name")} <= listed(srv, OPS)
+    ops, alice = "ops~" + digest(OPS)[:12], "alice~" + digest(ALICE)[:12]  # scopes: a key's name and digest prefix
+    assert {(ops, "s:shared-name"), (alice, "s:shared-name")} <= listed(srv, OPS)
     r = requests.delete(srv.url + "/v1/sessions/shared-name", headers={"Authorization": f"Bearer {OPS}"})
     assert r.status_code == 200
     remaining = listed(srv, OPS)
-    assert ("ops", "s:shared-name") not in remaining and ("alice", "s:shared-name") in remaining
+    assert (ops, "s:shared-name") not in remaining and (alice, "s:shared-name") in remaining
 
 
 def test_a_function_call_output_with_content_parts_reaches_the_model_as_blocks(client, mock_api):

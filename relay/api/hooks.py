@@ -157,7 +157,8 @@ def install(app: Flask, relay: Relay) -> None:
                 resp.headers["Access-Control-Max-Age"] = "600"
                 resp.headers["Vary"] = "Origin"
             return resp
-        if request.method in ("POST", "PUT", "PATCH") and not is_json(request.mimetype):
+        if request.method in ("POST", "PUT", "PATCH") and request.routing_exception is None \
+                and not is_json(request.mimetype):  # (unknown routes and methods keep their 404 / 405)
             # a form or text/plain post needs no CORS preflight: refusing it stops drive-by requests
             raise UnsupportedMediaType("Send the request body as JSON with `Content-Type: application/json`.",
                                        param="Content-Type")

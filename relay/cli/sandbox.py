@@ -81,7 +81,7 @@ def argv(sb: Sandbox) -> list[str]:
 def env(config_dir: str, credential_var: str, placeholder: str, max_retries: int) -> dict[str, str]:
     """A fresh environment (nothing of the relay's): the CLI reaches the API only through the proxy."""
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": config_dir, "CLAUDE_CONFIG_DIR": config_dir,
-            "LANG": "C.UTF-8", "TMPDIR": "/tmp", "CLAUDE_CODE_TMPDIR": "/tmp",  # the sandbox's own tmpfs "ANTHROPIC_UNIX_SOCKET": API_SOCKET,
+            "LANG": "C.UTF-8", "TMPDIR": "/tmp", "ANTHROPIC_UNIX_SOCKET": API_SOCKET,
             "ANTHROPIC_BASE_URL": "http://localhost", credential_var: placeholder,
             "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
             "CLAUDE_CODE_MAX_RETRIES": str(max_retries)}
