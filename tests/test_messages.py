@@ -579,7 +579,7 @@ def test_a_client_hanging_up_mid_stream_stops_the_cli(relay):
     s = socket.create_connection(("127.0.0.1", relay.port))
     data = json.dumps({"model": "sonnet", "max_tokens": 10, "stream": True,
                        "messages": [{"role": "user", "content": "ms50 MOCK:slow=300 MOCK:words=60"}]}).encode()
-    s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+    s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: "
               + str(len(data)).encode() + b"\r\n\r\n" + data)
     got = b""
     while b"text_delta" not in got:
