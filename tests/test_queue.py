@@ -101,7 +101,7 @@ def test_an_over_quota_key_is_refused_before_its_body_is_read(relay_factory, tmp
     srv = relay_factory({"RELAY_CONFIG": str(tmp_path / "c.json")})
     assert ask(srv, "q5 spend it", BULK).status_code == 200  # charges 606 tokens: the day's budget is gone
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Authorization: Bearer " + BULK.encode() + b"\r\nContent-Length: 40000000\r\n\r\n{\"model\":")
     data = b""
     while b"\r\n\r\n" not in data:  # answered while 40 MB of body were never sent
@@ -124,7 +124,7 @@ def test_a_client_that_hangs_up_while_queued_leaves_the_queue(relay_factory, moc
     assert wait_until(lambda: mock_api.records("q6 blocker"), 30)
     data = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "q6 abandoned"}]}).encode()
     s = socket.create_connection(("127.0.0.1", srv.port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
     assert wait_until(lambda: waiting(srv) == 1, 30)
     s.close()
