@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .cli.agent import check as check_agent
-from .cli.process import child_env, probe_cli
+from .cli.invocation import settings_fingerprint, spare_controls
+from .cli.pool_client import PoolClient, PooledProcess
+from .cli.process import RunSpec, child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
+from .core.conversation import Plan
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
+from .core.run_description import RunDescription
 from .errors import RateLimited, Unavailable
 from .state.accounts import AccountState
 from .state.apikeys import KeyRing
@@ -67,6 +71,7 @@ class Relay:
         self.response_cache = ResponseCache(self._redis, settings["cache.ttl"], settings["cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
+        self.pool = PoolClient(var / "pool.sock", settings["pool.enabled"])
         self._cli: dict[str, Any] = {}
         self._cli_checked = 0.0
         self.check_cli(force=True)
@@ -98,6 +103,36 @@ class Relay:
                               f"sent upstream until then. ({state.get('cooldown_reason', '')})", retry_after=wait)
         if state.get("login_problem"):
             raise Unavailable(state["login_problem"], code="cli_login_required", retry_after=30)
+
+    def pooled(self, desc: RunDescription, plan: Plan, spec: RunSpec) -> tuple[PooledProcess | None, str]:
+        """The run on a process of the host's pool (a spare, this conversation's warm process, or a cold
+        one the pool may keep afterwards), or (None, why) when this worker must spawn the CLI itself."""
+        if not self.pool.enabled:
+            return None, ""
+        why = ("agent mode" if desc.agent else "function calling" if desc.client_tools
+               else "sessions off" if not plan.conv_key or not plan.cli_session else "")
+        if why:  # agent runs stay cold (own working directory, sandboxing); tools answer permissions
+            self.pool.note(why)
+            return None, why
+        want: str | None = None
+        extra: dict[str, Any] = {}
+        if plan.first_turn and not plan.resume:
+            want, extra = "spare", {"controls": spare_controls(desc)}
+        elif plan.warm:
+            host, _, rest = plan.warm.partition("|")
+            proc_id, _, turns = rest.partition("|")
+            if host == self.host and turns.isdigit():
+                want, extra = "warm", {"proc": proc_id, "turns": int(turns)}
+            else:
+                why = "held by another host"
+        else:
+            why = "pending tool calls" if plan.resume_at else "no warm process"
+        request = {"want": want, "why": why, "conv": plan.conv_key, "fingerprint": settings_fingerprint(desc),
+                   "model": desc.model, "line": spec.stdin.decode(),
+                   "cold": {"argv": spec.argv, "cwd": spec.cwd, "temp_dir": spec.temp_dir,
+                            "session_id": plan.cli_session}, **extra}
+        proc = self.pool.run(request)
+        return proc, "" if proc else "pool server unavailable"
 
     def config_dir(self) -> Path:
         d = self.settings["claude_config_dir"] or os.environ.get("CLAUDE_CONFIG_DIR") or "~/.claude"

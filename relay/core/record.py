@@ -29,6 +29,7 @@ class RequestRecord:
     bytes_to_cli: int = 0
     worker: int = 0
     endpoint: str = ""
+    pool: str = ""                       # spare | warm | cold (pool run) | local (spawned by the worker), + why
     response_cache_hit: bool = False
     tokens_saved: int = 0
     timestamp: float = field(default_factory=time.time)
