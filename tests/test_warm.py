@@ -16,7 +16,10 @@ import requests
 from harness import openai_client, wait_until
 from mock_anthropic import all_text
 
+from relay.cli.pool_client import PoolClient
+
 KEY_A, KEY_B = "sk-warm-key-a", "sk-warm-key-b"
+POOL_ON = {"RELAY_POOL__ENABLED": "true"}  # the config default; the rest of the suite runs without
 
 
 def chat(c: Any, messages: list[dict[str, Any]], sid: str | None = None, model: str = "sonnet", **kw: Any) -> Any:
@@ -62,7 +65,7 @@ def converse(c: Any, srv: Any, sid: str, texts: list[str], **kw: Any) -> list[di
 def warm(relay_factory: Any) -> Any:
     """A relay with the pool at its defaults: 2 workers, 1 spare, 4 warm processes."""
     keys = f'[{{"name": "a", "key": "{KEY_A}", "admin": true}}, {{"name": "b", "key": "{KEY_B}"}}]'
-    return relay_factory({"RELAY_AUTH__ENABLED": "true", "RELAY_AUTH__API_KEYS": keys})
+    return relay_factory({"RELAY_AUTH__ENABLED": "true", "RELAY_AUTH__API_KEYS": keys, **POOL_ON})
 
 
 @pytest.fixture()
@@ -157,8 +160,8 @@ def test_processes_are_never_shared_between_keys(warm: Any, mock_api: Any) -> No
 
 def test_turn_on_another_host_is_not_lost(relay_factory: Any, redis_server: Any, mock_api: Any) -> None:
     url = redis_server.fresh_db()
-    host_a = relay_factory({"RELAY_HOST_ID": "host-a"}, redis_url=url)
-    host_b = relay_factory({"RELAY_HOST_ID": "host-b"}, redis_url=url)
+    host_a = relay_factory({"RELAY_HOST_ID": "host-a", **POOL_ON}, redis_url=url)
+    host_b = relay_factory({"RELAY_HOST_ID": "host-b", **POOL_ON}, redis_url=url)
     assert spare_ready(host_a) and spare_ready(host_b)
     sid, msgs = "warm-hosts-1", [{"role": "user", "content": "WH1 on host A"}]
     with openai_client(host_a.url) as a, openai_client(host_b.url) as b:
@@ -232,7 +235,7 @@ def test_function_calling_and_agent_runs_stay_cold_and_say_so(warm: Any, ca: Any
 @pytest.fixture(scope="module")
 def strict(relay_factory: Any) -> Any:
     """Tight limits: 2 turns per process, 1 warm process, 3 s idle timeout."""
-    return relay_factory({"RELAY_POOL__MAX_TURNS": "2", "RELAY_POOL__MAX_WARM": "1", "RELAY_IDLE_TIMEOUT_S": "3"})
+    return relay_factory({"RELAY_POOL__MAX_TURNS": "2", "RELAY_POOL__MAX_WARM": "1", "RELAY_IDLE_TIMEOUT_S": "3", **POOL_ON})
 
 
 def test_recycling_after_max_turns_and_lru_cap(strict: Any) -> None:
@@ -263,7 +266,7 @@ def test_watchdog_kills_a_run_that_stops_printing(strict: Any) -> None:
 
 
 def test_idle_ttl_and_a_new_login_replace_processes(relay_factory: Any) -> None:
-    srv = relay_factory({"RELAY_POOL__IDLE_TTL_S": "2"})
+    srv = relay_factory({"RELAY_POOL__IDLE_TTL_S": "2", **POOL_ON})
     assert spare_ready(srv)
     with openai_client(srv.url) as c:
         converse(c, srv, "ttl-1", ["TT1"])
@@ -277,19 +280,26 @@ def test_idle_ttl_and_a_new_login_replace_processes(relay_factory: Any) -> None:
 
 
 def test_no_orphans_after_sigkill_of_a_worker_or_the_master(relay_factory: Any) -> None:
-    srv = relay_factory()
+    srv = relay_factory(POOL_ON)
     assert spare_ready(srv)
     with openai_client(srv.url) as c:
         converse(c, srv, "kill-1", ["K1 first"])
         stream = c.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "K2 MOCK:words=300 MOCK:slow=100"}],
                                            stream=True, extra_headers={"X-Session-Id": "kill-2"})
         next(iter(stream))
+        before = pool(srv)
+        assert before["busy"] == 1, before
         running = set(pool_clis(srv))
         for w in srv.worker_pids():
             os.kill(w, signal.SIGKILL)
         # the run's CLI dies with its worker's connection; the warm one of kill-1 and the spare stay
-        assert wait_until(lambda: pool(srv)["busy"] == 0, timeout=20)
-        assert wait_until(lambda: len(running & set(pool_clis(srv))) == len(running) - 1, timeout=20)
+        direct = PoolClient(Path(srv.env["RELAY_VAR_DIR"]) / "pool.sock", True)  # the workers are rebooting
+        pool_pid = direct.stats()["pid"]
+
+        def survivors() -> set[int]:
+            return running & {c.pid for c in psutil.Process(pool_pid).children() if c.status() != psutil.STATUS_ZOMBIE}
+        assert wait_until(lambda: len(survivors()) == len(running) - 1, timeout=20), (running, survivors())
+        assert direct.stats()["busy"] == 0
         stream.close()
     everything = [psutil.Process(srv.proc.pid)] + psutil.Process(srv.proc.pid).children(recursive=True)
     os.kill(srv.proc.pid, signal.SIGKILL)
@@ -301,7 +311,7 @@ def test_no_orphans_after_sigkill_of_a_worker_or_the_master(relay_factory: Any) 
 
 
 def test_graceful_shutdown_ends_every_pooled_cli(relay_factory: Any) -> None:
-    srv = relay_factory()
+    srv = relay_factory(POOL_ON)
     assert spare_ready(srv)
     with openai_client(srv.url) as c:
         converse(c, srv, "stop-1", ["GS1"])
