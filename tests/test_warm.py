@@ -331,3 +331,75 @@ def test_pool_off_gives_todays_behaviour(relay_factory: Any, mock_api: Any) -> N
     assert [r["pool"] for r in recs] == ["", ""] and recs[1]["resumed"] is True
     assert "OFF1" in all_text(mock_api.bodies("OFF2")[-1])
     assert wait_until(lambda: not srv.cli_pids(), timeout=10)  # nothing stays alive between turns
+
+
+@pytest.fixture()
+def pool_server(tmp_path: Path, mock_api: Any, cli_bin: str) -> Any:
+    """The pool server on its own (no relay): the protocol a worker speaks, with the real CLI."""
+    import subprocess
+    import sys
+
+    from harness import ROOT, relay_env
+
+    env = relay_env("redis://127.0.0.1:1/0", cli_bin, mock_api.url, tmp_path, {"RELAY_POOL__ENABLED": "true"})
+    proc = subprocess.Popen([sys.executable, "-m", "relay.cli.pool_server"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = PoolClient(tmp_path / "var" / "pool.sock", True)
+    assert wait_until(lambda: (client.stats().get("spares") or {}).get("ready", 0) >= 1, timeout=60)
+    yield client
+    proc.terminate()
+    proc.wait(20)
+
+
+def _turn(client: Any, want: str | None, text: str, **extra: Any) -> Any:
+    from relay.core.prompt import build_prompt
+
+    line = build_prompt("", [{"role": "user", "content": [{"type": "text", "text": text}]}], "replace", True)
+    req = {"want": want, "conv": "pool-test-conv", "fingerprint": "fp", "model": "sonnet", "controls": [],
+           "line": line.stdin_line().decode(), "cold": {"argv": [], "cwd": "/", "session_id": ""}, **extra}
+    proc = client.run(req)
+    assert proc is not None and proc.how == (want or "cold")
+    proc.start()
+    return proc
+
+
+def _until_result(proc: Any, on_event: Any = None) -> dict[str, Any]:
+    from relay.cli.process import EOF
+
+    while True:
+        ev = proc.next_event(60)
+        assert ev is not None and ev is not EOF, proc.stderr_text
+        if on_event:
+            on_event(ev)
+        if ev.get("type") == "result":
+            return ev
+
+
+def test_cost_fields_are_per_turn_and_an_interrupted_turn_is_not_kept(pool_server: Any) -> None:
+    proc = _turn(pool_server, "spare", "PI1 MOCK:usage=10,0,0,5")
+    results = [_until_result(proc)]
+    held = proc.keep()
+    proc.kill()
+    assert held is not None
+    for i in range(2):
+        proc = _turn(pool_server, "warm", f"PI{i + 2} MOCK:usage=10,0,0,5", proc=held[0], turns=held[1])
+        results.append(_until_result(proc))
+        held = proc.keep()
+        proc.kill()
+        assert held is not None
+    # the CLI reports cost, API time and per-model usage summed over its life; the pool makes them per turn
+    assert len({round(r["total_cost_usd"], 9) for r in results}) == 1
+    assert all(next(iter(r["modelUsage"].values()))["inputTokens"] == r["usage"]["input_tokens"] for r in results)
+    # an interrupted turn leaves the partial answer in the process's history: it must not be kept
+    proc = _turn(pool_server, "warm", "PI4 MOCK:words=200 MOCK:slow=50", proc=held[0], turns=held[1])
+    sent = []
+
+    def interrupt(ev: dict[str, Any]) -> None:
+        if ev.get("type") == "stream_event" and not sent:
+            sent.append(1)
+            proc.send({"type": "control_request", "request_id": "int-1", "request": {"subtype": "interrupt"}})
+    result = _until_result(proc, interrupt)
+    assert result.get("is_error") or result.get("subtype") != "success"
+    assert proc.keep() is None
+    proc.kill()
+    assert wait_until(lambda: pool_server.stats()["killed"].get("error", 0) == 1 and not pool_server.stats()["warm"])
