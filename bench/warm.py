@@ -103,17 +103,21 @@ def warm_bench(pool_relay: Any, off_relay: Any, bare: BareCli, cli_bin: str, run
                                    "relay_off_new": []}
     how: dict[str, list[str]] = {"relay_new": [], "relay_followup": []}
     bw = BareWarm(bare, cli_bin)
-    pending: dict[str, list[dict[str, Any]]] = {}   # relay name -> the previous round's conversation
+    pending: dict[str, list[list[dict[str, Any]]]] = {"pool": [], "off": []}  # conversations awaiting turn 2
 
     def new_conv(url: str, key: str, i: int) -> float:
         sid = f"bench-warm-{key}-{i}-{uuid.uuid4().hex[:6]}"
         msgs = [user_msg(f"New conversation {i}: please answer briefly. {WORDS}")]
         res = relay_stream(url, msgs, {"X-Session-Id": sid})
-        pending[key] = msgs + [{"role": "assistant", "content": res["content"]}, {"sid": sid}]  # type: ignore[list-item]
-        return res["ttft"]
+        pending[key].append(msgs + [{"role": "assistant", "content": res["content"]}, {"sid": sid}])
+        return float(res["ttft"])
 
     def follow(url: str, key: str, i: int) -> float:
-        conv = pending.pop(key)
+        if not pending[key]:  # the rotation ran this relay's new conversation after its follow-up
+            new_conv(url, key, i)
+            if key == "pool":
+                spare_ready()
+        conv = pending[key].pop(0)
         sid = conv[-1]["sid"]
         msgs = conv[:-1] + [user_msg(f"Follow-up {i}: and then? {WORDS}")]
         return relay_stream(url, msgs, {"X-Session-Id": sid})["ttft"]

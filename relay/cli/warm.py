@@ -64,6 +64,16 @@ class Managed:
     def alive(self) -> bool:
         return bool(self.proc.proc) and self.proc.proc.poll() is None  # type: ignore[union-attr]
 
+    def drain(self) -> bool:
+        """Drop anything the idle process printed since its last turn (so a turn starts clean);
+        False if it exited meanwhile."""
+        while True:
+            ev = self.proc.next_event(0)
+            if ev is None:
+                return self.alive
+            if ev is EOF:
+                return False
+
     def rss_mb(self) -> float:
         try:
             return psutil.Process(self.proc.pid or 0).memory_info().rss / 1e6
@@ -160,7 +170,7 @@ class WarmPool:
 
     def take_spare(self) -> tuple[Managed | None, str]:
         for m in self.spares:
-            if m.ready and m.alive and m.identity == self.identity:
+            if m.ready and m.identity == self.identity and m.drain():
                 self.spares.remove(m)
                 self.busy.add(m)
                 return m, ""
@@ -190,7 +200,7 @@ class WarmPool:
             why = "stale (a turn ran elsewhere)"
         elif m.fingerprint != fingerprint:
             why = "settings changed"
-        elif not m.alive:
+        elif not m.drain():
             why = "exited"
         elif m.identity != self.identity:
             why = "cli or login changed"
