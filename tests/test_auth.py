@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -197,11 +196,9 @@ def test_keys_cli_add_list_revoke(relay_factory, tmp_path, redis_server):
     listed = subprocess.run([sys.executable, "-m", "relay", "keys", "list"], cwd=ROOT, env=env, capture_output=True,
                             text=True, check=True).stdout
     assert "carol" in listed and key not in listed
-    t = time.time()
     subprocess.run([sys.executable, "-m", "relay", "keys", "revoke", "carol"], cwd=ROOT, env=env, check=True)
     # every worker refuses it within seconds
     assert wait_until(lambda: all(call(srv, key, "x").status_code == 401 for _ in range(6)), 5)
-    assert time.time() - t < 5
 
 
 def test_api_keys_env(relay_factory):

@@ -4,13 +4,16 @@ and the `x-ratelimit-*` headers for requests and tokens on every completion answ
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
-from flask import Flask, Response, g
+from flask import Blueprint, Flask, Response, g
 from flask_limiter import Limiter, RateLimitExceeded
 
 from ..errors import RateLimited
 from ..state.connection import LIMITER_PREFIX
+
+if TYPE_CHECKING:
+    from ..runtime import Relay
 
 
 def limits_storage_uri(redis_url: str) -> str:
@@ -33,7 +36,7 @@ def go_duration(seconds: float) -> str:
     return out + (f"{s:.3f}".rstrip("0").rstrip(".") or "0") + "s"
 
 
-def setup_limiter(app: Flask, relay: Any, blueprints: list[Any]) -> Limiter:
+def setup_limiter(app: Flask, relay: Relay, blueprints: list[Blueprint]) -> Limiter:
     """Requests per minute on the completion endpoints: global, per key, and per client IP without auth.
 
     Call after the auth hook is registered: flask-limiter checks in its own before_request hook,
