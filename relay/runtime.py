@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .cli.agent import check as check_agent
-from .cli.invocation import settings_fingerprint, spare_controls
+from .cli.invocation import MODEL_ALIASES, settings_fingerprint, spare_controls
 from .cli.pool_client import PoolClient, PooledProcess
 from .cli.process import RunSpec, child_env, probe_cli
 from .cli.run import Run
@@ -116,7 +116,12 @@ class Relay:
             return None, why
         want: str | None = None
         extra: dict[str, Any] = {}
-        if plan.first_turn and not plan.resume:
+        spare_model_ok = desc.model in MODEL_ALIASES or desc.model == self.settings["default_model"]
+        if plan.first_turn and not plan.resume and not spare_model_ok:
+            # measured: `set_model` with a full model id costs a 1-token API request to validate it
+            # (spares are spawned with default_model, which needs no `set_model`)
+            why = "pinned model (a spare would validate it upstream)"
+        elif plan.first_turn and not plan.resume:
             want, extra = "spare", {"controls": spare_controls(desc)}
         elif plan.warm:
             host, _, rest = plan.warm.partition("|")

@@ -355,10 +355,11 @@ def _turn(client: Any, want: str | None, text: str, **extra: Any) -> Any:
     from relay.core.prompt import build_prompt
 
     line = build_prompt("", [{"role": "user", "content": [{"type": "text", "text": text}]}], "replace", True)
-    req = {"want": want, "conv": "pool-test-conv", "fingerprint": "fp", "model": "sonnet", "controls": [],
-           "line": line.stdin_line().decode(), "cold": {"argv": [], "cwd": "/", "session_id": ""}, **extra}
+    req = {"want": extra.pop("want_override", want), "conv": "pool-test-conv", "fingerprint": "fp", "model": "sonnet",
+           "controls": [], "line": line.stdin_line().decode(), "cold": {"argv": [], "cwd": "/", "session_id": ""},
+           **extra}
     proc = client.run(req)
-    assert proc is not None and proc.how == (want or "cold")
+    assert proc is not None and proc.how == (want or "cold"), (proc and proc.how, proc and proc.reason)
     proc.start()
     return proc
 
@@ -403,3 +404,30 @@ def test_cost_fields_are_per_turn_and_an_interrupted_turn_is_not_kept(pool_serve
     assert proc.keep() is None
     proc.kill()
     assert wait_until(lambda: pool_server.stats()["killed"].get("error", 0) == 1 and not pool_server.stats()["warm"])
+
+
+def test_a_spare_that_refuses_a_control_request_is_killed_and_the_run_goes_cold(pool_server: Any,
+                                                                                  cli_bin: str) -> None:
+    from relay.cli.invocation import base_argv
+
+    cwd = str(Path(pool_server.path).parent / "cli-cwd")
+    cold = {"argv": base_argv(cli_bin, "sonnet") + ["--no-session-persistence"], "cwd": cwd, "session_id": ""}
+    # the real CLI ends a turn-less session with an error result for a schema that is not an object
+    proc = _turn(pool_server, None, "PC1 answered cold", cold=cold, want_override="spare",
+                 controls=[{"subtype": "initialize", "hooks": None, "jsonSchema": "not a schema"}])
+    assert proc.reason == "a control request failed"
+    assert "PC1 answered cold" in json.dumps(_until_result(proc))
+    proc.kill()
+    st = pool_server.stats()
+    assert st["killed"].get("control_failed") == 1 and st["misses"].get("a control request failed") == 1
+
+
+def test_a_pinned_model_skips_the_spare(warm: Any, ca: Any, mock_api: Any) -> None:
+    assert spare_ready(warm)
+
+    def probes() -> int:  # `set_model` validates a full model id with a 1-token request
+        return sum(1 for r in list(mock_api.requests) if (r.get("body") or {}).get("max_tokens") == 1)
+    before = probes()
+    chat(ca, [{"role": "user", "content": "WP1 pinned"}], "warm-pinned-1", model="claude-sonnet-4-5-20250929")
+    assert record(warm, KEY_A)["pool"].startswith("cold: pinned model")
+    assert probes() == before

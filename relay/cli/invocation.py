@@ -91,6 +91,9 @@ def spare_argv(claude_bin: str, model: str, session_id: str) -> list[str]:
     return base_argv(claude_bin, model) + session_args(SessionUse(session_id))
 
 
+MODEL_ALIASES = ("sonnet", "opus", "haiku")  # `set_model` takes these without an API round trip
+
+
 def spare_controls(desc: RunDescription) -> list[dict[str, object]]:
     """Control requests that give a spare what `build_spec` puts on a cold command line: the model
     (`set_model`, sent by the pool only when it differs), the system prompt and JSON schema (the first

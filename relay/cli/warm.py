@@ -184,7 +184,7 @@ class WarmPool:
         deadline = time.monotonic() + timeout
         while True:
             ev = m.proc.next_event(deadline - time.monotonic())
-            if ev is None or ev is EOF:
+            if ev is None or ev is EOF or ev.get("type") == "result":  # a refused `initialize` ends in a result
                 return None
             if ev.get("type") == "control_response" and (ev.get("response") or {}).get("request_id") == rid:
                 resp = ev["response"]
