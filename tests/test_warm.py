@@ -431,3 +431,12 @@ def test_a_pinned_model_skips_the_spare(warm: Any, ca: Any, mock_api: Any) -> No
     chat(ca, [{"role": "user", "content": "WP1 pinned"}], "warm-pinned-1", model="claude-sonnet-4-5-20250929")
     assert record(warm, KEY_A)["pool"].startswith("cold: pinned model")
     assert probes() == before
+
+
+def test_rss_and_age_limits_recycle_processes(relay_factory: Any) -> None:
+    srv = relay_factory({"RELAY_POOL__MAX_RSS_MB": "1", "RELAY_POOL__MAX_AGE_S": "8", **POOL_ON})
+    with openai_client(srv.url) as c:
+        recs = converse(c, srv, "limits-1", ["LIM1", "LIM2"])
+    assert recs[1]["pool"] == "cold: no warm process"  # above max_rss_mb after turn 1: not kept
+    assert pool(srv)["killed"].get("max_rss", 0) >= 1
+    assert wait_until(lambda: pool(srv)["killed"].get("max_age", 0) >= 1, timeout=60)  # spares age out too
