@@ -186,6 +186,16 @@ class PoolServer:
         else:
             pool.hits[how] += 1
         m.last_used = time.monotonic()
+        try:
+            self._turn(conn, req, m, how, why)
+        finally:
+            if m in pool.busy:  # neither kept nor discarded: a bad request or a bug, never a leaked CLI
+                pool.discard(m, "failed")
+
+    def _turn(self, conn: Connection, req: dict[str, Any], m: Managed, how: str, why: str) -> None:
+        """One turn on `m`: forward its output, then keep it (if the worker asks and it ended clean)
+        or kill it."""
+        pool = self.pool
         if not conn.write({"type": "pool", "how": how, "reason": why, "session_id": m.session_id,
                            "pid": m.proc.pid, "proc": m.id}):
             pool.discard(m, "disconnect")
