@@ -30,6 +30,53 @@ def _check() -> int:
     return 0
 
 
+def _accounts(action: str) -> int:
+    """`accounts list`: each account's shared state (the quota meter, from Redis).
+    `accounts check`: whether each account's login is present, from `claude auth status` (no model call)."""
+    from .cli.invocation import auth_status_argv
+    from .cli.process import account_envs, child_env, login_status, probe_cli
+    from .core.routing import AccountSpec
+    from .state.accounts import Accounts
+    from .state.connection import connect, host_id
+    from .state.leases import Leases
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or [AccountSpec("default", implicit=True)]
+    env = child_env(dict(os.environ), settings["cli_max_retries"], settings["claude_config_dir"])
+    envs, problems = account_envs(specs, env)
+    if action == "list":
+        r = connect(settings["redis_url"])
+        accounts = Accounts(r, Leases(r), specs, settings["host_id"] or host_id(), settings["login_recheck_s"],
+                            settings["accounts_overage"], settings["alerts.thresholds"])
+        for a in accounts.snapshot(settings["sessions.ttl_hours"] * 3600, problems):
+            print(json.dumps(a))
+        return 0
+    cli = probe_cli(settings["claude_bin"], env)
+    if not cli.get("ok"):
+        print(f"relay: {cli['problem']}", file=sys.stderr)
+        return 2
+    bad = 0
+    for spec in specs:
+        if spec.name in problems:
+            ok, detail = False, problems[spec.name]
+        else:
+            st = login_status(auth_status_argv(str(cli["path"])), envs[spec.name])
+            ok = bool(st.get("loggedIn"))
+            detail = (f"auth method {st.get('authMethod')}, config directory {st.get('configDirectory')}"
+                      + (f", login expires {st['loginExpiresAt']}" if st.get("loginExpiresAt") else "")
+                      if ok else str(st.get("error") or "not logged in"))
+        bad += not ok
+        print(json.dumps({"name": spec.name, "logged_in": ok, "detail": detail}))
+    print("relay: `claude auth status` checks the login locally; it cannot tell whether Anthropic still accepts "
+          "a token (that needs a model call): the relay finds out on the account's first request.",
+          file=sys.stderr)
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -46,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ksub.add_parser("list", help="list key names and limits (never the keys)")
     rev = ksub.add_parser("revoke", help="revoke a key by name (effective on every worker within seconds)")
     rev.add_argument("name")
+    acc = sub.add_parser("accounts", help="Claude accounts: their shared state, or whether their logins work")
+    acc.add_argument("action", choices=["list", "check"])
     args = parser.parse_args(argv)
     if args.cmd == "check":
         return _check()
+    if args.cmd == "accounts":
+        return _accounts(args.action)
     from .state import apikeys as auth
 
     if args.action == "add":

@@ -61,6 +61,65 @@ def _check_models(value: Any) -> str | None:
     return None
 
 
+_ACCOUNT_FIELDS = {"name", "config_dir", "oauth_token_env", "max_concurrent", "priority"}
+
+
+def _check_accounts(value: Any) -> str | None:
+    names: set[str] = set()
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            return f"item {i} must be an object {{name, config_dir | oauth_token_env, max_concurrent, priority}}"
+        name = item.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or \
+                not all(c.isalnum() or c in "._-" for c in name):
+            return f"item {i} needs a name of 1-64 letters, digits, '.', '_' or '-'"
+        if name in names:
+            return f"item {i}: the name {name!r} is used twice"
+        names.add(name)
+        unknown = set(item) - _ACCOUNT_FIELDS
+        if unknown:
+            return f"item {i} ({name}): unknown field(s) {', '.join(sorted(unknown))}"
+        for f in ("config_dir", "oauth_token_env"):
+            if f in item and not isinstance(item[f], str):
+                return f"item {i} ({name}): {f} must be a string"
+        if not (item.get("config_dir") or item.get("oauth_token_env")):
+            return f"item {i} ({name}) needs config_dir or oauth_token_env (or both)"
+        env_name = item.get("oauth_token_env") or ""
+        if env_name and not (env_name.replace("_", "").isalnum() and not env_name[0].isdigit()):
+            return f"item {i} ({name}): oauth_token_env must name an environment variable"
+        for f, lo in (("max_concurrent", 0), ("priority", 1)):
+            v = item.get(f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 1000):
+                return f"item {i} ({name}): {f} must be an integer from {lo} to 1000"
+    return None
+
+
+def _check_webhooks(value: Any) -> str | None:
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("url"), str) or \
+                not item["url"].startswith(("http://", "https://")):
+            return f"item {i} must be an object with an http(s) url"
+        fmt = item.get("format", "json")
+        if fmt not in ("json", "slack", "telegram"):
+            return f"item {i}: format must be json, slack or telegram"
+        if fmt == "telegram" and item.get("chat_id") in (None, ""):
+            return f"item {i}: the telegram format needs a chat_id"
+        events = item.get("events")
+        known = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected",
+                 "login_failing", "run_timeout")
+        if events is not None and (not isinstance(events, list) or any(e not in known for e in events)):
+            return f"item {i}: events must be a list of: {', '.join(known)}"
+        unknown = set(item) - {"url", "format", "chat_id", "events", "timeout_s"}
+        if unknown:
+            return f"item {i}: unknown field(s) {', '.join(sorted(unknown))}"
+    return None
+
+
+def _check_thresholds(value: Any) -> str | None:
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in value)
+    return None if ok else "must be fractions between 0 and 1, e.g. [0.8, 0.95]"
+
+
 _POS = _between(0.001, 1e9)
 _NONNEG = _between(0, 1e12)
 
@@ -137,6 +196,19 @@ SCHEMA: dict[str, Field] = {
                                 _one_of("hidden", "reasoning")),
     "agent.user": Field(str, "", "Run agent CLIs as this user (required for bypassPermissions when the relay is root)."),
     "prices": Field(dict, {}, "Override USD prices per million tokens, per model family."),
+    "accounts": Field(list, [], "Claude accounts (subscriptions) to route over: {name, config_dir | "
+                      "oauth_token_env, max_concurrent, priority}; empty = the host's own login.", _check_accounts),
+    "accounts_overage": Field(str, "block", "block: an account drawing on overage (extra usage) is not used until "
+                              "its reset; allow: it is used (and alerted).", _one_of("block", "allow")),
+    "alerts.webhooks": Field(list, [], "Webhooks for operator alerts: {url, format: json | slack | telegram, "
+                             "chat_id, events}.", _check_webhooks),
+    "alerts.thresholds": Field(list, [0.8, 0.95], "Window utilizations that raise an alert (once per window).",
+                               _check_thresholds),
+    "alerts.max_attempts": Field(int, 10, "Deliveries of one alert tried before it is dropped.", _between(1, 100)),
+    "alerts.retry_base_s": Field(float, 2.0, "First retry delay of a failed alert delivery (doubles each time).",
+                                 _between(0.01, 3600)),
+    "metrics.scrape_token": Field(str, "", "A token Prometheus may send (Authorization: Bearer) to read /metrics "
+                                  "instead of an admin key; empty = admin keys only."),
     "pool.enabled": Field(bool, True, "Warm CLI processes: one pool server per host keeps spares and "
                           "conversations' processes alive (see README, Warm processes)."),
     "pool.spares": Field(int, 1, "Spare CLI processes kept ready for new conversations (each about 90-135 MB).",

@@ -32,8 +32,8 @@ from .core.record import RequestRecord
 from .core.request import ChatRequest, text_of
 from .core.run_description import describe
 from .core.tokens import count_text
-from .core.upstream import SessionMissing, classify, finish_reason
-from .errors import Conflict, RateLimited, RelayError, UpstreamError
+from .core.upstream import SessionMissing, classify, finish_reason, is_account_error
+from .errors import Conflict, RateLimited, RelayError, Timeout, UpstreamError
 from .runtime import Relay
 from .state.apikeys import ApiKey
 from .state.leases import Heartbeat, new_token
@@ -75,6 +75,9 @@ class Exchange:
         self.estimate = 0
         self.conv = ""
         self.pool_use = ""             # how the pool served the run (RequestRecord.pool)
+        self.member = f"{os.getpid()}:{self.cid}"
+        self.account: str | None = None      # the Claude account this request runs on
+        self.moved_from: str | None = None   # the conversation's previous account, when it moved
 
     # -- opening ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -89,6 +92,49 @@ class Exchange:
         plan = self._admit()
         if ctx.client_socket is not None:
             self.watcher = DisconnectWatcher(ctx.client_socket, self._client_gone).start()
+        tried: list[str] = []
+        while True:  # accounts (issue 12): fail over before the first byte reaches the client
+            plan = self._take_account(plan, tried)
+            try:
+                self._start_on_account(plan)
+                return
+            except RelayError as err:
+                if not is_account_error(err):
+                    raise
+                log.warning("%s: account %s cannot answer (%s); trying another account", ctx.request_id,
+                            self.account, err.code)
+                self._end_run()
+                self.run = None  # nothing was answered: the conversation keeps its record for the next turn
+                self._drop_account()
+                tried.append(str(plan.account))
+                if relay.sessions.enabled and plan.conv_key:  # the next account starts from the full history
+                    plan = relay.sessions.fresh(plan.conv_key, req.system, req.messages, req.cli_model, ctx.scope)
+                    plan.account = tried[-1]
+
+    def _take_account(self, plan: Plan, tried: list[str]) -> Plan:
+        """Choose the account (the conversation's own while it is usable) and take its slot; a
+        conversation that must move gets a fresh session there with the full history."""
+        relay, req, ctx = self.relay, self.req, self.ctx
+        sticky = plan.account if plan.account in relay.accounts.by_name else None
+        name = relay.accounts.acquire(sticky, tried, self.member, self.cfg["queue_timeout_s"],
+                                      relay.account_problems, self.cfg["sessions.ttl_hours"] * 3600)
+        self.account = name
+        self.heartbeat.add("slot", relay.accounts.slot_key(name), self.member)
+        if plan.account and plan.account != name and plan.conv_key:
+            log.info("%s: conversation moves from account %s to %s with its full history", ctx.request_id,
+                     plan.account, name)
+            self.moved_from = plan.account
+            if plan.resume:
+                plan = relay.sessions.fresh(plan.conv_key, req.system, req.messages, req.cli_model, ctx.scope)
+        plan.account = name
+        return plan
+
+    def _drop_account(self) -> None:
+        if self.account:
+            self.heartbeat.drop(self.relay.accounts.slot_key(self.account), self.member)
+
+    def _start_on_account(self, plan: Plan) -> None:
+        relay, req, ctx = self.relay, self.req, self.ctx
         for attempt in (0, 1):
             self.plan = plan
             self._spawn(plan)
@@ -100,7 +146,9 @@ class Exchange:
                     raise
                 log.info("session %s vanished from the CLI; replaying the full history", plan.cli_session)
                 self._end_run()
+                account = plan.account
                 plan = relay.sessions.fresh(plan.conv_key, req.system, req.messages, req.cli_model, ctx.scope)
+                plan.account = account
 
     def _admit(self) -> Plan:
         """CLI and account usable, quota, conversation lock (then its state), key slot, host slot."""
@@ -119,7 +167,7 @@ class Exchange:
                                retry_after=2)
             self.heartbeat.add("lock", lock, token)
         plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
-        member = f"{os.getpid()}:{self.cid}"
+        member = self.member
         wait_s = self.cfg["queue_timeout_s"]
         if key is not None and key.max_concurrent:  # the key's own slot first: a busy key must not hold host slots
             kslots = relay.slots.key_slots(key.name)
@@ -132,6 +180,13 @@ class Exchange:
             raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
                               "retry shortly.", retry_after=max(1.0, wait_s / 2))
         self.heartbeat.add("slot", relay.slots.host_key, member)
+        self.member = member
+        try:
+            relay.slots.describe(member, {"id": self.cid, "key": ctx.key_name, "model": req.cli_model,
+                                          "endpoint": ctx.endpoint, "stream": req.stream, "worker": os.getpid(),
+                                          "started": time.time()})
+        except Exception as exc:  # the dashboard's list of runs is a courtesy
+            log.warning("could not describe run %s: %s", self.cid, exc)
         return plan
 
     def _spawn(self, plan: Plan) -> None:
@@ -140,10 +195,11 @@ class Exchange:
         desc = describe(self.req, plan, cfg["system_prompt_mode"], agent)
         # keys never share an agent directory: the conversation id is scoped to the caller's key
         cwd = workdir(agent, f"{self.ctx.scope}\x00{self.conv}") if agent else relay.cli_cwd
-        spec = build_spec(desc, relay.cli_path(), relay.cli_env, str(cwd), relay.tmp_dir)
+        env = relay.account_envs.get(self.account or "", relay.cli_env)  # the chosen account's login
+        spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
-        proc, why = relay.pooled(desc, plan, spec)
+        proc, why = relay.pooled(desc, plan, spec, self.account)
         if proc is not None:
             self.pool_use = proc.how + (f": {proc.reason}" if proc.reason else "")
             if proc.how == "spare":  # a spare's session id was fixed at its spawn
@@ -166,13 +222,18 @@ class Exchange:
                 raise err
 
     def _classify(self) -> RelayError | None:
+        """The turn's error, if any; either way the account's meter learns what the CLI reported."""
         assert self.run
-        err = classify(self.run.turn, time.time(), self.cfg["upstream_retry_after_s"])
-        if err is not None:
+        turn = self.run.turn
+        err = classify(turn, time.time(), self.cfg["upstream_retry_after_s"])
+        if self.account and (err is not None or turn.done):
             try:
-                self.relay.account.note_error(err)
+                if err is not None:
+                    self.relay.accounts.note_error(self.account, err, turn.rate_limit)
+                else:
+                    self.relay.accounts.note_turn(self.account, turn.rate_limit, ok=True)
             except Exception as exc:  # Redis trouble must not hide the real error
-                log.warning("could not record the upstream error state: %s", exc)
+                log.warning("could not record the account's state: %s", exc)
         return err
 
     def _end_run(self) -> None:
@@ -299,12 +360,24 @@ class Exchange:
                         answer["tool_calls"] = calls
                     self.relay.sessions.commit(self.plan, answer, self.relay.host,
                                                resume_at=self.run.turn.tool_msg_uuid, warm=warm)
+                    if self.account:
+                        self.relay.accounts.hold(self.account, self.plan.conv_key, self.moved_from)
                 elif self.run:
                     self.relay.sessions.forget(self.plan)
+                    self.relay.accounts.release(self.plan.account, self.plan.conv_key)
         except Exception as e:  # never lose the stats record over a session update
             log.error("%s: session update failed: %s", self.ctx.request_id, e)
         finally:
+            if self.member:
+                try:
+                    self.relay.slots.forget(self.member)
+                except Exception as e:  # it vanishes with the slot's lease anyway
+                    log.warning("%s: could not forget the run: %s", self.ctx.request_id, e)
             self.heartbeat.release()
+            if isinstance(exc, Timeout):
+                self.relay.alerts.emit("run_timeout", self.account, f"A run on account {self.account} timed out "
+                                       f"({exc.code}): {exc.message}", f"timeout:{self.cid}",
+                                       details={"request_id": self.ctx.request_id, "code": exc.code})
             self._record(exc)
 
     def _keep_warm(self, ok: bool) -> str | None:
@@ -342,4 +415,4 @@ class Exchange:
             response_time_ms=int((time.monotonic() - self.t0) * 1000),
             ttft_ms=self.run.ttft_ms if self.run else None, first_message=first_user[:200],
             resumed=bool(self.plan and self.plan.resume), bytes_to_cli=self.bytes_to_cli, worker=os.getpid(),
-            endpoint=self.ctx.endpoint, pool=self.pool_use))
+            endpoint=self.ctx.endpoint, account=self.account or "", pool=self.pool_use))

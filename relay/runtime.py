@@ -10,27 +10,31 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 from .cli.agent import check as check_agent
 from .cli.invocation import MODEL_ALIASES, settings_fingerprint, spare_controls
-from .cli.pool_client import PoolClient, PooledProcess
-from .cli.process import RunSpec, child_env, probe_cli
+from .cli.pool_client import PoolClient, PooledProcess, PoolMetrics
+from .cli.process import RunSpec, account_envs, child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
 from .core.conversation import Plan
+from .core.metrics import AccountStatus, Live, WarmStats
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
+from .core.routing import AccountSpec
 from .core.run_description import RunDescription
-from .errors import RateLimited, Unavailable
-from .state.accounts import AccountState
+from .errors import Unavailable
+from .state.accounts import Accounts
+from .state.alerts import Alerts
 from .state.apikeys import KeyRing
 from .state.cache import ResponseCache
 from .state.connection import connect, host_id
 from .state.leases import Leases
+from .state.metrics import MetricsStore
 from .state.quotas import Quotas
 from .state.responses import ResponseStore
 from .state.sessions import Sessions
@@ -41,6 +45,12 @@ if TYPE_CHECKING:
     from flask_limiter import Limiter
 
 log = logging.getLogger("relay")
+
+
+class WarmPoolStats(Protocol):
+    """What the metrics need from a warm CLI pool; `Relay.warm_pool` is None until one exists."""
+
+    def stats(self) -> WarmStats: ...
 
 
 class Relay:
@@ -56,26 +66,62 @@ class Relay:
         self.slots = RunSlots(self._redis, self.leases, self.host)
         self.sessions = Sessions(self._redis, settings["sessions.ttl_hours"], settings["sessions.enabled"])
         self.responses = ResponseStore(self._redis, settings["sessions.ttl_hours"])
-        self.account = AccountState(self._redis, self.host, settings["login_recheck_s"])
         var = settings.path("var_dir")
         self.cli_cwd = var / "cli-cwd"      # stable (sessions are scoped to it) and empty
         self.tmp_dir = var / "tmp"
         for d in (self.cli_cwd, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.cli_env = child_env(dict(os.environ), settings["cli_max_retries"], settings["claude_config_dir"])
+        self._init_accounts(settings)
         self.stats = Stats(self._redis, settings.path("log_dir") / "stats.json", settings["max_requests_per_day"],
                            settings["stats.log_first_message"], settings["prices"])
         self.active: dict[str, Run] = {}
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self._redis)
         self.quotas = Quotas(self._redis, settings["rate_limit.max_tokens_per_day"])
+        self.metrics = MetricsStore(self._redis)
+        self.warm_pool: WarmPoolStats | None = None
         self.response_cache = ResponseCache(self._redis, settings["cache.ttl"], settings["cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
         self.pool = PoolClient(var / "pool.sock", settings["pool.enabled"])
+        if settings["pool.enabled"]:
+            self.warm_pool = PoolMetrics(self.pool)
         self._cli: dict[str, Any] = {}
         self._cli_checked = 0.0
         self.check_cli(force=True)
         check_agent(settings)
+
+    # -- accounts (issue 12): each configured subscription with its own CLI environment --------------
+    def _init_accounts(self, settings: Settings) -> None:
+        self.alerts = Alerts(self._redis, settings["alerts.webhooks"], self.host, settings["alerts.max_attempts"],
+                             settings["alerts.retry_base_s"])
+        specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or \
+            [AccountSpec("default", implicit=True)]
+        self.accounts = Accounts(self._redis, self.leases, specs, self.host, settings["login_recheck_s"],
+                                 settings["accounts_overage"], settings["alerts.thresholds"], self.alerts.emit)
+        # each account's login: its config dir and/or OAuth token; the others' tokens are scrubbed
+        self.account_envs, self.account_problems = account_envs(specs, self.cli_env)
+
+    def account_meter(self) -> list[dict[str, Any]]:
+        return self.accounts.snapshot(self.settings["sessions.ttl_hours"] * 3600, self.account_problems)
+
+    def account_summary(self) -> dict[str, Any]:
+        """Why no account can answer (cooldown until the earliest reset, or the broken login)."""
+        views = self.accounts.views(problems=self.account_problems)
+        err = self.accounts.unusable_error(views)
+        if err.code == "cli_login_required":
+            return {"login_problem": err.message}
+        until = time.time() + (err.retry_after or 0)
+        return {"cooldown_until": until, "cooldown_reason": err.message}
+
+    def account_config_dir(self, name: str) -> Path:
+        env = self.account_envs.get(name) or self.cli_env
+        return Path(env.get("CLAUDE_CONFIG_DIR") or "~/.claude").expanduser()
+
+    def session_folders(self) -> list[Path]:
+        """Where each account's CLI keeps this relay's sessions (one folder per distinct config dir)."""
+        dirs = {self.account_config_dir(s.name) for s in self.accounts.specs}
+        return [session_dir(d, self.cli_cwd.resolve()) for d in sorted(dirs)]
 
     # -- the CLI ---------------------------------------------------------------------------------
     def check_cli(self, force: bool = False) -> dict[str, Any]:
@@ -91,22 +137,17 @@ class Relay:
         return str(self._cli.get("path") or self.settings["claude_bin"])
 
     def guard_spawning(self) -> None:
-        """Refuse before spawning: unusable CLI, subscription cooldown, or a login known to be broken."""
+        """Refuse before spawning when the CLI is unusable (accounts are checked when one is chosen)."""
         info = self.check_cli()
         if not info.get("ok"):
             raise Unavailable(str(info.get("problem")), code="cli_unavailable")
-        state = self.account.get()
-        if state.get("cooldown_until"):
-            wait = state["cooldown_until"] - time.time()
-            raise RateLimited(f"The Claude subscription behind this relay is at its usage limit until "
-                              f"{time.strftime('%H:%M UTC', time.gmtime(state['cooldown_until']))}; no request is "
-                              f"sent upstream until then. ({state.get('cooldown_reason', '')})", retry_after=wait)
-        if state.get("login_problem"):
-            raise Unavailable(state["login_problem"], code="cli_login_required", retry_after=30)
 
-    def pooled(self, desc: RunDescription, plan: Plan, spec: RunSpec) -> tuple[PooledProcess | None, str]:
+    def pooled(self, desc: RunDescription, plan: Plan, spec: RunSpec,
+               account: str | None = None) -> tuple[PooledProcess | None, str]:
         """The run on a process of the host's pool (a spare, this conversation's warm process, or a cold
-        one the pool may keep afterwards), or (None, why) when this worker must spawn the CLI itself."""
+        one the pool may keep afterwards), or (None, why) when this worker must spawn the CLI itself.
+        Spares hold the host's own login; a run on another account gets a process with its own
+        environment, and a warm process serves only the account it was started for."""
         if not self.pool.enabled:
             return None, ""
         why = ("agent mode" if desc.agent else "function calling" if desc.client_tools
@@ -117,7 +158,10 @@ class Relay:
         want: str | None = None
         extra: dict[str, Any] = {}
         spare_model_ok = desc.model in MODEL_ALIASES or desc.model == self.settings["default_model"]
-        if plan.first_turn and not plan.resume and not spare_model_ok:
+        own_login = spec.env == self.cli_env
+        if plan.first_turn and not plan.resume and not own_login:
+            why = f"account {account} (spares hold the host's own login)"
+        elif plan.first_turn and not plan.resume and not spare_model_ok:
             # measured: `set_model` with a full model id costs a 1-token API request to validate it
             # (spares are spawned with default_model, which needs no `set_model`)
             why = "pinned model (a spare would validate it upstream)"
@@ -132,19 +176,16 @@ class Relay:
                 why = "held by another host"
         else:
             why = "pending tool calls" if plan.resume_at else "no warm process"
-        request = {"want": want, "why": why, "conv": plan.conv_key, "fingerprint": settings_fingerprint(desc),
-                   "model": desc.model, "line": spec.stdin.decode(),
-                   "cold": {"argv": spec.argv, "cwd": spec.cwd, "temp_dir": spec.temp_dir,
-                            "session_id": plan.cli_session}, **extra}
+        cold: dict[str, Any] = {"argv": spec.argv, "cwd": spec.cwd, "temp_dir": spec.temp_dir,
+                                "session_id": plan.cli_session}
+        if not own_login:
+            cold["env"] = spec.env  # over the pool's private socket: the account's login
+        request = {"want": want, "why": why, "conv": plan.conv_key, "model": desc.model,
+                   "fingerprint": f"{settings_fingerprint(desc)}:{account or ''}", "line": spec.stdin.decode(),
+                   "cold": cold, **extra}
         proc = self.pool.run(request)
         return proc, "" if proc else "pool server unavailable"
 
-    def config_dir(self) -> Path:
-        d = self.settings["claude_config_dir"] or os.environ.get("CLAUDE_CONFIG_DIR") or "~/.claude"
-        return Path(d).expanduser()
-
-    def session_folder(self) -> Path:
-        return session_dir(self.config_dir(), self.cli_cwd.resolve())
 
     # -- housekeeping ----------------------------------------------------------------------------
     def expire_cli_sessions(self) -> int:
@@ -152,15 +193,16 @@ class Relay:
         if not self.leases.once_per(int(max(1, self.settings["sessions.cleanup_interval_s"])), "janitor"):
             return 0
         keep = {c["cli_session_id"] for c in self.sessions.list_all() if c.get("cli_session_id")}
-        return expire_session_files(self.session_folder(), self.settings["sessions.ttl_hours"] * 3600, keep)
+        ttl = self.settings["sessions.ttl_hours"] * 3600
+        return sum(expire_session_files(folder, ttl, keep) for folder in self.session_folders())
 
     def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool) -> tuple[int, int]:
         """Delete one conversation (or all, in `scope` or everywhere); returns (deleted, files removed)."""
         victims = self.sessions.delete(conv_id, scope)
         removed = 0
         if purge_files:
-            removed = remove_session_files(self.session_folder(),
-                                           [c["cli_session_id"] for c in victims if c.get("cli_session_id")])
+            ids = [c["cli_session_id"] for c in victims if c.get("cli_session_id")]
+            removed = sum(remove_session_files(folder, ids) for folder in self.session_folders())
         return len(victims), removed
 
     def uptime(self) -> float:
@@ -180,11 +222,30 @@ class Relay:
         except Exception as exc:  # any Redis trouble is reported, never raised, by /health
             return {"ok": False, "error": str(exc)}
 
+    # -- what operators see ---------------------------------------------------------------------
+    def account_statuses(self) -> list[AccountStatus]:
+        """Every account this relay routes to, with its limit state and window utilization."""
+        return self.accounts.statuses(problems=self.account_problems)
+
+    def warm_stats(self) -> WarmStats:
+        return self.warm_pool.stats() if self.warm_pool is not None else WarmStats()
+
+    def live(self) -> Live:
+        """The gauges of this host, read now."""
+        queued, oldest = self.slots.waiting(self.settings["queue_timeout_s"])
+        return Live(host=self.host, active_runs=self.slots.in_use(), max_runs=self.settings["max_concurrent_runs"],
+                    queued=queued, oldest_wait_s=round(oldest, 3), warm=self.warm_stats(),
+                    accounts=self.account_statuses())
+
     def record(self, rec: RequestRecord) -> None:
         try:
             self.stats.record(rec.as_dict())
         except Exception as exc:  # stats must never break a response
             log.error("stats: could not record %s: %s", rec.id, exc)
+        try:
+            self.metrics.record(rec)
+        except Exception as exc:  # nor must the metrics
+            log.error("metrics: could not record %s: %s", rec.id, exc)
         log.info("request %s key=%s model=%s stream=%s status=%s in=%s out=%s ms=%s", rec.request_id,
                  rec.key or "-", rec.model, rec.stream, rec.status, rec.input_tokens, rec.output_tokens,
                  rec.response_time_ms)
@@ -197,6 +258,7 @@ class Relay:
         for run in list(self.active.values()):
             run.cancel()
         self.stats.stop()
+        self.alerts.stop()
 
     def start_background(self) -> None:
         try:
@@ -204,6 +266,7 @@ class Relay:
         except Exception as exc:  # Redis may be down at boot: /health shows it
             log.error("stats: restore skipped: %s", exc)
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
+        self.alerts.run(tick=self.accounts.recoveries)
         threading.Thread(target=self._janitor, daemon=True).start()
 
     def _janitor(self) -> None:

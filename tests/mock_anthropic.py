@@ -21,6 +21,13 @@ Markers (any number, anywhere in the last user message):
   MOCK:structured                       call the StructuredOutput tool with MOCK_STRUCTURED_INPUT
   MOCK:usage=<in>,<cache_create>,<cache_read>,<out>
 Without markers the answer is "Hello from mock. You said: <last text>".
+
+Subscription windows per account: a request whose `Authorization: Bearer <token>` names a token set up
+with `mock.set_account(token, ...)` (or `POST /_mock/accounts/<token>` with the same fields as JSON) is
+answered with that account's `anthropic-ratelimit-unified-*` headers (5-hour and weekly utilization,
+resets, overage), a 429 (status rejected) once its 5-hour window is exhausted (unless overage is
+allowed: then it answers and says overage is in use), a 401 for a broken login, or the 400
+"Third-party apps now draw from your extra usage" refusal. `mock.by_token(token)` lists its requests.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -64,6 +72,61 @@ def all_text(body: dict) -> str:
     return "\n".join(parts)
 
 
+EXTRA_USAGE_TEXT = ("Third-party apps now draw from your extra usage, not your plan limits. We've added a $100 "
+                    "credit to get you started. Claim it at claude.ai/settings/usage and keep going.")
+
+
+@dataclass
+class Window:
+    """One subscription's quota at the mock: what the unified rate-limit headers report."""
+
+    five_hour: float = 0.0            # utilization of the 5-hour window, 0..1 (1 = exhausted)
+    seven_day: float = 0.0            # utilization of the weekly window
+    five_hour_reset: int = field(default_factory=lambda: int(time.time()) + 5 * 3600)
+    seven_day_reset: int = field(default_factory=lambda: int(time.time()) + 7 * 86400)
+    per_request: float = 0.0          # utilization each answered request adds to both windows
+    overage: str = "rejected"         # overage status: allowed | allowed_warning | rejected
+    overage_disabled_reason: str = "out_of_credits"
+    login_ok: bool = True             # False: 401 (a revoked or expired token)
+    extra_usage_refusal: bool = False  # answer the 400 "Third-party apps now draw from your extra usage"
+
+    def exhausted(self) -> bool:
+        return self.five_hour >= 1.0 or self.seven_day >= 1.0
+
+    def using_overage(self) -> bool:
+        return self.exhausted() and self.overage in ("allowed", "allowed_warning")
+
+    def headers(self) -> dict[str, str]:
+        # as the API does: an exhausted window is "rejected"; with overage allowed the request is
+        # still served (200) and billed as extra usage (the CLI's isUsingOverage)
+        claim = "five_hour" if self.five_hour >= self.seven_day else "seven_day"
+        reset = self.five_hour_reset if claim == "five_hour" else self.seven_day_reset
+        status = "rejected" if self.exhausted() else ("allowed_warning" if max(self.five_hour, self.seven_day) >= 0.9
+                                                      else "allowed")
+        h = {"anthropic-ratelimit-unified-status": status,
+             "anthropic-ratelimit-unified-reset": str(reset),
+             "anthropic-ratelimit-unified-representative-claim": claim,
+             "anthropic-ratelimit-unified-5h-utilization": f"{min(self.five_hour, 1.0):.4f}",
+             "anthropic-ratelimit-unified-5h-reset": str(self.five_hour_reset),
+             "anthropic-ratelimit-unified-5h-status": "rejected" if self.five_hour >= 1.0 else "allowed",
+             "anthropic-ratelimit-unified-7d-utilization": f"{min(self.seven_day, 1.0):.4f}",
+             "anthropic-ratelimit-unified-7d-reset": str(self.seven_day_reset),
+             "anthropic-ratelimit-unified-7d-status": "rejected" if self.seven_day >= 1.0 else "allowed",
+             "anthropic-ratelimit-unified-overage-status": self.overage}
+        if self.overage == "rejected":
+            h["anthropic-ratelimit-unified-overage-disabled-reason"] = self.overage_disabled_reason
+        if self.using_overage():
+            h["anthropic-ratelimit-unified-overage-in-use"] = "true"
+        if self.exhausted() and not self.using_overage():
+            h["retry-after"] = str(max(1, reset - int(time.time())))
+        return h
+
+
+def bearer(headers: Any) -> str:
+    auth = str(headers.get("Authorization") or headers.get("authorization") or "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+
 class MockAnthropic:
     """Threaded HTTP server speaking enough of /v1/messages for the CLI."""
 
@@ -73,6 +136,9 @@ class MockAnthropic:
         self.active = 0
         self.max_active = 0
         self.structured_input: dict = {"name": "Alice", "age": 30}
+        self.accounts: dict[str, Window] = {}
+        self.active_by_token: dict[str, int] = {}
+        self.max_active_by_token: dict[str, int] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -90,6 +156,24 @@ class MockAnthropic:
     def clear(self) -> None:
         with self.lock:
             self.requests.clear()
+
+    def set_account(self, token: str, **fields: Any) -> Window:
+        """Create or change the quota window of the account whose OAuth token is `token`."""
+        with self.lock:
+            win = self.accounts.get(token) or Window()
+            for k, v in fields.items():
+                if not hasattr(win, k):
+                    raise AttributeError(f"Window has no field {k}")
+                setattr(win, k, v)
+            self.accounts[token] = win
+            return win
+
+    def by_token(self, token: str, marker: str | None = None) -> list[dict]:
+        """Recorded /v1/messages requests sent with `Authorization: Bearer <token>`."""
+        with self.lock:
+            found = [r for r in self.requests if r["path"].startswith("/v1/messages")
+                     and bearer(r["headers"]) == token]
+        return [r for r in found if marker is None or marker in all_text(r["body"])]
 
     def records(self, marker: str) -> list[dict]:
         """Recorded /v1/messages requests (with start `t` and `end` times) whose text holds `marker`."""
@@ -123,6 +207,7 @@ class MockAnthropic:
                 self.end_headers()
 
             def do_POST(self) -> None:  # noqa: N802
+                self.window_headers: dict[str, str] = {}
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 try:
@@ -133,15 +218,24 @@ class MockAnthropic:
                           "end": None}
                 with mock.lock:
                     mock.requests.append(record)
+                if self.path.startswith("/_mock/accounts/"):
+                    token = self.path.rsplit("/", 1)[1]
+                    win = mock.set_account(token, **{k: v for k, v in body.items() if not k.startswith("_")})
+                    self._json(200, asdict(win))
+                    return
                 if "count_tokens" in self.path:
                     self._json(200, {"input_tokens": 10})
                     return
                 if not self.path.startswith("/v1/messages"):
                     self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no"}})
                     return
+                token = bearer(self.headers)
                 with mock.lock:
                     mock.active += 1
                     mock.max_active = max(mock.max_active, mock.active)
+                    mock.active_by_token[token] = mock.active_by_token.get(token, 0) + 1
+                    mock.max_active_by_token[token] = max(mock.max_active_by_token.get(token, 0),
+                                                          mock.active_by_token[token])
                 try:
                     self._messages(body)
                 except (BrokenPipeError, ConnectionResetError):
@@ -150,6 +244,7 @@ class MockAnthropic:
                     record["end"] = time.time()
                     with mock.lock:
                         mock.active -= 1
+                        mock.active_by_token[token] -= 1
 
             # -- helpers -------------------------------------------------------------------------
             def _json(self, status: int, obj: Any, headers: dict | None = None) -> None:
@@ -158,6 +253,8 @@ class MockAnthropic:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("request-id", "req_mock_" + uuid.uuid4().hex[:12])
+                if status == 200:
+                    headers = {**getattr(self, "window_headers", {}), **(headers or {})}
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
@@ -168,7 +265,28 @@ class MockAnthropic:
                 self.wfile.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
                 self.wfile.flush()
 
+            def _window(self) -> tuple[Window | None, dict[str, str]]:
+                """The account behind this request's bearer token, and its rate-limit headers."""
+                with mock.lock:
+                    win = mock.accounts.get(bearer(self.headers))
+                    return win, (win.headers() if win else {})
+
             def _messages(self, body: dict) -> None:
+                win, window_headers = self._window()
+                if win is not None and not win.login_ok:
+                    return self._json(401, {"type": "error", "error": {"type": "authentication_error",
+                                                                       "message": "Invalid bearer token"}})
+                if win is not None and win.extra_usage_refusal:
+                    return self._json(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                                       "message": EXTRA_USAGE_TEXT}})
+                if win is not None and win.exhausted() and not win.using_overage():
+                    return self._json(429, {"type": "error", "error": {"type": "rate_limit_error",
+                                                                       "message": "limit"}}, window_headers)
+                if win is not None:
+                    with mock.lock:
+                        win.five_hour = round(win.five_hour + win.per_request, 6)
+                        win.seven_day = round(win.seven_day + win.per_request, 6)
+                self.window_headers = window_headers
                 text = last_user_text(body)
                 markers = dict(
                     (m.group(1), m.group(2) or "")
@@ -228,6 +346,8 @@ class MockAnthropic:
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("request-id", "req_mock_" + uuid.uuid4().hex[:12])
                 self.send_header("Connection", "close")
+                for k, v in self.window_headers.items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.close_connection = True
                 start_usage = dict(usage_obj, output_tokens=1)

@@ -18,6 +18,8 @@ def test_a_wheel_ships_every_subpackage_and_the_mcp_server(tmp_path: Path):
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "relay").rglob("*.py")}
     assert expected <= names, sorted(expected - names)
     assert "relay/cli/mcp_server.py" in names
+    static = {str(p.relative_to(ROOT)) for p in (ROOT / "relay" / "api" / "static").iterdir()}
+    assert static and static <= names, sorted(static - names)  # the dashboard's and usage page's files
 
 
 def test_the_gunicorn_master_imports_nothing_but_the_config():

@@ -12,10 +12,11 @@ from ..runtime import Relay
 from . import hooks
 from .chat import bp as chat_bp
 from .meta import bp as meta_bp
+from .ops import bp as ops_bp
 from .ratelimit import setup_limiter
 from .responses import bp as responses_bp
 
-BLUEPRINTS = (meta_bp, chat_bp, responses_bp)
+BLUEPRINTS = (meta_bp, chat_bp, responses_bp, ops_bp)
 COMPLETION_BLUEPRINTS = (chat_bp, responses_bp)
 
 

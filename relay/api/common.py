@@ -100,6 +100,7 @@ def open_exchange(relay: Relay, req: ChatRequest, ctx: Context) -> Exchange:
         ex.open()
     finally:
         g.token_budget = ex.token_budget  # for the rate-limit headers, refusals included
+    g.relay_account = ex.account          # the x-relay-account header: which subscription answers
     return ex
 
 

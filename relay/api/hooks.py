@@ -5,6 +5,7 @@ Every error leaves here as an OpenAI error object; nothing else ever reaches a c
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import secrets
@@ -15,9 +16,9 @@ from flask import Flask, Response, g, jsonify, request
 from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
-from ..errors import PayloadTooLarge, RelayError, not_found_route
+from ..errors import Forbidden, PayloadTooLarge, RelayError, Unauthorized, not_found_route
 from ..runtime import Relay
-from ..state.apikeys import require
+from ..state.apikeys import ApiKey, presented_key, require
 from .common import record_rejection
 from .ratelimit import add_headers, rate_limited_error
 
@@ -29,7 +30,35 @@ CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-
 CORS_EXPOSE = ("x-request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
                "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
-ADMIN_PREFIXES = ("/v1/sessions", "/stats")
+ADMIN_PREFIXES = ("/v1/sessions", "/stats", "/v1/accounts")
+OPS_DATA = ("/metrics", "/dashboard/data", "/me/data")  # the pages' shells and scripts hold no data
+
+
+def _loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def guard_ops(relay: Relay, path: str, headers: Any, client_ip: str) -> ApiKey | None:
+    """Who may read the operators' data. /metrics: an admin key, or the scrape token when one is set.
+    /dashboard/data: an admin key. /me/data: any valid key (it shows only that key's own data).
+    With auth off there are no keys: the data answers only this machine (the relay's default bind;
+    behind a trusted proxy the real client counts), and /metrics needs the scrape token if one is set."""
+    token = relay.settings["metrics.scrape_token"]
+    presented = presented_key(headers)
+    if path == "/metrics" and token and presented and hmac.compare_digest(presented.encode(), token.encode()):
+        return None
+    if relay.settings["auth.enabled"]:
+        return require(relay.keys, headers, admin=path != "/me/data")
+    if path == "/metrics" and token:
+        raise Unauthorized("/metrics needs the scrape token (metrics.scrape_token) as `Authorization: Bearer`."
+                           if not presented else "Incorrect scrape token.")
+    if not _loopback(client_ip):
+        raise Forbidden("With auth.enabled off, the operators' pages answer only requests from this machine; "
+                        "enable API keys (or set metrics.scrape_token for /metrics).", code="admin_required")
+    return None
 
 
 def _networks(items: list[str]) -> list[Any]:
@@ -93,7 +122,10 @@ def install(app: Flask, relay: Relay) -> None:
             return resp
         g.api_key = None
         g.key_name = ""
-        if settings["auth.enabled"] and (request.path.startswith("/v1/") or request.path == "/stats"):
+        if request.path in OPS_DATA:
+            g.api_key = guard_ops(relay, request.path, request.headers, g.client_ip)
+            g.key_name = g.api_key.name if g.api_key is not None else ""
+        elif settings["auth.enabled"] and (request.path.startswith("/v1/") or request.path == "/stats"):
             admin = request.path.startswith(ADMIN_PREFIXES)
             g.api_key = require(relay.keys, request.headers, admin=admin)
             g.key_name = g.api_key.name
@@ -103,6 +135,8 @@ def install(app: Flask, relay: Relay) -> None:
     def _headers(resp: Response) -> Response:
         resp.headers["x-request-id"] = getattr(g, "request_id", "")
         resp.headers.setdefault("openai-version", "2020-10-01")
+        if getattr(g, "relay_account", None):
+            resp.headers["x-relay-account"] = g.relay_account
         origin = allowed_origin()
         if origin and request.method != "OPTIONS":
             resp.headers["Access-Control-Allow-Origin"] = origin

@@ -25,14 +25,17 @@ def health() -> Any:
     red = relay.redis_ok()
     active: int | None = None
     account: dict[str, Any] = {}
+    accounts: list[dict[str, Any]] = []
     if red["ok"]:
         active = relay.slots.in_use()
-        account = relay.account.get()
+        accounts = relay.account_meter()
+        if not any(a["usable"] for a in accounts):  # the relay as a whole cannot answer: say why
+            account = relay.account_summary()
     ok = bool(cli.get("ok")) and red["ok"]
     if account.get("cooldown_until"):
         account["cooldown_until_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(account["cooldown_until"]))
         account["cooldown_remaining_s"] = round(account["cooldown_until"] - time.time())
-    body = {"status": "ok" if ok else "degraded", "host": relay.host, "account": account,
+    body = {"status": "ok" if ok else "degraded", "host": relay.host, "account": account, "accounts": accounts,
             "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
             "redis": red, "active_runs": active, "worker_active_runs": len(relay.active),
             "max_concurrent_runs": relay.settings["max_concurrent_runs"], "pool": _pool_summary(relay)}
@@ -46,6 +49,15 @@ def _pool_summary(relay: Relay) -> dict[str, Any]:
         return st
     return {"enabled": True, "ok": True, "spares_ready": st["spares"]["ready"], "spares_target": st["spares"]["target"],
             "warm": len(st["warm"]), "max_warm": st["max_warm"], "busy": st["busy"], "problem": st.get("problem")}
+
+
+@bp.get("/v1/accounts")
+def accounts() -> Any:
+    """The quota meter (admin): every account's windows, overage, runs, conversations, errors, usage."""
+    relay = _relay()
+    usage = relay.stats.accounts()
+    data = [dict(a, object="account", usage=usage.get(a["name"], {})) for a in relay.account_meter()]
+    return jsonify({"object": "list", "overage_policy": relay.settings["accounts_overage"], "data": data})
 
 
 @bp.get("/v1/models")
@@ -67,6 +79,7 @@ def stats() -> Any:
     relay = _relay()
     total = relay.stats.totals()
     active = relay.slots.in_use()
+    per_account = relay.stats.accounts()
     return jsonify({
         "uptime_s": round(relay.uptime(), 1),
         "requests": {"total": total["requests"], "completed": total["successful"], "errors": total["errors"],
@@ -78,6 +91,9 @@ def stats() -> Any:
                                          "cache_creation_tokens", "total_tokens")},
         **relay.stats.latency(),
         "pool": relay.pool.stats(),
+        "accounts": {a["name"]: {"usable": a["usable"], "state": a["state"], "in_flight": a["in_flight"],
+                                 "conversations": a["conversations"], "windows": a["windows"],
+                                 "usage": per_account.get(a["name"], {})} for a in relay.account_meter()},
     })
 
 

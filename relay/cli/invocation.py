@@ -30,6 +30,11 @@ def base_argv(claude_bin: str, model: str, tools: str = "") -> list[str]:
             "--strict-mcp-config", "--disable-slash-commands"]
 
 
+def auth_status_argv(claude_bin: str) -> list[str]:
+    """`claude auth status --json`: the login the CLI would use, read locally (no model call)."""
+    return [claude_bin, "auth", "status", "--json"]
+
+
 def session_args(session: SessionUse) -> list[str]:
     if not session.session_id:
         return ["--no-session-persistence"]

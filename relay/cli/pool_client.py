@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..core.metrics import WarmStats
 from .process import EOF
 
 log = logging.getLogger("relay.pool")
@@ -193,3 +194,18 @@ class PoolClient:
             return {"enabled": True, "ok": False, "problem": str(exc)}
         finally:
             sock.close()
+
+
+class PoolMetrics:
+    """The pool's figures as the metrics read them (`Relay.warm_pool`)."""
+
+    def __init__(self, client: PoolClient) -> None:
+        self.client = client
+
+    def stats(self) -> WarmStats:
+        st = self.client.stats()
+        if not st.get("ok"):
+            return WarmStats()
+        spares = st["spares"]
+        return WarmStats(processes=len(st["warm"]) + spares["ready"] + spares["starting"] + st["busy"],
+                         spares=spares["ready"], hits=sum(st["hits"].values()), misses=sum(st["misses"].values()))

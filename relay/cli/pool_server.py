@@ -155,7 +155,9 @@ class PoolServer:
                 pool.discard(spare, "control_failed")
         pool.drop_conversation(conv, "replaced")
         cold = req.get("cold") or {}
-        proc = CliProcess(RunSpec(argv=[str(a) for a in cold.get("argv") or []], env=self.env,
+        given = cold.get("env")
+        env: dict[str, str] = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else self.env
+        proc = CliProcess(RunSpec(argv=[str(a) for a in cold.get("argv") or []], env=env,
                                   cwd=str(cold.get("cwd")), stdin=b"", keep_stdin_open=True,
                                   temp_dir=cold.get("temp_dir")))
         proc.start()  # raises Unavailable: the worker gets the error as a crash

@@ -55,6 +55,50 @@ def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> d
     return env
 
 
+# credentials the CLI would prefer over an account's own login; an account's env never carries them
+CREDENTIAL_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+def account_env(base: dict[str, str], config_dir: str, token_env: str, all_token_envs: list[str]) -> dict[str, str]:
+    """The CLI environment of one configured account: its config directory and/or its OAuth token,
+    with every other credential (the host's API key, the other accounts' tokens) removed."""
+    env = {k: v for k, v in base.items() if k not in CREDENTIAL_ENV and k not in all_token_envs}
+    if config_dir:
+        env["CLAUDE_CONFIG_DIR"] = os.path.expanduser(config_dir)
+    if token_env and base.get(token_env):
+        env["CLAUDE_CODE_OAUTH_TOKEN"] = base[token_env]
+    return env
+
+
+def account_envs(specs: list[Any], cli_env: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Each account's CLI environment, and the accounts whose login is known broken on this host
+    (their token variable is not set and they have no config directory)."""
+    envs: dict[str, dict[str, str]] = {}
+    problems: dict[str, str] = {}
+    token_envs = [s.oauth_token_env for s in specs if s.oauth_token_env]
+    for spec in specs:
+        if spec.implicit:
+            envs[spec.name] = cli_env
+            continue
+        envs[spec.name] = account_env(cli_env, spec.config_dir, spec.oauth_token_env, token_envs)
+        if spec.oauth_token_env and not cli_env.get(spec.oauth_token_env):
+            problem = f"the environment variable {spec.oauth_token_env} (its OAuth token) is not set"
+            if not spec.config_dir:
+                problems[spec.name] = problem
+            log.warning("account %s: %s", spec.name, problem)
+    return envs, problems
+
+
+def login_status(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """What `claude auth status --json` says about a login (never raises)."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
+        info = json.loads(out.stdout or "{}")
+        return info if isinstance(info, dict) else {"loggedIn": False, "error": "unexpected output"}
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return {"loggedIn": False, "error": str(exc)}
+
+
 def parse_version(text: str) -> tuple[int, ...] | None:
     m = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
     return tuple(int(x) for x in m.groups()) if m else None

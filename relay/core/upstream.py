@@ -28,6 +28,11 @@ LOGIN_HINT = ("The Claude Code CLI on the relay host is not logged in or its log
 LIMIT_TEXT = re.compile(r"(hit your .*limit|usage limit reached)", re.I)
 RESETS = re.compile(r"resets\s+(?:at\s+)?(\d{1,2})(?::(\d{2}))?\s*(am|pm)?(?:\s*\(([^)]+)\))?", re.I)
 LEGACY_RESET = re.compile(r"usage limit reached\|(\d{9,})", re.I)
+# Anthropic's 400 for a subscription request it would bill as extra usage (CLI: "API Error: 400 Third-party
+# apps now draw from your extra usage, not your plan limits. ...")
+EXTRA_USAGE = re.compile(r"draw(?:s)? from (?:your )?extra usage", re.I)
+# errors that concern one account only: the run may move to another account before the first byte
+ACCOUNT_ERRORS = ("cli_login_required", "extra_usage_required", "upstream_forbidden")
 
 
 class SessionMissing(RelayError):
@@ -90,6 +95,9 @@ def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError |
         return SessionMissing(text)
     if res.get("subtype") in ("error_max_turns", "error_max_budget_usd") or is_refusal(turn):
         return None  # an answer that stopped early: finish_reason says so
+    if EXTRA_USAGE.search(text):
+        return RateLimited(f"The Claude account would draw on extra usage (overage) for this request: {text}",
+                           code="extra_usage_required", retry_after=default_retry_after)
     if status == 429 or turn.error_kind == "rate_limit" or is_subscription_limit(turn):
         if is_subscription_limit(turn):
             wait = reset_seconds(turn, now) or default_retry_after
@@ -114,6 +122,11 @@ def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError |
     if status is None and ("timed out" in text.lower() or "connection" in text.lower()):
         return UpstreamError(f"Could not reach Anthropic: {text}", code="upstream_unreachable")
     return UpstreamError(text)
+
+
+def is_account_error(err: RelayError) -> bool:
+    """A failure of the account's quota or login, not of the request: another account may answer."""
+    return isinstance(err, SubscriptionLimited) or err.code in ACCOUNT_ERRORS
 
 
 def finish_reason(turn: Turn, legacy_functions: bool = False) -> str:

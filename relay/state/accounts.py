@@ -1,45 +1,302 @@
-"""The state of this host's Claude login, shared by its workers: subscription cooldown and broken login."""
+"""Every Claude account's state, shared in Redis by all workers and hosts: the quota meter.
+
+Per account: the 5-hour and weekly windows (utilization, reset) and overage state as the CLI last
+reported them, a cooldown until the reset when the account is limited (or drawing on extra usage
+under the `block` overage policy), a broken login, the last error, the runs in flight (leased
+slots, which also cap its concurrency) and the conversations whose CLI session it holds.
+State changes worth telling the operator about are handed to `emit` (the alert outbox).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ..errors import SubscriptionLimited
+from ..core.metrics import AccountStatus
+from ..core.routing import (
+    UNKNOWN_LIMIT_S,
+    AccountSpec,
+    AccountView,
+    blocked_summary,
+    choose,
+    limit_reset,
+    usability,
+    uses_overage,
+    windows_of,
+)
+from ..core.upstream import LOGIN_HINT
+from ..errors import RateLimited, RelayError, SubscriptionLimited, Unavailable
 from .connection import PREFIX
+from .leases import Leases
 
 log = logging.getLogger("relay.accounts")
+Emit = Callable[..., bool]
+NO_SLOT_LIMIT = 10**6       # an account without max_concurrent still counts its runs
 
 
-class AccountState:
-    def __init__(self, r: Any, host: str, login_recheck_s: float) -> None:
-        self.r = r
-        self.key = f"{PREFIX}account:{host}"
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Accounts:
+    def __init__(self, r: Any, leases: Leases, specs: list[AccountSpec], host: str, login_recheck_s: float,
+                 overage_policy: str, thresholds: list[float], emit: Emit | None = None) -> None:
+        self.r, self.leases, self.specs = r, leases, specs
+        self.by_name = {s.name: s for s in specs}
+        self.host = host
         self.login_recheck_s = login_recheck_s
+        self.overage_policy = overage_policy
+        self.thresholds = sorted(thresholds)
+        self.emit: Emit = emit or (lambda *a, **k: False)
 
-    def get(self) -> dict[str, Any]:
-        """`cooldown_until`/`cooldown_reason` while limited, `login_problem` while the login is broken."""
-        raw = self.r.hgetall(self.key)
+    # -- keys ------------------------------------------------------------------------------------
+    def _id(self, name: str) -> str:
+        spec = self.by_name.get(name)
+        # the host's own login is per host; configured accounts are the same subscription everywhere
+        return f"@{self.host}" if spec is not None and spec.implicit else name
+
+    def key(self, name: str) -> str:
+        return f"{PREFIX}acct:{self._id(name)}"
+
+    def slot_key(self, name: str) -> str:
+        return f"{PREFIX}acctslots:{self._id(name)}"
+
+    def convs_key(self, name: str) -> str:
+        return f"{PREFIX}acctconvs:{self._id(name)}"
+
+    # -- reading ---------------------------------------------------------------------------------
+    def state(self, name: str) -> dict[str, Any]:
+        return dict(self.r.hgetall(self.key(name)))
+
+    def views(self, conv_ttl_s: float = 86400, problems: dict[str, str] | None = None) -> list[AccountView]:
+        """Every account as the chooser sees it; `problems` are broken logins this host knows of."""
         now = time.time()
-        out: dict[str, Any] = {}
-        until = float(raw.get("cooldown_until") or 0)
-        if until > now:
-            out.update(cooldown_until=until, cooldown_reason=raw.get("cooldown_reason", ""))
-        if float(raw.get("login_until") or 0) > now:
-            out["login_problem"] = raw.get("login_problem", "")
+        pipe = self.r.pipeline()
+        for s in self.specs:
+            pipe.hgetall(self.key(s.name))
+            pipe.zremrangebyscore(self.slot_key(s.name), "-inf", now)
+            pipe.zcard(self.slot_key(s.name))
+            pipe.zcount(self.convs_key(s.name), now - conv_ttl_s, "+inf")
+        res = pipe.execute()
+        out = []
+        for i, s in enumerate(self.specs):
+            st, _, runs, convs = res[4 * i: 4 * i + 4]
+            state = dict(st)
+            if problems and s.name in problems:
+                state.update(login_problem=problems[s.name], login_until="")
+            out.append(AccountView(s.name, s.priority, s.max_concurrent, state, int(runs), int(convs)))
         return out
 
-    def note_error(self, err: Exception) -> None:
-        """Remember a subscription limit (cooldown until the reset) or a broken login, for every worker."""
-        code = getattr(err, "code", None)
+    def snapshot(self, conv_ttl_s: float = 86400, problems: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The quota meter: every account's windows, overage, runs, conversations and last error."""
         now = time.time()
-        if isinstance(err, SubscriptionLimited) and err.retry_after:
-            self.r.hset(self.key, mapping={"cooldown_until": now + err.retry_after, "cooldown_reason": err.message})
-            self.r.expire(self.key, int(err.retry_after) + 60)
-            log.warning("subscription limit reached: no CLI runs for %.0f s", err.retry_after)
+        out = []
+        for v in self.views(conv_ttl_s, problems):
+            st, u = v.state, usability(v.state, now)
+            windows = {}
+            for w in ("five_hour", "seven_day"):
+                util, reset = st.get(f"{w}_util"), st.get(f"{w}_reset")
+                windows[w] = {"utilization": float(util) if util else None,
+                              "resets_at": _iso(float(reset)) if reset else None}
+            out.append({
+                "name": v.name, "priority": v.priority, "max_concurrent": v.max_concurrent or None,
+                "usable": u.usable, "state": "ok" if u.usable else u.kind, "reason": u.reason or None,
+                "until": _iso(u.until) if u.until and not u.usable else None,
+                "retry_after_s": round(u.until - now) if u.until and not u.usable else None,
+                "windows": windows, "status": st.get("status") or None,
+                "overage": {"status": st.get("overage_status") or None, "in_use": st.get("overage_in_use") == "1",
+                            "policy": self.overage_policy},
+                "in_flight": v.in_flight, "conversations": v.conversations,
+                "last_error": st.get("last_error") or None,
+                "last_error_at": _iso(float(st["last_error_at"])) if st.get("last_error_at") else None,
+                "updated_at": _iso(float(st["updated"])) if st.get("updated") else None,
+            })
+        return out
+
+    def statuses(self, problems: dict[str, str] | None = None) -> list[AccountStatus]:
+        """Every account as the metrics and the dashboard see it: limited or not, the fuller window's
+        utilization (when the CLI reported it) and when the limit or that window resets."""
+        now = time.time()
+        out = []
+        for v in self.views(problems=problems):
+            u = usability(v.state, now)
+            fullest: tuple[float, float | None] | None = None
+            for w in ("five_hour", "seven_day"):
+                util, reset = v.state.get(f"{w}_util"), v.state.get(f"{w}_reset")
+                if util and (fullest is None or float(util) > fullest[0]):
+                    fullest = (float(util), float(reset) if reset else None)
+            resets = u.until if not u.usable else (fullest[1] if fullest else None)
+            out.append(AccountStatus(name=v.name, limited=not u.usable, utilization=fullest[0] if fullest else None,
+                                     resets_at=resets, reason=u.reason or ""))
+        return out
+
+    def legacy(self, name: str) -> dict[str, Any]:
+        """The single-account view `/health` has always shown under `account`."""
+        u = usability(self.state(name))
+        if u.usable:
+            return {}
+        if u.kind == "login":
+            return {"login_problem": u.reason}
+        return {"cooldown_until": u.until, "cooldown_reason": u.reason}
+
+    # -- conversations ---------------------------------------------------------------------------
+    def hold(self, name: str, conv_key: str, previous: str | None) -> None:
+        """`name` now holds the CLI session of `conv_key` (moved from `previous`, if another)."""
+        pipe = self.r.pipeline()
+        if previous and previous != name and previous in self.by_name:
+            pipe.zrem(self.convs_key(previous), conv_key)
+        pipe.zadd(self.convs_key(name), {conv_key: time.time()})
+        pipe.expire(self.convs_key(name), 8 * 86400)
+        pipe.execute()
+
+    def release(self, name: str | None, conv_key: str) -> None:
+        if name in self.by_name:
+            self.r.zrem(self.convs_key(name), conv_key)
+
+    # -- what the CLI reported -------------------------------------------------------------------
+    def note_turn(self, name: str, info: dict[str, Any] | None, ok: bool) -> None:
+        """Record a turn's `rate_limit_event` (the meter), apply the overage policy, raise alerts."""
+        now = time.time()
+        key = self.key(name)
+        fields: dict[str, Any] = {"updated": now}
+        if ok:
+            self.r.hdel(key, "login_problem", "login_until")
+        if info:
+            for w, vals in windows_of(info).items():
+                if "utilization" in vals:
+                    fields[f"{w}_util"] = vals["utilization"]
+                if "resets_at" in vals:
+                    fields[f"{w}_reset"] = vals["resets_at"]
+            fields["status"] = info.get("status") or ""
+            fields["overage_status"] = info.get("overageStatus") or ""
+            fields["overage_in_use"] = "1" if uses_overage(info) else "0"
+        self.r.hset(key, mapping=fields)
+        self.r.expire(key, 8 * 86400)
+        if not info:
+            return
+        self._threshold_alerts(name, info)
+        if uses_overage(info):
+            reset = limit_reset(info, now) or now + UNKNOWN_LIMIT_S
+            what = f"account {name} is drawing on overage (extra usage) until {_iso(reset)}"
+            self.emit("overage_detected", name, f"Claude account {name}: the CLI reports it is drawing on extra "
+                      f"usage (overage); policy {self.overage_policy}.", f"overage:{name}:{int(reset)}",
+                      details={"resets_at": _iso(reset), "policy": self.overage_policy})
+            if self.overage_policy == "block":
+                self._cool_down(name, reset, "overage", what + "; blocked by the overage policy")
+
+    def _threshold_alerts(self, name: str, info: dict[str, Any]) -> None:
+        for w, vals in windows_of(info).items():
+            util, reset = vals.get("utilization"), vals.get("resets_at")
+            if util is None:
+                continue
+            label = {"five_hour": "5-hour", "seven_day": "weekly"}[w]
+            for t in self.thresholds:
+                if util >= t:  # once per window: the window's reset time names it
+                    self.emit("utilization_threshold", name,
+                              f"Claude account {name}: {label} window at {util:.0%} (threshold {t:.0%})",
+                              f"threshold:{name}:{w}:{t}:{int(reset or 0)}",
+                              details={"window": w, "utilization": util, "threshold": t,
+                                       "resets_at": _iso(reset) if reset else None})
+
+    def note_error(self, name: str, err: RelayError, info: dict[str, Any] | None = None) -> None:
+        """A failed turn: a limit cools the account down until its reset, a broken login takes it
+        out for `login_recheck_s`, a refusal for extra usage counts as overage."""
+        now = time.time()
+        code = getattr(err, "code", None)
+        self.r.hset(self.key(name), mapping={"last_error": f"{code or type(err).__name__}: {err.message}"[:500],
+                                             "last_error_at": now})
+        if info:
+            self.note_turn(name, info, ok=False)
+        if isinstance(err, SubscriptionLimited):
+            until = now + (err.retry_after or UNKNOWN_LIMIT_S)
+            self._cool_down(name, until, "limit", err.message)
+        elif code == "extra_usage_required":
+            reset = limit_reset(info or {}, now) or now + UNKNOWN_LIMIT_S
+            self.emit("overage_detected", name, f"Claude account {name}: Anthropic asks for extra usage to answer "
+                      "(\"Third-party apps now draw from your extra usage\").", f"overage:{name}:{int(reset)}",
+                      details={"policy": self.overage_policy})
+            self._cool_down(name, reset, "overage", f"account {name} would draw on extra usage: {err.message}")
         elif code == "cli_login_required":
-            self.r.hset(self.key, mapping={"login_until": now + self.login_recheck_s,
-                                           "login_problem": getattr(err, "message", str(err))})
-            self.r.expire(self.key, int(self.login_recheck_s) + 60)
-            log.error("CLI login failed: refusing runs for %.0f s", self.login_recheck_s)
+            until = now + self.login_recheck_s
+            self.r.hset(self.key(name), mapping={"login_until": until, "login_problem": err.message[:500]})
+            self.emit("login_failing", name, f"Claude account {name}: its login does not work: {err.message}",
+                      f"login:{name}", ttl=int(self.login_recheck_s) + 1)
+            log.error("account %s: login failed; not used for %.0f s", name, self.login_recheck_s)
+
+    def note_login_problem(self, name: str, problem: str) -> None:
+        """A login known to be broken without a run (e.g. its token variable is not set)."""
+        self.r.hset(self.key(name), mapping={"login_until": time.time() + 10 * 365 * 86400,
+                                             "login_problem": problem})
+
+    def _cool_down(self, name: str, until: float, kind: str, reason: str) -> None:
+        key = self.key(name)
+        old = float(self.r.hget(key, "cooldown_until") or 0)
+        self.r.hset(key, mapping={"cooldown_until": max(until, old), "cooldown_kind": kind,
+                                  "cooldown_reason": reason[:500]})
+        self.r.expire(key, max(8 * 86400, int(until - time.time()) + 60))
+        log.warning("account %s limited (%s) until %s", name, kind, _iso(until))
+        self.emit("account_limited", name, f"Claude account {name} is limited until {_iso(until)}: {reason}",
+                  f"limited:{name}:{int(until)}", details={"kind": kind, "until": _iso(until)})
+
+    def recoveries(self) -> None:
+        """Raise `account_recovered` for accounts whose cooldown ended (called by the alert loop)."""
+        now = time.time()
+        for s in self.specs:
+            st = self.state(s.name)
+            until = float(st.get("cooldown_until") or 0)
+            if until and until <= now and not st.get("recovered_alerted") == str(int(until)):
+                self.r.hset(self.key(s.name), "recovered_alerted", str(int(until)))
+                self.emit("account_recovered", s.name, f"Claude account {s.name} is usable again "
+                          f"(its limit reset at {_iso(until)}).", f"recovered:{s.name}:{int(until)}")
+
+    # -- choosing --------------------------------------------------------------------------------
+    def try_slot(self, name: str, member: str) -> bool:
+        spec = self.by_name[name]
+        return self.leases.try_slot(self.slot_key(name), spec.max_concurrent or NO_SLOT_LIMIT, member)
+
+    def acquire(self, sticky: str | None, exclude: list[str], member: str, wait_s: float,
+                problems: dict[str, str], conv_ttl_s: float) -> str:
+        """Choose the account for a run and take one of its slots (held by `member`); waits up to
+        `wait_s` for a slot. A conversation waits for its own account's slot (its prompt cache is
+        there) and moves only at the deadline. Raises when no account can take the run."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.02
+        while True:
+            views = self.views(conv_ttl_s, problems)
+            order = choose(views, sticky, exclude)
+            if not order:
+                raise self.unusable_error(views, exclude)
+            last = time.monotonic() >= deadline
+            if sticky and order[0].name == sticky and not last:
+                order = order[:1]
+            for v in order:
+                if self.try_slot(v.name, member):
+                    return v.name
+            if last:
+                caps = ", ".join(f"{v.name} ({v.max_concurrent})" for v in order)
+                raise RateLimited(f"Every usable Claude account is running as many requests as it may at once: "
+                                  f"{caps}; retry shortly.", retry_after=max(1.0, wait_s / 2))
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.25)
+
+    def unusable_error(self, views: list[AccountView], exclude: list[str] | None = None) -> RelayError:
+        """No account can take the run: 429 with the earliest reset, or 503 when only logins are broken."""
+        now = time.time()
+        summary, earliest, only_login = blocked_summary(views, now)
+        one = len(self.specs) == 1
+        if not summary:
+            tried = ", ".join(exclude or [])
+            return Unavailable(f"No Claude account could take this request (tried: {tried}).",
+                               code="no_account_available", retry_after=5)
+        if only_login:
+            return Unavailable(f"{'The' if one else 'No'} Claude account{'' if one else ' has a working login'}"
+                               f"{' has no working login' if one else ''}: {summary}. {LOGIN_HINT}",
+                               code="cli_login_required", retry_after=30)
+        wait = max(1.0, (earliest or now + UNKNOWN_LIMIT_S) - now)
+        lead = ("The Claude subscription behind this relay hit its usage limit" if one else
+                "Every Claude account behind this relay is at its usage limit or unusable")
+        return SubscriptionLimited(f"{lead}; no request is sent upstream until "
+                                   f"{time.strftime('%H:%M UTC', time.gmtime(now + wait))}: {summary}",
+                                   retry_after=wait, headers={"x-should-retry": "false"} if wait > 120 else None)

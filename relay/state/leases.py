@@ -126,6 +126,18 @@ class Heartbeat:
                     lost, self.on_lost = self.on_lost, None
                     lost(key)
 
+    def drop(self, key: str, member: str) -> None:
+        """Release one lease now (e.g. an account's slot when the run moves to another account)."""
+        for item in [h for h in self.held if h[1] == key and h[2] == member]:
+            self.held.remove(item)
+            try:
+                if item[0] == "slot":
+                    self.leases.release_slot(key, member)
+                else:
+                    self.leases.release_lock(key, member)
+            except redis.RedisError as exc:
+                log.warning("lease release failed for %s: %s (it expires by itself)", key, exc)
+
     def release(self) -> None:
         self._stop.set()
         for kind, key, member in reversed(self.held):

@@ -47,6 +47,12 @@ class Quotas:
         return {"limit": limit, "remaining": max(0, remaining), "who": who,
                 "reset_s": _seconds_to_midnight(time.time())}
 
+    def used_today(self, key_name: str | None) -> tuple[int, int]:
+        """Tokens charged today (UTC): (the whole relay, this key)."""
+        g_key, k_key = self._keys(key_name)
+        used_all, used_key = (int(x or 0) for x in self.r.mget(g_key, k_key))
+        return used_all, used_key
+
     def check(self, key: Any, estimate: int) -> dict[str, Any] | None:
         st = self.state(key)
         if st is not None and estimate > st["remaining"]:

@@ -37,13 +37,16 @@ class Sessions:
         if rec.get("cli_session") and 0 < count < len(messages) \
                 and digest(system, messages[:count]) == rec.get("digest"):
             plan = Plan(key, rec["cli_session"], True, messages[count:], False, messages, system, model, scope)
+            plan.account = rec.get("account") or None
             if rec.get("resume_at"):
                 plan.resume_at = rec["resume_at"]
                 plan.pending_calls = json.loads(rec.get("pending_calls") or "[]")
             elif rec.get("warm") and rec.get("model") == model:
                 plan.warm = rec["warm"]
             return plan
-        return self.fresh(key, system, messages, model, scope)
+        plan = self.fresh(key, system, messages, model, scope)
+        plan.account = rec.get("account") or None  # stay on the account even when the history changed
+        return plan
 
     def fresh(self, key: str | None, system: str, messages: list[dict[str, Any]], model: str,
               scope: str = "") -> Plan:
@@ -67,7 +70,8 @@ class Sessions:
         pipe.hsetnx(plan.conv_key, "created", now)
         pipe.hset(plan.conv_key, mapping={"cli_session": plan.cli_session, "model": plan.model,
                                           "count": len(held), "digest": digest(plan.system, held),
-                                          "last_used": now, "host": host, "scope": plan.scope})
+                                          "last_used": now, "host": host, "scope": plan.scope,
+                                          "account": plan.account or ""})
         calls = [c["id"] for c in answer.get("tool_calls") or []]
         if resume_at and calls:
             pipe.hset(plan.conv_key, mapping={"resume_at": resume_at, "pending_calls": json.dumps(calls)})
@@ -104,6 +108,7 @@ class Sessions:
                         "messages": int(rec.get("count") or 0), "turns": int(rec.get("turns") or 0),
                         "created": int(float(rec.get("created") or 0)),
                         "last_used": int(float(rec.get("last_used") or 0)), "host": rec.get("host"),
+                        "account": rec.get("account") or None,
                         "expires_in": self.r.ttl(key)})
         out.sort(key=lambda c: c["last_used"], reverse=True)
         return out

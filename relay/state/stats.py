@@ -88,6 +88,11 @@ class Stats:
                   S + f"day:{date}:model:{model}"]
         if key:
             hashes += [S + "key:" + key, S + f"day:{date}:key:{key}"]
+        account = rec.get("account") or ""
+        if account:
+            hashes += [S + "account:" + account, S + f"day:{date}:account:{account}"]
+            if key:
+                hashes.append(S + f"key:{key}:account:{account}")
         body = json.dumps(rec, separators=(",", ":"), default=str)
         pipe = self.r.pipeline(transaction=True)
         for h in hashes:
@@ -98,6 +103,8 @@ class Stats:
         pipe.sadd(S + "models", model)
         if key:
             pipe.sadd(S + "keys", key)
+        if account:
+            pipe.sadd(S + "accounts", account)
         pipe.lpush(S + "req:" + date, body)
         pipe.ltrim(S + "req:" + date, 0, max(0, self.max_per_day - 1))
         pipe.lpush(S + "recent", body)
@@ -130,17 +137,25 @@ class Stats:
             per_day = {d: v for d, v in per_day.items() if v["requests"]}
             per_key = {key: total}
             per_model: dict[str, Any] = {}
+            per_account = {a: self._h(f"key:{key}:account:{a}") for a in sorted(self.r.smembers(S + "accounts"))}
+            per_account = {a: v for a, v in per_account.items() if v["requests"]}
         else:
             total = self.totals()
             per_day = {d: self._h("day:" + d) for d in dates}
             per_key = {k: self._h("key:" + k) for k in sorted(self.r.smembers(S + "keys"))}
             per_model = {m: self._with_cost(self._h("model:" + m), m) for m in models}
+            per_account = self.accounts()
         cost = sum(v["estimated_cost_usd"] for v in per_model.values()) if per_model else \
             cost_usd(total, None, self.prices)
         return {"object": "usage", "total": dict(total, estimated_cost_usd=round(cost, 6)),
                 "cache_stats": cache_stats(total), "days": per_day, "keys": per_key, "models": per_model,
+                "accounts": per_account,
                 "pricing_note": "estimated_cost_usd is what the same tokens would cost at Anthropic API "
                                 "list prices; a subscription is billed differently."}
+
+    def accounts(self) -> dict[str, Any]:
+        """Usage per Claude account (which subscription served the requests)."""
+        return {a: self._h("account:" + a) for a in sorted(self.r.smembers(S + "accounts"))}
 
     def recent(self, limit: int = 50, key: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -173,6 +188,7 @@ class Stats:
         return {"total": total, "cache_stats": cache_stats(total), "months": months,
                 "keys": {k: self._h("key:" + k) for k in sorted(self.r.smembers(S + "keys"))},
                 "models": {m: self._h("model:" + m) for m in sorted(self.r.smembers(S + "models"))},
+                "accounts": self.accounts(),
                 "generated_at": datetime.now(UTC).isoformat()}
 
     def write_snapshot(self, force: bool = False) -> bool:
@@ -230,6 +246,9 @@ class Stats:
         for m, s in (data.get("models") or {}).items():
             pipe.sadd(S + "models", m)
             put("model:" + m, s)
+        for a, s in (data.get("accounts") or {}).items():
+            pipe.sadd(S + "accounts", a)
+            put("account:" + a, s)
         pipe.execute()
         log.info("stats: restored history from %s", self.path)
         return True

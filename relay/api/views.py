@@ -1,0 +1,128 @@
+"""What the dashboard and the self-service page show, assembled from the stores behind `/v1/usage` and `/metrics`.
+
+Both read the same stores as `/v1/usage` (`Stats.usage`) and the quotas (`Quotas`), so the numbers match.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ..core.charts import meter, stacked_bars
+from ..core.metrics import AccountStatus, pivot
+from ..runtime import Relay
+from ..state.apikeys import ApiKey
+
+HOURS, DAYS = 24, 14
+
+
+def _account(a: AccountStatus) -> dict[str, Any]:
+    if a.limited:
+        pct, shown, note = 100.0, "limited", "until " + time.strftime("%H:%M UTC", time.gmtime(a.resets_at or 0))
+    elif a.utilization is None:
+        pct, shown, note = 0.0, "usable", "window use not reported"
+    else:
+        pct, shown, note = a.utilization * 100, f"{a.utilization * 100:.0f} % of the window", ""
+    return dict(a.__dict__, meter=meter(a.name, pct, 100, note, shown=shown))
+
+
+def _charts(relay: Relay, key: str | None = None) -> list[dict[str, str]]:
+    hours, days = relay.metrics.hours(HOURS), relay.metrics.days(DAYS)
+    h_labels = [h[-2:] + "h" for h, _ in hours]
+    d_labels = [d[5:] for d, _ in days]
+    out = []
+    dims = ("key", "model", "account") if key is None else ("key",)
+    for dim in dims:
+        by_hour = pivot(hours, "requests", dim)
+        by_day = pivot(days, "tokens", dim)
+        if key is not None:  # a key's own page: its own series only
+            by_hour = {k: v for k, v in by_hour.items() if k == key}
+            by_day = {k: v for k, v in by_day.items() if k == key}
+        out.append({"name": f"hour_{dim}", "svg": stacked_bars(
+            f"Requests per hour (UTC, last {HOURS} h) by {dim}", h_labels, by_hour, tick_every=3)})
+        out.append({"name": f"day_{dim}", "svg": stacked_bars(
+            f"Tokens per day (last {DAYS} days) by {dim}", d_labels, by_day, tick_every=2)})
+    return out
+
+
+def _errors(relay: Relay) -> dict[str, Any]:
+    stored = relay.metrics.counters()
+    by_status: dict[str, int] = {}
+    by_endpoint: dict[str, dict[str, int]] = {}
+    for field, n in stored.get("requests", {}).items():
+        endpoint, status = json.loads(field)[:2]
+        by_status[status] = by_status.get(status, 0) + int(n)
+        e = by_endpoint.setdefault(endpoint, {"requests": 0, "errors": 0})
+        e["requests"] += int(n)
+        e["errors"] += int(n) if status not in ("200", "499") else 0
+    for e in by_endpoint.values():
+        e["error_rate"] = round(e["errors"] / e["requests"], 4) if e["requests"] else 0.0  # type: ignore[assignment]
+
+    def flat(family: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for field, n in stored.get(family, {}).items():
+            label = json.loads(field)[0]
+            out[label] = out.get(label, 0) + int(n)
+        return out
+    total = sum(by_status.values())
+    errors = sum(n for s, n in by_status.items() if s not in ("200", "499"))
+    return {"by_status": dict(sorted(by_status.items())), "by_endpoint": by_endpoint,
+            "error_rate": round(errors / total, 4) if total else 0.0,
+            "rejections": flat("rejections"), "cli_failures": flat("cli_failures")}
+
+
+def _key_row(relay: Relay, key: ApiKey) -> dict[str, Any]:
+    _, used = relay.quotas.used_today(key.name)
+    return {"name": key.name, "admin": key.admin, "rpm": key.rpm, "tokens_per_day": key.tokens_per_day,
+            "max_concurrent": key.max_concurrent, "models": list(key.models) if key.models else None,
+            "tokens_today": used, "running": relay.slots.key_in_use(key.name),
+            "meter": meter(key.name, used, key.tokens_per_day, "tokens today")}
+
+
+def dashboard(relay: Relay) -> dict[str, Any]:
+    live = relay.live()
+    used_all, _ = relay.quotas.used_today(None)
+    global_limit = relay.settings["rate_limit.max_tokens_per_day"]
+    accounts = [_account(a) for a in live.accounts]
+    seen: set[str] = set()
+    keys = []
+    for k in relay.keys.keys:
+        if k.name not in seen:
+            seen.add(k.name)
+            keys.append(_key_row(relay, k))
+    return {
+        "object": "dashboard", "host": live.host, "generated_at": time.time(),
+        "usage": relay.stats.usage(),
+        "charts": _charts(relay),
+        "accounts": accounts,
+        "relay_quota": {"tokens_today": used_all, "tokens_per_day": global_limit or None,
+                        "meter": meter("whole relay", used_all, global_limit or None, "tokens today")},
+        "keys": keys,
+        "live": {"active_runs": live.active_runs, "max_concurrent_runs": live.max_runs, "queued": live.queued,
+                 "oldest_wait_s": live.oldest_wait_s, "warm": dict(live.warm.__dict__),
+                 "runs": relay.slots.running(),
+                 "meter": meter("run slots", live.active_runs, live.max_runs, f"{live.queued} waiting")},
+        "recent": relay.stats.recent(50),
+        "errors": _errors(relay),
+    }
+
+
+def own_usage(relay: Relay, key: ApiKey) -> dict[str, Any]:
+    """One key's own view: usage (as /v1/usage shows it to that key), limits and what is left today."""
+    _, used = relay.quotas.used_today(key.name)
+    budget = relay.quotas.state(key)
+    return {
+        "object": "key_usage", "key": key.name, "generated_at": time.time(),
+        "usage": relay.stats.usage(key=key.name),
+        "limits": {"rpm": key.rpm, "tokens_per_day": key.tokens_per_day, "max_concurrent": key.max_concurrent,
+                   "models": list(key.models) if key.models else None},
+        "today": {"tokens_used": used,
+                  "tokens_left": budget["remaining"] if budget else None,
+                  "limited_by": budget["who"] if budget else None,
+                  "resets_in_s": round(budget["reset_s"]) if budget else None,
+                  "running": relay.slots.key_in_use(key.name),
+                  "meter": meter("tokens today", used, key.tokens_per_day, "resets at midnight UTC")},
+        "charts": _charts(relay, key=key.name),
+        "recent": relay.stats.recent(20, key=key.name),
+    }
