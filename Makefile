@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 CLI_VERSION := 2.1.330
 CLI_DIR := .cli
 CLI := $(CLI_DIR)/node_modules/.bin/claude
+# Test files run in parallel processes (each with its own Redis, mock API and relays): most of a test's
+# time is spent waiting on CLI starts and timeouts, so 3 processes fit 2 cores.
+PYTEST_WORKERS ?= 3
 
 .PHONY: run test bench lint check clean
 
@@ -29,7 +32,7 @@ run: $(VENV)/.deps
 test: $(VENV)/.test-deps $(CLI)
 	$(VENV)/bin/ruff check relay tests bench wsgi.py gunicorn.conf.py
 	$(VENV)/bin/mypy relay
-	CLAUDE_TEST_BIN=$(abspath $(CLI)) $(VENV)/bin/pytest $(PYTEST_ARGS)
+	CLAUDE_TEST_BIN=$(abspath $(CLI)) $(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-deps $(CLI)
 	CLAUDE_TEST_BIN=$(abspath $(CLI)) $(PY) bench/run.py

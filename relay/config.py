@@ -2,7 +2,8 @@
 
 Sources, later ones winning: the built-in defaults below, `config.json` (or the file named by
 `RELAY_CONFIG`), then the environment (`RELAY_<KEY>` with `__` for nesting, plus `PORT`, `REDIS_URL`,
-`CLAUDE_BIN` and `API_KEYS`). A wrong value raises `ConfigError` naming the key, at start-up.
+`CLAUDE_BIN` and `API_KEYS`, and the seed relays' `CLAUDE_PROXY_MODELS`, `SYSTEM_PROMPT_MODE`, `LOG_LEVEL` and
+`DEBUG`). A wrong value raises `ConfigError` naming the key, at start-up.
 Imports only the standard library, so `gunicorn.conf.py` may use it in the master process.
 """
 
@@ -140,7 +141,7 @@ SCHEMA: dict[str, Field] = {
     "system_prompt_mode": Field(str, "replace", "replace | append | embed (see README).",
                                 _one_of("replace", "append", "embed")),
     "max_concurrent_runs": Field(int, 4, "CLI processes allowed at once on this host.", _between(1, 1000)),
-    "queue_timeout_s": Field(float, 10.0, "How long a request waits for a free run slot before 429.",
+    "queue_timeout_s": Field(float, 60.0, "How long a request waits in the queue for a run slot before 429.",
                              _NONNEG),
     "first_token_timeout_s": Field(float, 120.0, "Kill a run with no model output after this long.", _POS),
     "idle_timeout_s": Field(float, 120.0, "Kill a run whose output stops for this long.", _POS),
@@ -152,12 +153,16 @@ SCHEMA: dict[str, Field] = {
     "max_requests_per_day": Field(int, 1000, "Requests kept per day in log/stats.json.", _between(0, 10**7)),
     "var_dir": Field(str, "var", "Runtime state: CLI working dir, private Redis, temp files."),
     "log_dir": Field(str, "log", "Where stats.json is written."),
-    "log_level": Field(str, "info", "debug | info | warning | error.",
+    "log_level": Field(str, "info", "debug | info | warning (or warn) | error.",
                        _one_of("debug", "info", "warning", "error")),
-    "cache.ttl": Field(int, 0, "Seconds an identical non-streaming answer is served from cache (0 = off).",
-                       _between(0, 10**7)),
-    "cache.min_tokens": Field(int, 1000, "Only prompts of at least this many tokens are cached.",
-                              _between(0, 10**9)),
+    "cache.ttl": Field(str, "auto", "Anthropic prompt-cache lifetime: \"5m\", \"1h\", \"auto\" (the CLI's choice: 1h on a "
+                       "subscription, 5m on an API key) or \"off\".", _one_of("auto", "5m", "1h", "off")),
+    "cache.min_tokens": Field(int, 1024, "Prompts (system prompt plus history) shorter than this many tokens are "
+                              "sent without prompt caching (0 = always cache).", _between(0, 10**9)),
+    "response_cache.ttl": Field(int, 0, "Seconds an identical non-streaming answer is served from the response "
+                                "cache (0 = off).", _between(0, 10**7)),
+    "response_cache.min_tokens": Field(int, 1000, "Only prompts of at least this many tokens use the response cache.",
+                                       _between(0, 10**9)),
     "rate_limit.max_requests_per_minute": Field(int, 60, "Global requests per minute (0 = no limit).",
                                                 _between(0, 10**9)),
     "rate_limit.max_requests_per_minute_per_ip": Field(int, 0, "Per client address when auth is off (0 = no limit).",
@@ -293,13 +298,41 @@ def _name(kind: type | tuple[type, ...]) -> str:
             list: "a list", dict: "an object"}.get(kind, str(kind))  # type: ignore[call-overload,arg-type]
 
 
+def _normalise(values: dict[str, Any]) -> dict[str, Any]:
+    """Spellings the seed relays accepted: `warn` for `warning`, any case for levels and modes."""
+    level = str(values["log_level"]).strip().lower()
+    values["log_level"] = "warning" if level == "warn" else level
+    values["system_prompt_mode"] = str(values["system_prompt_mode"]).strip().lower()
+    return values
+
+
 def _validate(values: dict[str, Any]) -> dict[str, Any]:
+    _normalise(values)
     for key, value in values.items():
         field = SCHEMA[key]
         problem = field.check(value) if field.check else None
         if problem:
             raise ConfigError(f"config: {key} {problem} (got {value!r})")
     return values
+
+
+def legacy_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from the seed relays' environment variables (README, "Migrating")."""
+    out: dict[str, Any] = {}
+    models = env.get("CLAUDE_PROXY_MODELS", "").strip()
+    if models:
+        if models.startswith("["):
+            out["extra_models"] = _coerce("extra_models", models, from_env=True)
+        else:
+            out["extra_models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if env.get("SYSTEM_PROMPT_MODE", "").strip():
+        out["system_prompt_mode"] = env["SYSTEM_PROMPT_MODE"].strip().lower()
+    debug = env.get("DEBUG", "").strip().lower()
+    if env.get("LOG_LEVEL", "").strip():
+        out["log_level"] = env["LOG_LEVEL"].strip().lower()
+    elif debug in ("1", "true", "yes", "on", "debug"):  # not DEBUG=express:* and the like
+        out["log_level"] = "debug"
+    return out
 
 
 def load_settings(path: str | os.PathLike[str] | None = None,
@@ -318,9 +351,13 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         for key, raw in _flatten(data).items():
             if key not in SCHEMA:
                 raise ConfigError(f"config: unknown key {key} in {file}")
+            if key == "cache.ttl" and isinstance(raw, int) and not isinstance(raw, bool):
+                raise ConfigError(f"config: cache.ttl is the prompt-cache lifetime, \"5m\", \"1h\" or \"auto\" (got {raw!r}); "
+                                  "the response cache's seconds are response_cache.ttl")
             values[key] = _coerce(key, raw, from_env=False)
     elif path or env.get("RELAY_CONFIG"):
         raise ConfigError(f"config: file {file} does not exist")
+    values.update(legacy_env(env))  # the seed relays' names; RELAY_<KEY> below still wins
     for name, raw in env.items():
         if not name.startswith("RELAY_") or name == "RELAY_CONFIG":
             continue

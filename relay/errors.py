@@ -1,4 +1,5 @@
-"""The relay's error tree and the OpenAI error body it becomes at the HTTP boundary.
+"""The relay's error tree and the bodies it becomes at the HTTP boundary: OpenAI's shape by default,
+Anthropic's (`{"type": "error", "error": {"type", "message"}}`) on the Messages API routes.
 
     RelayError (500 server_error)
     ├── BadRequest (400 invalid_request_error)          malformed body, bad field, n>1, ...
@@ -37,6 +38,15 @@ class RelayError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+    def anthropic_status(self) -> int:
+        """Anthropic's status for this error: the same, except Anthropic being overloaded is 529."""
+        return 529 if self.code == "overloaded" else self.status
+
+    def anthropic_body(self) -> dict[str, Any]:
+        status = self.anthropic_status()
+        kind = ANTHROPIC_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
     def response_headers(self) -> dict[str, str]:
         headers = dict(self.headers)
@@ -111,6 +121,13 @@ class Timeout(RelayError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); other 4xx are
+# invalid_request_error and other 5xx api_error.
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
 
 
 def not_found_route(path: str) -> NotFound:

@@ -30,7 +30,7 @@ from .core.events import Delta
 from .core.models import display_model
 from .core.record import RequestRecord
 from .core.request import ChatRequest, text_of
-from .core.run_description import describe
+from .core.run_description import describe, prompt_cache
 from .core.tokens import count_text
 from .core.upstream import SessionMissing, classify, finish_reason, is_account_error
 from .errors import Conflict, RateLimited, RelayError, Timeout, UpstreamError
@@ -51,6 +51,12 @@ class Context:
     agent: Agent | None = None     # set when this caller may use the CLI's own tools
     client_socket: Any = None      # the client's socket, watched for a hang-up
     endpoint: str = ""
+    conversation: str | None = None  # an already known conversation id (Responses' previous_response_id)
+
+
+def _reminder(part: dict[str, Any]) -> bool:
+    """Claude Code's `<system-reminder>` blocks: not what a person reading the stats wants to see."""
+    return part.get("type") == "text" and str(part.get("text", "")).lstrip().startswith("<system-reminder>")
 
 
 class Exchange:
@@ -89,9 +95,9 @@ class Exchange:
 
     def _open(self) -> None:
         req, ctx, relay = self.req, self.ctx, self.relay
-        plan = self._admit()
-        if ctx.client_socket is not None:
+        if ctx.client_socket is not None:  # watched from the start: a client may give up while queued
             self.watcher = DisconnectWatcher(ctx.client_socket, self._client_gone).start()
+        plan = self._admit()
         tried: list[str] = []
         while True:  # accounts (issue 12): fail over before the first byte reaches the client
             plan = self._take_account(plan, tried)
@@ -157,7 +163,8 @@ class Exchange:
         key = ctx.api_key
         self.estimate = req.prompt_estimate
         self.token_budget = relay.quotas.check(key, self.estimate)
-        conv = self.conv = conversation_id(ctx.session_header, req.user, req.system, req.messages)
+        conv = self.conv = ctx.conversation or conversation_id(ctx.session_header, req.user, req.system,
+                                                               req.messages)
         if relay.sessions.enabled:  # lock first, then read the conversation's state under the lock
             token = new_token()
             lock = relay.sessions.lock_key(relay.sessions.key(ctx.scope, conv))
@@ -167,7 +174,7 @@ class Exchange:
                                retry_after=2)
             self.heartbeat.add("lock", lock, token)
         plan = relay.sessions.plan(ctx.scope, conv, req.system, req.messages, req.cli_model)
-        member = self.member
+        member = self.member = relay.slots.member(self.member, ctx.scope)  # the queue's fairness reads the owner
         wait_s = self.cfg["queue_timeout_s"]
         if key is not None and key.max_concurrent:  # the key's own slot first: a busy key must not hold host slots
             kslots = relay.slots.key_slots(key.name)
@@ -175,10 +182,13 @@ class Exchange:
                 raise RateLimited(f"This API key may run {key.max_concurrent} requests at once; one must finish "
                                   "first.", retry_after=max(1.0, wait_s / 2))
             self.heartbeat.add("slot", kslots, member)
-        if not relay.slots.wait(relay.slots.host_key, self.cfg["max_concurrent_runs"], member, wait_s,
-                                count_waiter=True):
-            raise RateLimited(f"All {self.cfg['max_concurrent_runs']} Claude runs on this host are busy; "
-                              "retry shortly.", retry_after=max(1.0, wait_s / 2))
+        limit = self.cfg["max_concurrent_runs"]
+        gone = lambda: self.watcher is not None and self.watcher.gone  # noqa: E731
+        if not relay.slots.queue_for_host(limit, member, wait_s, gone):  # first come first served, fair between keys
+            avg_s = relay.stats.latency()["latency"]["avg_ms"] / 1000
+            raise RateLimited(f"All {limit} Claude runs on this host stayed busy for the {wait_s:g} s this "
+                              "request waited in the queue; the relay is overloaded.",
+                              retry_after=relay.slots.retry_after(limit, avg_s))
         self.heartbeat.add("slot", relay.slots.host_key, member)
         self.member = member
         try:
@@ -192,7 +202,9 @@ class Exchange:
     def _spawn(self, plan: Plan) -> None:
         cfg, relay = self.cfg, self.relay
         agent = self.ctx.agent
-        desc = describe(self.req, plan, cfg["system_prompt_mode"], agent)
+        cache = prompt_cache(cfg["cache.ttl"], cfg["cache.min_tokens"], self.req.prompt_estimate,
+                             cfg["system_prompt_mode"])
+        desc = describe(self.req, plan, cfg["system_prompt_mode"], agent, cache)
         # keys never share an agent directory: the conversation id is scoped to the caller's key
         cwd = workdir(agent, f"{self.ctx.scope}\x00{self.conv}") if agent else relay.cli_cwd
         env = relay.account_envs.get(self.account or "", relay.cli_env)  # the chosen account's login
@@ -257,14 +269,18 @@ class Exchange:
     def model(self) -> str:
         return display_model(self.run.turn.model if self.run else None, self.req.cli_model)
 
-    def usage(self) -> tuple[dict[str, Any], bool]:
+    def raw_usage(self) -> tuple[dict[str, int], bool]:
+        """The CLI's usage in Claude's terms (input, cache read/creation, output), or an estimate."""
         assert self.run
         usage = self.run.turn.usage
         if usage is not None:
-            return openai_usage(usage), False
-        est = {"input_tokens": self.req.prompt_estimate,
-               "output_tokens": count_text(self.run.turn.partial_text)}
-        return openai_usage(est, estimated=True), True
+            return usage, False
+        return {"input_tokens": self.req.prompt_estimate,
+                "output_tokens": count_text(self.run.turn.partial_text)}, True
+
+    def usage(self) -> tuple[dict[str, Any], bool]:
+        raw, estimated = self.raw_usage()
+        return openai_usage(raw, estimated=estimated), estimated
 
     def complete(self) -> dict[str, Any]:
         assert self.run
@@ -404,7 +420,8 @@ class Exchange:
         elif self.run:
             est, estimated = self.usage()
             usage = {"input_tokens": est["prompt_tokens"], "output_tokens": est["completion_tokens"]}
-        first_user = next((text_of(m["content"]) for m in self.req.messages if m["role"] == "user"), "")
+        first_user = next((text_of([p for p in m["content"] if not _reminder(p)]) for m in self.req.messages
+                           if m["role"] == "user"), "")
         self.relay.record(RequestRecord(
             id=self.cid, request_id=self.ctx.request_id, key=self.ctx.key_name, model=self.model,
             requested_model=self.req.model, stream=self.req.stream, status=self.status,

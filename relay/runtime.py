@@ -21,7 +21,8 @@ from .cli.process import RunSpec, account_envs, child_env, probe_cli
 from .cli.run import Run
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
-from .core.conversation import Plan
+from .core import tokens
+from .core.conversation import Plan, client_ids
 from .core.metrics import AccountStatus, Live, WarmStats
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
@@ -80,7 +81,8 @@ class Relay:
         self.quotas = Quotas(self._redis, settings["rate_limit.max_tokens_per_day"])
         self.metrics = MetricsStore(self._redis)
         self.warm_pool: WarmPoolStats | None = None
-        self.response_cache = ResponseCache(self._redis, settings["cache.ttl"], settings["cache.min_tokens"])
+        self.response_cache = ResponseCache(self._redis, settings["response_cache.ttl"],
+                                            settings["response_cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
         self.pool = PoolClient(var / "pool.sock", settings["pool.enabled"])
@@ -196,9 +198,16 @@ class Relay:
         ttl = self.settings["sessions.ttl_hours"] * 3600
         return sum(expire_session_files(folder, ttl, keep) for folder in self.session_folders())
 
-    def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool) -> tuple[int, int]:
-        """Delete one conversation (or all, in `scope` or everywhere); returns (deleted, files removed)."""
+    def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool,
+                             own_scope: str | None = None) -> tuple[int, int]:
+        """Delete one conversation (or all, in `scope` or everywhere); returns (deleted, files removed).
+
+        `conv_id` is a listed id (`s:ticket-4711`) or, within the caller's `own_scope`, the id the client
+        chose: its X-Session-Id value or its `user`."""
         victims = self.sessions.delete(conv_id, scope)
+        if not victims and conv_id and own_scope:
+            for alias in client_ids(conv_id):
+                victims += self.sessions.delete(alias, own_scope)
         removed = 0
         if purge_files:
             ids = [c["cli_session_id"] for c in victims if c.get("cli_session_id")]
@@ -268,6 +277,7 @@ class Relay:
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         self.alerts.run(tick=self.accounts.recoveries)
         threading.Thread(target=self._janitor, daemon=True).start()
+        tokens.warm()  # a burst of count_tokens right after start-up must not wait for it
 
     def _janitor(self) -> None:
         interval = self.settings["sessions.cleanup_interval_s"]

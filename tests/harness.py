@@ -154,6 +154,14 @@ def openai_client(base_url: str, api_key: str = "sk-anything", **kw: Any) -> Any
                          max_retries=kw.pop("max_retries", 0), timeout=kw.pop("timeout", 60), **kw)
 
 
+def anthropic_client(base_url: str, api_key: str = "sk-anything", **kw: Any) -> Any:
+    """The official Anthropic SDK against the relay, validating every response strictly."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=base_url, api_key=api_key, _strict_response_validation=True,
+                               max_retries=kw.pop("max_retries", 0), timeout=kw.pop("timeout", 60), **kw)
+
+
 def wait_until(cond: Any, timeout: float = 10, interval: float = 0.05) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:

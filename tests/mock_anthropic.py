@@ -5,6 +5,7 @@ several gunicorn workers each get their own behaviour), and every request body i
 
 Markers (any number, anywhere in the last user message):
   MOCK:error=<status>[:<retry-after>]   answer with an HTTP error (401/403/404/429/500/529 ...)
+  MOCK:fail_first=<n>:<status>          the first n requests with this text get an HTTP error, then normal
   MOCK:subscription_limit               429 with the unified subscription headers (status rejected)
   MOCK:stall=<seconds>                  send headers + message_start, then go silent
   MOCK:delay=<seconds>                  wait before answering at all
@@ -18,6 +19,7 @@ Markers (any number, anywhere in the last user message):
   MOCK:tool=<name>                      answer with a tool_use block for tool <name> (suffix match)
   MOCK:tools=<n1>,<n2>                  parallel tool_use blocks
   MOCK:bash=<cmd_with_underscores>      the command of a Bash tool_use (underscores become spaces)
+  MOCK:read=<absolute path>             the file_path of a Read tool_use
   MOCK:structured                       call the StructuredOutput tool with MOCK_STRUCTURED_INPUT
   MOCK:usage=<in>,<cache_create>,<cache_read>,<out>
 Without markers the answer is "Hello from mock. You said: <last text>".
@@ -136,6 +138,7 @@ class MockAnthropic:
         self.active = 0
         self.max_active = 0
         self.structured_input: dict = {"name": "Alice", "age": 30}
+        self.failures: dict[str, int] = {}  # last user text -> errors already sent (MOCK:fail_first)
         self.accounts: dict[str, Window] = {}
         self.active_by_token: dict[str, int] = {}
         self.max_active_by_token: dict[str, int] = {}
@@ -296,6 +299,13 @@ class MockAnthropic:
                     time.sleep(float(markers["delay"]))
                 if "error" in markers:
                     return self._error(markers["error"])
+                if "fail_first" in markers:
+                    count, _, status = markers["fail_first"].partition(":")
+                    with mock.lock:
+                        sent = mock.failures.get(text, 0)
+                        mock.failures[text] = sent + 1
+                    if sent < int(count):
+                        return self._error(status or "500")
                 if "break_stream" in markers and not body.get("stream"):
                     return self._error("500")
                 if "subscription_limit" in markers:
@@ -431,6 +441,8 @@ class MockAnthropic:
                     if name == "Bash":  # MOCK:bash=sleep_30 runs "sleep 30"
                         cmd = markers.get("bash", "echo_hi-from-bash").replace("_", " ")
                         args = {"command": cmd, "description": "run a command"}
+                    if name == "Read":  # MOCK:tool=Read MOCK:read=/abs/path
+                        args = {"file_path": markers.get("read", "/dev/null")}
                     blocks.append({"type": "tool_use", "id": "toolu_mock_" + uuid.uuid4().hex[:12],
                                    "name": real, "input": args})
                 if wanted:

@@ -126,7 +126,7 @@ def test_a_limited_account_hands_its_conversation_over_with_the_full_history(rel
         ask(c, "failover turn one", "failover-conv", hist)
         ask(c, "failover turn two", "failover-conv", hist)
         assert len(mock_api.by_token(ta, "failover turn")) == 2
-        mock_api.set_account(ta, five_hour=1.0, five_hour_reset=int(time.time()) + 20)
+        mock_api.set_account(ta, five_hour=1.0, five_hour_reset=int(time.time()) + 45)  # long enough for 3 turns on a loaded machine
         out = ask(c, "failover turn three", "failover-conv", hist, stream=True)
         assert out.endswith("failover turn three")
         moved = mock_api.by_token(tb, "failover turn three")
@@ -141,7 +141,7 @@ def test_a_limited_account_hands_its_conversation_over_with_the_full_history(rel
         assert not m["a0"]["usable"] and m["a0"]["state"] == "limit" and m["a0"]["last_error"]
         # after its reset, a0 (priority 1) is used again
         mock_api.set_account(ta, five_hour=0.0)
-        assert wait_until(lambda: meter(srv)["a0"]["usable"], 30, 0.5)
+        assert wait_until(lambda: meter(srv)["a0"]["usable"], 60, 0.5)
         ask(c, "failover after reset")
         assert mock_api.by_token(ta, "failover after reset")
 

@@ -190,3 +190,9 @@ def test_responses_shaped_bodies_on_chat_completions_get_chat_chunks(relay):
         raw = r.raw.read().decode()
     assert r.status_code == 200 and '"object":"chat.completion.chunk"' in raw and raw.endswith("data: [DONE]\n\n")
     assert "cursor-1" in raw
+
+
+def test_a_refusal_is_content_filter_even_after_the_clis_continuation(client):
+    r = client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "ca-ref MOCK:refusal"}])
+    choice = r.choices[0]
+    assert choice.finish_reason == "content_filter" and choice.message.content is None and choice.message.refusal

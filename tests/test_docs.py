@@ -13,6 +13,7 @@ def test_every_config_key_is_documented():
 
 
 def test_every_route_is_documented():
-    for path in ("/health", "/v1/models", "/v1/chat/completions", "/v1/responses", "/v1/usage", "/v1/usage/recent",
+    for path in ("/health", "/v1/models", "/v1/chat/completions", "/v1/responses", "/v1/messages",
+                 "/v1/messages/count_tokens", "/v1/usage", "/v1/usage/recent",
                  "/stats", "/v1/sessions", "/metrics", "/dashboard", "/dashboard/data", "/me", "/me/data"):
         assert f"`GET {path}" in README or f"`POST {path}" in README or f"`DELETE {path}" in README, path

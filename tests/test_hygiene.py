@@ -45,7 +45,7 @@ def body(text, stream=True):
     return {"model": "sonnet", "stream": stream, "messages": [{"role": "user", "content": text}]}
 
 
-def read_until(sock, token, limit=5.0):
+def read_until(sock, token, limit=30.0):
     sock.settimeout(limit)
     buf = b""
     while token not in buf:
@@ -67,8 +67,8 @@ def raw_request(srv, payload):
 @pytest.fixture(scope="module")
 def quick(relay_factory):
     """A relay with short timeouts (long enough for a cold CLI start on a loaded 2-core machine)."""
-    return relay_factory({"RELAY_FIRST_TOKEN_TIMEOUT_S": "6", "RELAY_IDLE_TIMEOUT_S": "4",
-                          "RELAY_TOTAL_TIMEOUT_S": "10", "RELAY_KEEPALIVE_S": "0.5"})
+    return relay_factory({"RELAY_FIRST_TOKEN_TIMEOUT_S": "15", "RELAY_IDLE_TIMEOUT_S": "4",
+                          "RELAY_TOTAL_TIMEOUT_S": "20", "RELAY_KEEPALIVE_S": "0.5"})
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -80,14 +80,14 @@ def test_client_disconnect_kills_the_cli(quick, stream):
     time.sleep(0.3)
     s.close()
     assert wait_until(lambda: not cli_processes(quick), 5, 0.02)
-    assert wait_until(lambda: not zombies(quick), 1)  # reaped, not left as zombies
-    assert wait_until(lambda: list((quick.tmp / "var" / "tmp").iterdir()) == [], 3)
+    assert wait_until(lambda: not zombies(quick), 5)  # reaped, not left as zombies
+    assert wait_until(lambda: list((quick.tmp / "var" / "tmp").iterdir()) == [], 10)
 
 
 def test_first_token_timeout(quick, mock_api):
     r = requests.post(quick.url + "/v1/chat/completions", json=body("ftt MOCK:stall=30", False), timeout=30)
     assert r.status_code == 504 and r.json()["error"]["code"] == "first_token_timeout"
-    assert wait_until(lambda: not cli_processes(quick), 2)
+    assert wait_until(lambda: not cli_processes(quick), 10)
 
 
 def test_idle_timeout_mid_stream(quick):
@@ -98,7 +98,7 @@ def test_idle_timeout_mid_stream(quick):
     assert ": keep-alive" in raw  # keep-alive comments while the model is silent
     last = json.loads([f for f in raw.split("\n\n") if f.startswith("data: ")][-1][6:])
     assert last["error"]["code"] == "idle_timeout" and "[DONE]" not in raw
-    assert wait_until(lambda: not cli_processes(quick), 2)
+    assert wait_until(lambda: not cli_processes(quick), 10)
 
 
 def test_total_timeout(quick):
@@ -107,7 +107,7 @@ def test_total_timeout(quick):
         raw = r.raw.read().decode()
     last = json.loads([f for f in raw.split("\n\n") if f.startswith("data: ")][-1][6:])
     assert last["error"]["code"] == "total_timeout"
-    assert wait_until(lambda: not cli_processes(quick), 2)
+    assert wait_until(lambda: not cli_processes(quick), 10)
 
 
 def test_concurrency_cap_answers_429_with_retry_after(relay_factory):
@@ -143,7 +143,7 @@ def test_a_hanging_cli_is_killed_by_the_first_token_timeout(relay_factory, tmp_p
     srv = relay_factory({"CLAUDE_BIN": fake_cli(tmp_path, "time.sleep(600)\n"), "RELAY_FIRST_TOKEN_TIMEOUT_S": "2"})
     r = requests.post(srv.url + "/v1/chat/completions", json=body("x", False), timeout=30)
     assert r.status_code == 504 and r.json()["error"]["code"] == "first_token_timeout"
-    assert wait_until(lambda: not cli_processes(srv), 2)
+    assert wait_until(lambda: not cli_processes(srv), 10)
 
 
 def test_garbage_output_is_a_502_not_a_crash(relay_factory, tmp_path):

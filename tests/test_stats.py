@@ -115,7 +115,7 @@ def test_cancelled_requests_are_recorded_once(relay_factory):
     from test_hygiene import read_until
     assert read_until(s, b"data:")
     s.close()
-    assert wait_until(lambda: requests.get(srv.url + "/v1/usage").json()["total"]["cancelled"] == 1, 5)
+    assert wait_until(lambda: requests.get(srv.url + "/v1/usage").json()["total"]["cancelled"] == 1, 20)
     time.sleep(1)
     assert requests.get(srv.url + "/v1/usage").json()["total"]["requests"] == 1
     with openai_client(srv.url) as c:
@@ -124,7 +124,7 @@ def test_cancelled_requests_are_recorded_once(relay_factory):
 
 
 def test_response_cache_serves_identical_requests(relay_factory, mock_api):
-    srv = relay_factory({"RELAY_CACHE__TTL": "60", "RELAY_CACHE__MIN_TOKENS": "10"})
+    srv = relay_factory({"RELAY_RESPONSE_CACHE__TTL": "60", "RELAY_RESPONSE_CACHE__MIN_TOKENS": "10"})
     body = {"model": "sonnet", "messages": [{"role": "user", "content": "rc1 a question long enough to be cached"}]}
     first = requests.post(srv.url + "/v1/chat/completions", json=body).json()
     r = requests.post(srv.url + "/v1/chat/completions", json=body)

@@ -347,7 +347,7 @@ def pool_server(tmp_path: Path, mock_api: Any, cli_bin: str) -> Any:
     client = PoolClient(tmp_path / "var" / "pool.sock", True)
     assert wait_until(lambda: (client.stats().get("spares") or {}).get("ready", 0) >= 1, timeout=60)
     yield client
-    proc.terminate()
+    proc.send_signal(signal.SIGUSR1)  # its stop signal (SIGTERM is ignored: see gunicorn.conf.py)
     proc.wait(20)
 
 

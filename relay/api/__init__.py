@@ -11,13 +11,15 @@ from flask import Flask
 from ..runtime import Relay
 from . import hooks
 from .chat import bp as chat_bp
+from .messages import bp as messages_bp
+from .messages import count_bp as messages_count_bp
 from .meta import bp as meta_bp
 from .ops import bp as ops_bp
 from .ratelimit import setup_limiter
 from .responses import bp as responses_bp
 
-BLUEPRINTS = (meta_bp, chat_bp, responses_bp, ops_bp)
-COMPLETION_BLUEPRINTS = (chat_bp, responses_bp)
+BLUEPRINTS = (meta_bp, chat_bp, responses_bp, messages_bp, messages_count_bp, ops_bp)
+COMPLETION_BLUEPRINTS = (chat_bp, responses_bp, messages_bp)
 
 
 def init_app(app: Flask, relay: Relay) -> None:

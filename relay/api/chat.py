@@ -17,13 +17,13 @@ from ..core.upstream import finish_reason
 from ..errors import RelayError
 from ..exchange import Exchange
 from ..state.cache import cache_key
-from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, vet
+from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, refuse_early, vet
 
 bp = Blueprint("chat", __name__)
 
 
 def _from_cache(hit: dict[str, Any], req: ChatRequest, t0: float) -> Any:
-    """An identical request answered within cache.ttl: same answer, new id, nothing spent upstream."""
+    """An identical request answered within response_cache.ttl: same answer, new id, nothing spent upstream."""
     body = dict(hit, id=new_id(), created=int(time.time()))
     saved = int((hit.get("usage") or {}).get("total_tokens") or 0)
     current_relay().record(RequestRecord(
@@ -68,6 +68,7 @@ def chat_completions() -> Any:
     t0 = time.monotonic()
     body: Any = None
     try:
+        refuse_early()
         body = read_json()
         if isinstance(body, dict) and "messages" not in body and "input" in body:
             # Cursor posts Responses-shaped bodies here for OpenAI-named models and reads chat chunks back

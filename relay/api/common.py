@@ -42,6 +42,14 @@ def _body() -> bytes:
         chunks.append(block)
 
 
+def refuse_early() -> None:
+    """Refusals that need no body, made before a (possibly 50 MB) body is read and parsed: the CLI or
+    the subscription unusable, or the caller's daily token quota already spent."""
+    relay = current_relay()
+    relay.guard_spawning()
+    g.token_budget = relay.quotas.check(getattr(g, "api_key", None), None)
+
+
 def read_json() -> Any:
     """The request body as JSON, with a clear 400 for every way it can be malformed."""
     raw = _body()

@@ -1,6 +1,7 @@
 """Request hooks at the HTTP boundary: request ids, client address, CORS, API keys, headers, errors.
 
-Every error leaves here as an OpenAI error object; nothing else ever reaches a client.
+Every error leaves here as an OpenAI error object, or in Anthropic's shape on the Messages API routes
+(and on /v1/models when the client sends `anthropic-version`); nothing else ever reaches a client.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ log = logging.getLogger("relay.http")
 CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-Project, OpenAI-Beta, X-Api-Key, "
                       "X-Session-Id, X-Request-Id, X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, "
                       "X-Stainless-Arch, X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, "
-                      "X-Stainless-Timeout, X-Stainless-Async, X-Stainless-Helper-Method")
-CORS_EXPOSE = ("x-request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
+                      "X-Stainless-Timeout, X-Stainless-Async, X-Stainless-Helper-Method, anthropic-version, "
+                      "anthropic-beta, anthropic-dangerous-direct-browser-access")
+CORS_EXPOSE = ("x-request-id, request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
                "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
 ADMIN_PREFIXES = ("/v1/sessions", "/stats", "/v1/accounts")
+COMPLETION_PATHS = ("/v1/chat/", "/v1/responses", "/v1/messages")
 OPS_DATA = ("/metrics", "/dashboard/data", "/me/data")  # the pages' shells and scripts hold no data
 
 
@@ -59,6 +62,13 @@ def guard_ops(relay: Relay, path: str, headers: Any, client_ip: str) -> ApiKey |
         raise Forbidden("With auth.enabled off, the operators' pages answer only requests from this machine; "
                         "enable API keys (or set metrics.scrape_token for /metrics).", code="admin_required")
     return None
+
+
+def anthropic_shaped() -> bool:
+    """Whether this request's errors (and model list) take Anthropic's shape."""
+    path = request.path
+    return path == "/v1/messages" or path.startswith("/v1/messages/") or \
+        (path.startswith("/v1/models") and "anthropic-version" in request.headers)
 
 
 def _networks(items: list[str]) -> list[Any]:
@@ -135,6 +145,8 @@ def install(app: Flask, relay: Relay) -> None:
     def _headers(resp: Response) -> Response:
         resp.headers["x-request-id"] = getattr(g, "request_id", "")
         resp.headers.setdefault("openai-version", "2020-10-01")
+        if anthropic_shaped():
+            resp.headers["request-id"] = getattr(g, "request_id", "")  # what the Anthropic SDKs report
         if getattr(g, "relay_account", None):
             resp.headers["x-relay-account"] = g.relay_account
         origin = allowed_origin()
@@ -142,7 +154,7 @@ def install(app: Flask, relay: Relay) -> None:
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
             resp.headers["Vary"] = "Origin"
-        if request.path.startswith(("/v1/chat/", "/v1/responses")):
+        if request.path.startswith(COMPLETION_PATHS) and not request.path.endswith("/count_tokens"):
             try:
                 add_headers(resp, relay.limiter)
             except Exception as exc:  # headers are a courtesy; never fail a response over them
@@ -150,6 +162,8 @@ def install(app: Flask, relay: Relay) -> None:
         return resp
 
     def _json_error(err: RelayError) -> tuple[Response, int, dict[str, str]]:
+        if anthropic_shaped():
+            return jsonify(err.anthropic_body()), err.anthropic_status(), err.response_headers()
         return jsonify(err.body()), err.status, err.response_headers()
 
     @app.errorhandler(RelayError)
@@ -160,12 +174,14 @@ def install(app: Flask, relay: Relay) -> None:
     def _rate_limited(_: RateLimitExceeded) -> Any:
         assert relay.limiter is not None
         err = rate_limited_error(relay.limiter)
-        if request.path.startswith(("/v1/chat/", "/v1/responses")):
+        if request.path.startswith(COMPLETION_PATHS):
             record_rejection(err, getattr(g, "t0", time.monotonic()))
         return _json_error(err)
 
     @app.errorhandler(404)
     def _not_found(_: Any) -> Any:
+        log.info("%s: no route for %s %s (user agent %s)", getattr(g, "request_id", ""), request.method,
+                 request.path, request.headers.get("User-Agent", "-")[:80])
         return _json_error(not_found_route(request.path))
 
     @app.errorhandler(413)

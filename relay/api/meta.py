@@ -60,8 +60,15 @@ def accounts() -> Any:
     return jsonify({"object": "list", "overage_policy": relay.settings["accounts_overage"], "data": data})
 
 
+def _anthropic() -> bool:
+    """Anthropic clients send `anthropic-version`: they get Anthropic's model objects."""
+    return "anthropic-version" in request.headers
+
+
 @bp.get("/v1/models")
 def list_models() -> Any:
+    if _anthropic():
+        return jsonify(_relay().catalog.list_anthropic())
     return jsonify({"object": "list", "data": _relay().catalog.list()})
 
 
@@ -71,7 +78,7 @@ def get_model(model_id: str) -> Any:
     if entry is None:
         raise NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
-    return jsonify(entry.as_openai())
+    return jsonify(entry.as_anthropic() if _anthropic() else entry.as_openai())
 
 
 @bp.get("/stats")
@@ -79,12 +86,14 @@ def stats() -> Any:
     relay = _relay()
     total = relay.stats.totals()
     active = relay.slots.in_use()
+    queue = relay.slots.queue()
     per_account = relay.stats.accounts()
     return jsonify({
         "uptime_s": round(relay.uptime(), 1),
         "requests": {"total": total["requests"], "completed": total["successful"], "errors": total["errors"],
                      "cancelled": total["cancelled"], "active": active,
-                     "queued": relay.slots.queued()},
+                     "queued": queue["length"]},
+        "queue": dict(queue, timeout_s=relay.settings["queue_timeout_s"]),
         "concurrency": {"max_concurrent_runs": relay.settings["max_concurrent_runs"], "in_use": active},
         "sessions": relay.sessions.count(),
         "tokens": {k: total[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
@@ -134,7 +143,8 @@ def sessions_delete_all() -> Any:
 
 @bp.delete("/v1/sessions/<path:conv_id>")
 def sessions_delete(conv_id: str) -> Any:
-    deleted, removed = _relay().forget_conversations(conv_id, None, _purge_files())
+    deleted, removed = _relay().forget_conversations(conv_id, None, _purge_files(),
+                                                     own_scope=getattr(g, "key_name", "") or "anon")
     if not deleted:
         raise NotFound(f"No conversation {conv_id!r}.", param="id", code="session_not_found")
     return jsonify({"id": conv_id, "object": "conversation.deleted", "deleted": True, "files_removed": removed})

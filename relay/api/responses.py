@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify
 
 from ..core import sse
 from ..core.request import parse_chat_request
@@ -19,7 +19,7 @@ from ..core.responses import EventStream, call_item, message_item, new_id, respo
 from ..errors import NotFound, RelayError
 from ..exchange import Exchange
 from ..state.responses import ResponseStore
-from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, vet
+from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, refuse_early, vet
 
 bp = Blueprint("responses", __name__)
 
@@ -49,6 +49,7 @@ def create_response() -> Any:
     t0 = time.monotonic()
     body: Any = None
     try:
+        refuse_early()
         body = read_json()
         prev_id = body.get("previous_response_id") if isinstance(body, dict) else None
         prior, conv = None, None
@@ -63,10 +64,11 @@ def create_response() -> Any:
         record_rejection(exc, t0, body)
         raise
     rid = new_id("resp_")
-    conv = request.headers.get("X-Session-Id") or conv or "resp-" + rid
     ctx = context("/v1/responses")
-    ctx.session_header = conv
+    # without previous_response_id (or X-Session-Id), a full history is matched as chat matches it
+    ctx.conversation = conv if ctx.session_header is None else None
     ex = open_exchange(relay, req, ctx)
+    conv = ex.conv
     store = body.get("store") is not False
     if not req.stream:
         chat = ex.complete()

@@ -63,6 +63,29 @@ def mcp_config(tmp: str, tools: list[dict[str, object]]) -> str:
     return json.dumps({"mcpServers": {"client": server}})
 
 
+def cache_env(prompt_cache: str) -> dict[str, str]:
+    """Prompt caching is set through the CLI's environment (measured with 2.1.330 at the mock):
+    CLAUDE_CODE_PROMPT_CACHE_TTL=5m|1h marks blocks `{"type": "ephemeral"}` or `{..., "ttl": "1h"}` (without
+    it the CLI picks 1h on a subscription, 5m on an API key); DISABLE_PROMPT_CACHING=1 sends no
+    `cache_control` at all."""
+    if prompt_cache in ("5m", "1h"):
+        return {"CLAUDE_CODE_PROMPT_CACHE_TTL": prompt_cache}
+    if prompt_cache == "off":
+        return {"DISABLE_PROMPT_CACHING": "1"}
+    return {}
+
+
+def cli_tmpdir(tmp: str, user: str | None) -> str:
+    """CLAUDE_CODE_TMPDIR for one run: a private folder inside the run's temp folder, so everything the
+    CLI writes there (pasted images, probes: `claude-<uid>/<cwd>/<session>/...`) goes when the run ends."""
+    path = os.path.join(tmp, "cli")
+    os.mkdir(path, 0o700)
+    if user:
+        pw = pwd.getpwnam(user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    return path
+
+
 def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: str, tmp_root: Path) -> RunSpec:
     """The whole invocation of one run; its temp folder is removed when the run ends."""
     tmp = tempfile.mkdtemp(prefix="run-", dir=tmp_root)
@@ -82,6 +105,7 @@ def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: st
     if desc.json_schema is not None:
         argv += ["--json-schema", json.dumps(desc.json_schema, separators=(",", ":"))]
     user = desc.agent.user if desc.agent and desc.agent.user else None
+    env = dict(env, CLAUDE_CODE_TMPDIR=cli_tmpdir(tmp, user), **cache_env(desc.prompt_cache))
     if user:
         env = dict(env, HOME=pwd.getpwnam(user).pw_dir, USER=user, LOGNAME=user)
         os.chmod(tmp, 0o755)  # the system prompt and tool files must be readable by that user

@@ -315,8 +315,12 @@ def main() -> int:
         except OSError:
             pass
         os._exit(0)
-    gevent.signal_handler(signal.SIGTERM, on_term)
-    gevent.signal_handler(signal.SIGINT, on_term)
+    # A signal to the whole process group or cgroup (Ctrl-C, systemd) must not cut the pooled runs of a
+    # graceful shutdown: gunicorn's master stops this server with SIGUSR1 after its workers are gone
+    # (and its death kills this server in any case: PR_SET_PDEATHSIG).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    gevent.signal_handler(signal.SIGUSR1, on_term)
     path = socket_path(settings)
     try:
         server.serve(path)

@@ -170,6 +170,10 @@ class CliProcess:
             self._cleanup_files()
             raise Unavailable(f"The Claude Code CLI could not be started ({exc}). Operator: install it "
                               "or fix claude_bin / CLAUDE_BIN.", code="cli_unavailable") from exc
+        except OSError as exc:  # out of memory or processes (EAGAIN, ENOMEM): the host is overloaded
+            self._cleanup_files()
+            raise Unavailable(f"The relay host could not start another Claude Code CLI ({exc}); retry shortly.",
+                              code="overloaded", retry_after=5) from exc
         self.started_at = time.monotonic()
         for target in (self._read_stdout, self._read_stderr, self._write_stdin):
             threading.Thread(target=target, daemon=True).start()

@@ -43,6 +43,15 @@ def digest(system: str, messages: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def _user_id(user: str) -> str:
+    return "u:" + hashlib.sha256(user.encode()).hexdigest()[:24]
+
+
+def client_ids(value: str) -> list[str]:
+    """The conversation ids a client's own name may stand for: its X-Session-Id, or its `user`."""
+    return (["s:" + value] if SESSION_ID.match(value) else []) + [_user_id(value)]
+
+
 def conversation_id(header: str | None, user: str | None, system: str, messages: list[dict[str, Any]]) -> str:
     if header is not None:
         if not SESSION_ID.match(header):
@@ -50,7 +59,7 @@ def conversation_id(header: str | None, user: str | None, system: str, messages:
                              param="X-Session-Id", code="invalid_session_id")
         return "s:" + header
     if user:
-        return "u:" + hashlib.sha256(user.encode()).hexdigest()[:24]
+        return _user_id(user)
     first = next((m for m in messages if m["role"] == "user"), messages[0])
     return "h:" + digest(system, [first])[:24]
 

@@ -49,6 +49,7 @@ class Turn:
     streamed_tools: bool = False        # tool calls arrived as stream events (so wait for message_delta)
     interrupted_for_tools: bool = False
     structured_output: Any = None
+    start_usage: dict[str, Any] | None = None   # the first API call's message_start usage (input and cache)
     _msg_text: dict[str, str] = field(default_factory=dict)      # message id -> assembled text
     _streamed: dict[str, str] = field(default_factory=dict)      # message id -> streamed text
     _current: str = ""
@@ -119,6 +120,8 @@ class Turn:
             self.committed = True
             msg = e.get("message") or {}
             self.model = msg.get("model") or self.model
+            if self.start_usage is None and isinstance(msg.get("usage"), dict):
+                self.start_usage = msg["usage"]
             return []
         if et == "message_delta":
             reason = (e.get("delta") or {}).get("stop_reason")

@@ -57,6 +57,23 @@ def to_anthropic_block(part: dict[str, Any], param: str = "content") -> dict[str
         if src.get("type") == "url" and isinstance(src.get("url"), str):
             return _url_block(src["url"], param)
         raise BadRequest("image.source.type must be base64 or url", param=param)
+    if kind == "document":  # Anthropic-style: a PDF (base64 or URL) or plain text
+        src = part.get("source")
+        if not isinstance(src, dict):
+            raise BadRequest("document.source must be an object", param=param)
+        if src.get("type") == "base64":
+            if src.get("media_type") != "application/pdf":
+                raise BadRequest("A base64 document must be application/pdf.", param=param)
+            block = _base64_block("application/pdf", str(src.get("data") or ""), param, kind="document")
+        elif src.get("type") == "url" and isinstance(src.get("url"), str):
+            block = dict(_url_block(src["url"], param), type="document")
+        elif src.get("type") == "text" and isinstance(src.get("data"), str):
+            block = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": src["data"]}}
+        else:
+            raise BadRequest("document.source.type must be base64, url or text", param=param)
+        if isinstance(part.get("title"), str):
+            block["title"] = part["title"]
+        return block
     if kind == "file":
         f: dict[str, Any] = part["file"] if isinstance(part.get("file"), dict) else part
         if f.get("file_id"):
@@ -83,7 +100,7 @@ def to_anthropic_block(part: dict[str, Any], param: str = "content") -> dict[str
 
 def _url_block(url: str, param: str) -> dict[str, Any]:
     if not re.match(r"^https?://[^\s/]+", url, re.I):
-        raise BadRequest("Image URLs must be http(s) or data: URLs.", param=param, code="invalid_image_url")
+        raise BadRequest("Image and document URLs must be http(s) or data: URLs.", param=param, code="invalid_image_url")
     return {"type": "image", "source": {"type": "url", "url": url}}
 
 
@@ -99,7 +116,7 @@ def check_limits(messages: list[dict[str, Any]], max_count: int, max_bytes: int)
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             data = url.split(",", 1)[1] if isinstance(url, str) and url.startswith("data:") and "," in url else None
-            if part.get("type") == "image" and isinstance(part.get("source"), dict):
+            if part.get("type") in ("image", "document") and isinstance(part.get("source"), dict):
                 data = part["source"].get("data") if part["source"].get("type") == "base64" else None
             if part.get("type") == "file":
                 f = part["file"] if isinstance(part.get("file"), dict) else part

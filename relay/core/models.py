@@ -10,6 +10,7 @@ from typing import Any
 FAMILIES = ("opus", "sonnet", "haiku")
 PREFIXES = ("anthropic/", "claude-max/", "claude-code-cli/", "claude-code/", "claude/")
 CREATED = 1735689600  # 2025-01-01: a fixed, honest-enough "created" for alias entries
+CREATED_AT = "2025-01-01T00:00:00Z"
 
 # OpenAI names clients hard-code, mapped to the Claude family closest in cost and speed.
 OPENAI_MAP = (
@@ -27,6 +28,11 @@ class ModelEntry:
 
     def as_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "model", "created": CREATED, "owned_by": "anthropic"}
+
+    def as_anthropic(self) -> dict[str, Any]:
+        name = " ".join(w.capitalize() for w in self.id.replace("-", " ").split())
+        return {"type": "model", "id": self.id, "display_name": name if name.startswith("Claude") else f"Claude {name}",
+                "created_at": CREATED_AT, "lifecycle": "active", "deprecated_at": None, "retires_at": None}
 
 
 def strip_prefix(name: str) -> str:
@@ -57,6 +63,11 @@ class ModelCatalog:
 
     def list(self) -> list[dict[str, Any]]:
         return [e.as_openai() for e in self.entries.values()]
+
+    def list_anthropic(self) -> dict[str, Any]:
+        data = [e.as_anthropic() for e in self.entries.values()]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
 
     def get(self, model_id: str) -> ModelEntry | None:
         return self.entries.get(model_id) or self.entries.get(strip_prefix(model_id))

@@ -67,6 +67,7 @@ def transcript(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         role = msg["role"]
         if role == "tool":
             name = f' name="{msg["name"]}"' if msg.get("name") else ""
+            name += ' is_error="true"' if msg.get("is_error") else ""
             blocks.append({"type": "text", "text": f'<tool_result tool_call_id="{msg["tool_call_id"]}"{name}>\n'})
             blocks += _blocks(msg)
             blocks.append({"type": "text", "text": "\n</tool_result>\n\n"})
@@ -90,8 +91,11 @@ def tool_results_content(messages: list[dict[str, Any]], pending: list[str]) -> 
             content.append({"type": "tool_result", "tool_use_id": call_id, "is_error": True,
                             "content": "The client did not run this tool call."})
         else:
-            blocks = [b for b in _blocks(msg) if b["type"] in ("text", "image")] or [{"type": "text", "text": "(empty)"}]
-            content.append({"type": "tool_result", "tool_use_id": call_id, "content": blocks})
+            blocks = [b for b in _blocks(msg) if b["type"] in ("text", "image", "document")] or [{"type": "text", "text": "(empty)"}]
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id, "content": blocks}
+            if msg.get("is_error"):
+                result["is_error"] = True
+            content.append(result)
     rest = [m for m in messages if m["role"] != "tool" or m.get("tool_call_id") in results]
     if len(rest) == 1 and rest[0]["role"] == "user":
         content += _blocks(rest[0])

@@ -16,6 +16,8 @@ from .tools import ToolSpec, parse_response_format, parse_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# The user turn the model receives when a request holds only system/developer messages.
+SYSTEM_ONLY_TURN = "(No user message was sent: respond as the system instructions direct.)"
 # Accepted and ignored: the CLI has no way to apply them (listed in the README).
 IGNORED = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "logit_bias",
            "top_logprobs", "service_tier", "store", "metadata", "prompt_cache_key", "safety_identifier",
@@ -83,7 +85,7 @@ def normalise_content(content: Any, param: str, role: str) -> list[dict[str, Any
             parts.append({"type": "text", "text": text})
         elif kind == "refusal":
             parts.append({"type": "text", "text": str(part.get("refusal") or "")})
-        elif kind in ("image_url", "image", "input_image"):
+        elif kind in ("image_url", "image", "input_image", "document"):
             parts.append(part)  # checked and converted by images.py
         elif kind == "input_audio":
             raise BadRequest("Audio input is not supported by Claude.", param=p, code="unsupported_content")
@@ -171,10 +173,13 @@ def parse_chat_request(body: Any, catalog: ModelCatalog) -> ChatRequest:
             _expect(isinstance(msg.get("tool_call_id"), str), f"{p}.tool_call_id must be a string",
                     f"{p}.tool_call_id")
             out["tool_call_id"] = msg["tool_call_id"]
+            if msg.get("is_error") is True:  # Anthropic tool_result blocks may say the tool failed
+                out["is_error"] = True
         if role == "function":
             out = {"role": "tool", "content": parts, "tool_call_id": "call_legacy", "name": msg.get("name")}
         messages.append(out)
-    _expect(bool(messages), "'messages' must contain at least one user message.", "messages")
+    if not messages:  # only system/developer messages: answered, as OpenAI does (README, "Messages")
+        messages.append({"role": "user", "content": [{"type": "text", "text": SYSTEM_ONLY_TURN}]})
 
     expose = body.get("expose_reasoning")
     _expect(expose is None or isinstance(expose, bool), "'expose_reasoning' must be a boolean.", "expose_reasoning")

@@ -62,14 +62,19 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
-            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") is not None:
-                out[-1]["tool_calls"].append(call)
+            if out and out[-1]["role"] == "assistant":
+                # the model's text and its calls are one assistant message, as chat completions has it
+                # (so the digest of a full history matches what the CLI session holds)
+                out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
-            text = output if isinstance(output, str) else json.dumps(output)
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+            if isinstance(output, list):  # content parts: images and files reach the model as blocks
+                content: Any = _content_parts(output, f"{p}.output")
+            else:
+                content = output if isinstance(output, str) else json.dumps(output)
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
         elif kind in ("reasoning", "item_reference"):
             continue  # nothing the CLI can use: its own session holds the reasoning
         else:

@@ -32,6 +32,7 @@ class RunDescription:
     json_schema: dict[str, Any] | None = None
     client_tools: list[dict[str, Any]] = field(default_factory=list)   # served by the relay's MCP server
     agent: Agent | None = None                   # the CLI's own tools, for agent keys
+    prompt_cache: str = "auto"                   # Anthropic prompt caching: "auto", "5m", "1h" or "off"
 
     @property
     def builtin_tools(self) -> tuple[str, ...]:
@@ -48,7 +49,17 @@ def effort_level(effort: str) -> str:
     return {"none": "low", "minimal": "low"}.get(effort, effort)
 
 
-def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent | None) -> RunDescription:
+def prompt_cache(ttl: str, min_tokens: int, estimate: int, system_prompt_mode: str) -> str:
+    """The original relay's `cache` settings: a prompt shorter than `min_tokens` is sent without
+    prompt caching (so it pays no cache writes). Only the client's prompt is counted, so this
+    applies in `replace` mode; `append` and `embed` keep the CLI's own long system prompt."""
+    if ttl != "off" and system_prompt_mode == "replace" and estimate < min_tokens:
+        return "off"
+    return ttl
+
+
+def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent | None,
+             cache: str = "auto") -> RunDescription:
     system = req.system
     instruction = req.tools.instruction() if req.tools.active else ""
     if instruction:
@@ -59,4 +70,4 @@ def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent
     return RunDescription(model=req.cli_model, prompt=prompt, session=session,
                           effort=effort_level(req.reasoning_effort) if req.reasoning_effort else None,
                           json_schema=req.json_schema, client_tools=req.tools.tools if req.tools.active else [],
-                          agent=agent)
+                          agent=agent, prompt_cache=cache)

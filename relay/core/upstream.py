@@ -78,8 +78,11 @@ def is_subscription_limit(turn: Turn) -> bool:
 
 
 def is_refusal(turn: Turn) -> bool:
+    """The model refused. The CLI (2.1.3xx) continues once after a refused message with a safety note,
+    so a refusal anywhere in the turn counts, not only in its last message."""
     text = str(turn.result.get("result") or "")
-    return turn.stop_reason == "refusal" or "appears to violate our Usage Policy" in text
+    return turn.stop_reason == "refusal" or "refusal" in turn.stop_reasons or \
+        "appears to violate our Usage Policy" in text
 
 
 def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError | None:

@@ -1,4 +1,4 @@
-"""The response cache (`cache.ttl`, `cache.min_tokens`): identical non-streaming requests answered from
+"""The response cache (`response_cache.ttl`, `response_cache.min_tokens`): identical non-streaming requests answered from
 Redis instead of a new CLI run. Off by default (ttl 0); never used for tools, agent runs or streams."""
 
 from __future__ import annotations

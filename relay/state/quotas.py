@@ -53,12 +53,15 @@ class Quotas:
         used_all, used_key = (int(x or 0) for x in self.r.mget(g_key, k_key))
         return used_all, used_key
 
-    def check(self, key: Any, estimate: int) -> dict[str, Any] | None:
+    def check(self, key: Any, estimate: int | None) -> dict[str, Any] | None:
+        """Refuse when the prompt's `estimate` exceeds what is left; `None` (before the body is read)
+        refuses only a budget already spent."""
         st = self.state(key)
-        if st is not None and estimate > st["remaining"]:
+        if st is not None and (st["remaining"] <= 0 if estimate is None else estimate > st["remaining"]):
+            need = "" if estimate is None else f", this request needs about {estimate}"
             raise QuotaExceeded(
-                f"Daily token quota of {st['who']} exhausted: {st['remaining']} of {st['limit']} tokens left, "
-                f"this request needs about {estimate}. It resets at midnight UTC.",
+                f"Daily token quota of {st['who']} exhausted: {st['remaining']} of {st['limit']} tokens "
+                f"left{need}. It resets at midnight UTC.",
                 retry_after=st["reset_s"], headers={"x-should-retry": "false"})
         return st
 

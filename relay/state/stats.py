@@ -35,16 +35,25 @@ def _day(ts: float) -> tuple[str, str, str]:
     return d.strftime("%Y-%m"), d.strftime("%d"), d.strftime("%Y-%m-%d")
 
 
+def iso_time(ts: float) -> str:
+    """The original relay's timestamps: ISO-8601 UTC with milliseconds, `2026-02-24T12:00:00.000Z`."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+
 def summary(h: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: int(float(h.get(k) or 0)) for k in COUNTERS}
     out["avg_response_time_ms"] = round(out["response_time_ms"] / out["requests"]) if out["requests"] else 0
+    out["cache_write_tokens"] = out["cache_creation_tokens"]  # the original relay's name
     return out
 
 
 def cache_stats(s: dict[str, Any]) -> dict[str, Any]:
+    """Cache figures; `cache_hits`, `total_requests` and `hit_rate` (a percentage as a string with two
+    decimals, "45.00") keep the original relay's names and types."""
     req = s["requests"] or 0
     hits = s["cache_hit_requests"] + s["response_cache_hits"]
-    return {"requests_with_cache_hits": hits, "hit_rate": round(hits / req, 4) if req else 0.0,
+    return {"cache_hits": hits, "total_requests": req, "hit_rate": f"{100 * hits / req:.2f}" if req else "0.00",
+            "requests_with_cache_hits": hits,
             "tokens_saved": s["cache_read_tokens"] + s["response_cache_tokens_saved"],
             "prompt_cache_read_tokens": s["cache_read_tokens"], "cache_creation_tokens": s["cache_creation_tokens"],
             "response_cache_hits": s["response_cache_hits"],
@@ -68,8 +77,12 @@ class Stats:
         month, day, date = _day(ts)
         status = int(rec.get("status") or 0)
         key, model = rec.get("key") or "", rec.get("model") or "unknown"
-        if not self.log_first_message:
-            rec = dict(rec, first_message=None)
+        # the original relay's per-request names and types, next to the relay's own
+        rec = dict(rec, timestamp=iso_time(ts), stream=bool(rec.get("stream")),
+                   cache_read_input_tokens=int(rec.get("cache_read_tokens") or 0),
+                   cache_creation_input_tokens=int(rec.get("cache_creation_tokens") or 0),
+                   response_time_ms=int(rec.get("response_time_ms") or 0))
+        rec["first_message"] = (rec.get("first_message") or "") if self.log_first_message else None
         inc = {
             "requests": 1, "successful": int(status == 200), "cancelled": int(status == 499),
             "errors": int(status not in (200, 499)),
@@ -192,14 +205,15 @@ class Stats:
                 "generated_at": datetime.now(UTC).isoformat()}
 
     def write_snapshot(self, force: bool = False) -> bool:
-        """Write log/stats.json if anything changed, by one worker at a time. True if written."""
+        """Write log/stats.json if anything changed, by one worker at a time. False only while another
+        worker holds the snapshot lock (the file may then miss this worker's latest requests)."""
         token = str(os.getpid())
         if not self.r.set(S + "snapshot_lock", token, nx=True, px=10000):
             return False
         try:
             version = self.r.get(S + "version") or "0"
             if not force and version == self.r.get(S + "snapshot_version") and self.path.exists():
-                return False
+                return True
             data = json.dumps(self.snapshot(), indent=1, default=str)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".stats-", suffix=".tmp")
@@ -263,9 +277,13 @@ class Stats:
                     log.warning("stats: snapshot failed: %s", exc)
         threading.Thread(target=loop, daemon=True).start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """The last snapshot at shutdown: waits (boundedly) for a worker that is writing one, so the
+        requests this worker answered last are in the file; one failure is logged, never retried."""
         self._stop.set()
+        deadline = time.monotonic() + wait_s
         try:
-            self.write_snapshot(force=True)
+            while not self.write_snapshot() and time.monotonic() < deadline:
+                time.sleep(0.05)
         except Exception as exc:
             log.warning("stats: final snapshot failed: %s", exc)

@@ -47,7 +47,8 @@
   }
   const tbody = (id) => $(id).querySelector("tbody");
   const ms = (v) => (v === null || v === undefined ? null : v + " ms");
-  const utc = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19);
+  // request records carry ISO-8601 strings (the original relay's stats schema); account resets are epoch seconds
+  const utc = (ts) => new Date(typeof ts === "string" ? ts : ts * 1000).toISOString().replace("T", " ").slice(0, 19);
 
   function recent(rows) {
     const tb = tbody("recent");

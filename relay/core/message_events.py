@@ -1,0 +1,138 @@
+"""Anthropic Messages answers built from the relay's turn: the `message` object and the stream events. Pure.
+
+`MessageStream` turns the exchange's deltas into Anthropic's exact event sequence; `usage_of` gives the
+CLI's usage as Anthropic reports it (input without the cache reads and writes, which have their own fields).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from .events import Delta
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                "content_filter": "refusal"}
+
+
+def new_id(prefix: str = "msg_") -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def usage_of(raw: dict[str, int] | None, estimate: int = 0) -> dict[str, Any]:
+    """The CLI's usage as Anthropic reports it: input excludes the cache reads and writes."""
+    u = raw or {"input_tokens": estimate}
+    return {"input_tokens": int(u.get("input_tokens", 0)),
+            "cache_creation_input_tokens": int(u.get("cache_creation_input_tokens", 0)),
+            "cache_read_input_tokens": int(u.get("cache_read_input_tokens", 0)),
+            "output_tokens": int(u.get("output_tokens", 0)), "service_tier": "standard"}
+
+
+def stop_reason(finish: str) -> str:
+    return STOP_REASONS.get(finish, "end_turn")
+
+
+def message_object(msg_id: str, model: str, chat_message: dict[str, Any], finish: str,
+                   usage: dict[str, Any]) -> dict[str, Any]:
+    """A finished chat message as an Anthropic `message`: thinking, text, then tool_use blocks."""
+    content: list[dict[str, Any]] = []
+    if chat_message.get("reasoning_content"):
+        content.append({"type": "thinking", "thinking": chat_message["reasoning_content"], "signature": ""})
+    text = chat_message.get("content") or chat_message.get("refusal")
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in chat_message.get("tool_calls") or []:
+        content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                        "input": _arguments(call["function"]["arguments"])})
+    return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason(finish), "stop_sequence": None, "usage": usage}
+
+
+def _arguments(raw: str) -> Any:
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+Event = tuple[str, dict[str, Any]]
+
+
+class MessageStream:
+    """Deltas as Anthropic stream events: message_start, then content blocks opened, filled and
+    stopped in order (text, thinking, tool_use with input_json_delta), message_delta and message_stop.
+
+    `final_arguments(call_id)` gives a tool call's whole input for calls that arrived without
+    argument deltas (the CLI's non-streaming fallback)."""
+
+    def __init__(self, msg_id: str, model: str, final_arguments: Callable[[str], str]) -> None:
+        self.msg_id, self.model, self.final_arguments = msg_id, model, final_arguments
+        self.index = -1
+        self.open: dict[str, Any] | None = None   # {"type", "call_id", "args"} of the block being streamed
+        self.calls: dict[int, int] = {}           # tool call index -> content block index
+
+    def start(self, usage: dict[str, Any]) -> list[Event]:
+        message: dict[str, Any] = {"id": self.msg_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": dict(usage, output_tokens=1)}
+        return [("message_start", {"type": "message_start", "message": message})]
+
+    def _close(self) -> list[Event]:
+        block, self.open = self.open, None
+        if block is None:
+            return []
+        out: list[Event] = []
+        if block["type"] == "tool_use" and not block["args"]:
+            whole = self.final_arguments(block["call_id"]) or "{}"
+            out.append(self._delta({"type": "input_json_delta", "partial_json": whole}))
+        if block["type"] == "thinking":
+            out.append(self._delta({"type": "signature_delta", "signature": ""}))
+        out.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        return out
+
+    def _open(self, kind: str, block: dict[str, Any], call_id: str = "") -> list[Event]:
+        out = self._close()
+        self.index += 1
+        self.open = {"type": kind, "call_id": call_id, "args": ""}
+        out.append(("content_block_start", {"type": "content_block_start", "index": self.index,
+                                            "content_block": block}))
+        return out
+
+    def _delta(self, delta: dict[str, Any]) -> Event:
+        return ("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def delta(self, d: Delta) -> list[Event]:
+        out: list[Event] = []
+        if d.kind == "text" and d.text:
+            if self.open is None or self.open["type"] != "text":
+                out += self._open("text", {"type": "text", "text": ""})
+            out.append(self._delta({"type": "text_delta", "text": d.text}))
+        elif d.kind == "reasoning" and d.text:
+            if self.open is None or self.open["type"] != "thinking":
+                out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            out.append(self._delta({"type": "thinking_delta", "thinking": d.text}))
+        elif d.kind == "tool_start":
+            out += self._open("tool_use", {"type": "tool_use", "id": d.call_id, "name": d.name, "input": {}},
+                              d.call_id)
+            self.calls[d.index] = self.index
+        elif d.kind == "tool_args" and d.text and self.open is not None and self.open["type"] == "tool_use" \
+                and self.calls.get(d.index) == self.index:
+            self.open["args"] += d.text
+            out.append(self._delta({"type": "input_json_delta", "partial_json": d.text}))
+        return out
+
+    def finish(self, finish: str, usage: dict[str, Any]) -> list[Event]:
+        """Close the last block; message_delta carries the stop reason and the turn's whole usage."""
+        out = self._close()
+        final = {k: usage[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+                                       "output_tokens")}
+        out.append(("message_delta", {"type": "message_delta",
+                                      "delta": {"stop_reason": stop_reason(finish), "stop_sequence": None},
+                                      "usage": final}))
+        out.append(("message_stop", {"type": "message_stop"}))
+        return out
+
+
+PING: Event = ("ping", {"type": "ping"})

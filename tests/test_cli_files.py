@@ -1,0 +1,78 @@
+"""What the CLI leaves on disk (issue 10 items 7, 8): no temp files outlive a run, and one config directory
+(with its `.claude.json`) survives 32 concurrent runs, new and resumed."""
+
+import json
+import os
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from test_surface import PNG
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def leftovers(srv):
+    """Everything the relay's CLI runs left: in the system temp dir (the CLI's default place,
+    `claude-<uid>/<cwd>/<session>/`) and in the relay's own temp folder."""
+    slug = re.sub(r"[^A-Za-z0-9]", "-", str(srv.tmp / "var" / "cli-cwd"))
+    cli_tmp = Path(tempfile.gettempdir()) / f"claude-{os.getuid()}" / slug
+    found = [str(p) for p in cli_tmp.rglob("*")] if cli_tmp.exists() else []
+    return found + [str(p) for p in (srv.tmp / "var" / "tmp").rglob("*")]
+
+
+def post(srv, content, session=None, **kw):
+    headers = {"X-Session-Id": session} if session else {}
+    return requests.post(srv.url + "/v1/chat/completions", headers=headers, timeout=120,
+                         json={"model": "sonnet", "messages": [{"role": "user", "content": content}], **kw})
+
+
+def test_no_run_leaves_temp_files_behind_with_or_without_images(relay_factory, mock_api):
+    srv = relay_factory()
+    image = [{"type": "text", "text": "tf1 look"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]
+    assert post(srv, "tf1 plain").status_code == 200
+    assert post(srv, "tf1 streamed", stream=True).status_code == 200
+    first = post(srv, image, session="tf1-img")
+    assert first.status_code == 200
+    assert post(srv, image).status_code == 200
+    assert post(srv, "tf1 tools MOCK:tool=get_weather", tools=[WEATHER]).status_code == 200
+    assert leftovers(srv) == []
+    # a resumed conversation still has its earlier image: the CLI keeps it in the session transcript
+    history = [{"role": "user", "content": image}, first.json()["choices"][0]["message"],
+               {"role": "user", "content": "tf1 again"}]
+    r = requests.post(srv.url + "/v1/chat/completions", headers={"X-Session-Id": "tf1-img"}, timeout=120,
+                      json={"model": "sonnet", "messages": history})
+    assert r.status_code == 200
+    assert requests.get(srv.url + "/v1/usage/recent?limit=1").json()["data"][0]["resumed"] is True
+    body = mock_api.bodies("tf1 again")[-1]
+    assert any(b.get("type") == "image" for m in body["messages"] if isinstance(m["content"], list)
+               for b in m["content"])
+    assert leftovers(srv) == []
+
+
+@pytest.mark.slow
+def test_one_config_dir_survives_32_concurrent_runs_new_and_resumed(relay_factory):
+    srv = relay_factory({"RELAY_MAX_CONCURRENT_RUNS": "32", "RELAY_WORKER_CONNECTIONS": "100"})
+    config = srv.tmp / "claude-config" / ".claude.json"
+    before = json.loads(config.read_text()) if config.exists() else {}
+
+    def turn(i, history):
+        return requests.post(srv.url + "/v1/chat/completions", headers={"X-Session-Id": f"cf-{i}"}, timeout=300,
+                             json={"model": "sonnet", "messages": history})
+    firsts = [[{"role": "user", "content": f"cf{i} first"}] for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda i: turn(i, firsts[i]), range(32)))
+    assert [a.status_code for a in answers] == [200] * 32, [a.text for a in answers if a.status_code != 200][:3] + [srv.log()[-6000:]]
+    seconds = [firsts[i] + [{"role": "assistant", "content": answers[i].json()["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": f"cf{i} second"}] for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(lambda i: turn(i, seconds[i]).status_code, range(32))) == [200] * 32
+    recent = requests.get(srv.url + "/v1/usage/recent?limit=32").json()["data"]
+    assert all(r["resumed"] for r in recent)
+    after = json.loads(config.read_text())  # still parses
+    assert set(before) <= set(after)
+    assert post(srv, "cf next run").status_code == 200
