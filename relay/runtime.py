@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psutil
 
 from .cli.agent import check as check_agent
-from .cli.invocation import MODEL_ALIASES, settings_fingerprint, spare_controls
+from .cli.invocation import CACHE_ENV, MODEL_ALIASES, settings_fingerprint, spare_controls
 from .cli.pool_client import PoolClient, PooledProcess, PoolMetrics
 from .cli.process import RunSpec, account_envs, child_env, probe_cli
 from .cli.run import Run
@@ -160,15 +160,19 @@ class Relay:
         want: str | None = None
         extra: dict[str, Any] = {}
         spare_model_ok = desc.model in MODEL_ALIASES or desc.model == self.settings["default_model"]
-        own_login = spec.env == self.cli_env
-        if plan.first_turn and not plan.resume and not own_login:
+        # spares hold the host's own login and the CLI's default prompt caching; the run's own temp folder
+        # (CLAUDE_CODE_TMPDIR) is the only per-run difference a spare may ignore (it has its own)
+        flavour = {k: v for k, v in spec.env.items() if k in CACHE_ENV}  # prompt caching: spares follow demand
+        spare_env_ok = {k: v for k, v in spec.env.items()
+                        if k != "CLAUDE_CODE_TMPDIR" and k not in CACHE_ENV} == self.cli_env
+        if plan.first_turn and not plan.resume and not spare_env_ok:
             why = f"account {account} (spares hold the host's own login)"
         elif plan.first_turn and not plan.resume and not spare_model_ok:
             # measured: `set_model` with a full model id costs a 1-token API request to validate it
             # (spares are spawned with default_model, which needs no `set_model`)
             why = "pinned model (a spare would validate it upstream)"
         elif plan.first_turn and not plan.resume:
-            want, extra = "spare", {"controls": spare_controls(desc)}
+            want, extra = "spare", {"controls": spare_controls(desc), "flavour": flavour}
         elif plan.warm:
             host, _, rest = plan.warm.partition("|")
             proc_id, _, turns = rest.partition("|")
@@ -180,8 +184,7 @@ class Relay:
             why = "pending tool calls" if plan.resume_at else "no warm process"
         cold: dict[str, Any] = {"argv": spec.argv, "cwd": spec.cwd, "temp_dir": spec.temp_dir,
                                 "session_id": plan.cli_session}
-        if not own_login:
-            cold["env"] = spec.env  # over the pool's private socket: the account's login
+        cold["env"] = spec.env  # over the pool's private socket: the account's login, the run's temp folder
         request = {"want": want, "why": why, "conv": plan.conv_key, "model": desc.model,
                    "fingerprint": f"{settings_fingerprint(desc)}:{account or ''}", "line": spec.stdin.decode(),
                    "cold": cold, **extra}

@@ -355,6 +355,7 @@ def _turn(client: Any, want: str | None, text: str, **extra: Any) -> Any:
     from relay.core.prompt import build_prompt
 
     line = build_prompt("", [{"role": "user", "content": [{"type": "text", "text": text}]}], "replace", True)
+    extra.setdefault("flavour", client.stats()["spares"]["prompt_cache_env"])  # the spares' prompt caching
     req = {"want": extra.pop("want_override", want), "conv": "pool-test-conv", "fingerprint": "fp", "model": "sonnet",
            "controls": [], "line": line.stdin_line().decode(), "cold": {"argv": [], "cwd": "/", "session_id": ""},
            **extra}

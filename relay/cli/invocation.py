@@ -63,6 +63,9 @@ def mcp_config(tmp: str, tools: list[dict[str, object]]) -> str:
     return json.dumps({"mcpServers": {"client": server}})
 
 
+CACHE_ENV = ("CLAUDE_CODE_PROMPT_CACHE_TTL", "DISABLE_PROMPT_CACHING")  # what cache_env() may set
+
+
 def cache_env(prompt_cache: str) -> dict[str, str]:
     """Prompt caching is set through the CLI's environment (measured with 2.1.330 at the mock):
     CLAUDE_CODE_PROMPT_CACHE_TTL=5m|1h marks blocks `{"type": "ephemeral"}` or `{..., "ttl": "1h"}` (without
@@ -147,5 +150,6 @@ def settings_fingerprint(desc: RunDescription) -> str:
     """What a process was configured with beyond its session: a warm process serves a later turn only
     with the same model, system prompt, effort and schema (changing them mid-session pollutes it)."""
     p = desc.prompt
-    raw = json.dumps([desc.model, p.system_flag, p.system_text, desc.effort, desc.json_schema], sort_keys=True)
+    raw = json.dumps([desc.model, p.system_flag, p.system_text, desc.effort, desc.json_schema, desc.prompt_cache],
+                     sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]

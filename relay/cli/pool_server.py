@@ -36,6 +36,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ..config import ConfigError, Settings, load_settings  # noqa: E402
+from ..core.run_description import prompt_cache  # noqa: E402
+from .invocation import cache_env  # noqa: E402
 from .process import EOF, CliProcess, RunSpec, child_env, probe_cli  # noqa: E402
 from .warm import Managed, PoolLimits, WarmPool  # noqa: E402
 
@@ -146,7 +148,9 @@ class PoolServer:
             if held is not None:
                 return held, "warm", ""
         elif want == "spare":
-            spare, why = pool.take_spare()
+            given = req.get("flavour")
+            flavour = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
+            spare, why = pool.take_spare(flavour)
             if spare is not None and self._configure(spare, req):
                 pool.drop_conversation(conv, "replaced")
                 return spare, "spare", ""
@@ -304,8 +308,13 @@ def main() -> int:
         log.warning("pool: %s; spares wait until it is fixed", info.get("problem"))
     cwd = settings.path("var_dir") / "cli-cwd"
     cwd.mkdir(parents=True, exist_ok=True)
+    tmp = settings.path("var_dir") / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
     pool = WarmPool(limits_of(settings), cli_path, env, str(cwd), settings["default_model"],
-                    identity_probe(cli_path, env))
+                    identity_probe(cli_path, env), str(tmp))
+    # the first spares get the prompt caching of a short prompt (the common case); then they follow demand
+    pool.flavour = cache_env(prompt_cache(settings["cache.ttl"], settings["cache.min_tokens"], 0,
+                                          settings["system_prompt_mode"]))
     server = PoolServer(settings, pool, env)
 
     def on_term() -> None:  # in a greenlet (gevent.signal_handler): killing CLIs waits on them

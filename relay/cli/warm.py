@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -58,6 +59,7 @@ class Managed:
         self.fingerprint: str | None = None
         self.turns = 0
         self.identity: tuple[Any, ...] = ()
+        self.flavour: dict[str, str] = {}  # prompt-caching environment a spare was spawned with
         self._seen: dict[str, Any] = {"modelUsage": {}}
 
     @property
@@ -116,8 +118,10 @@ class WarmPool:
     (gevent), which also spawns every CLI, so PR_SET_PDEATHSIG ties them to the server's life."""
 
     def __init__(self, limits: PoolLimits, cli_path: str, env: dict[str, str], cwd: str, model: str,
-                 identity: Any) -> None:
+                 identity: Any, tmp_root: str = "") -> None:
         self.limits = limits
+        self.tmp_root = tmp_root
+        self.flavour: dict[str, str] = {}  # the prompt-caching environment new conversations last asked for
         self.cli_path, self.env, self.cwd, self.model = cli_path, env, cwd, model
         self.identity_of = identity        # () -> what identifies the CLI binary and the login now
         self.identity = identity()
@@ -134,15 +138,21 @@ class WarmPool:
     # -- spares ----------------------------------------------------------------------------------
     def spawn_spare(self) -> Managed | None:
         sid = str(uuid.uuid4())
-        proc = CliProcess(RunSpec(argv=spare_argv(self.cli_path, self.model, sid), env=self.env, cwd=self.cwd,
-                                  stdin=b"", keep_stdin_open=True))
+        # like every run, its own CLAUDE_CODE_TMPDIR, removed with the process
+        tmp = tempfile.mkdtemp(prefix="spare-", dir=self.tmp_root) if self.tmp_root else None
+        env = dict(self.env, **self.flavour)
+        if tmp:
+            os.mkdir(os.path.join(tmp, "cli"), 0o700)
+            env = dict(env, CLAUDE_CODE_TMPDIR=os.path.join(tmp, "cli"))
+        proc = CliProcess(RunSpec(argv=spare_argv(self.cli_path, self.model, sid), env=env, cwd=self.cwd,
+                                  stdin=b"", keep_stdin_open=True, temp_dir=tmp))
         try:
             proc.start()
         except Exception as exc:  # a missing CLI: back off, the workers run cold
             self._failed(f"spawn failed: {exc}")
             return None
         m = Managed(proc, sid, self.model, "spare")
-        m.identity = self.identity
+        m.identity, m.flavour = self.identity, dict(self.flavour)
         self.spares.append(m)
         return m
 
@@ -168,9 +178,11 @@ class WarmPool:
     def wants_spare(self) -> bool:
         return len(self.spares) < self.limits.spares and time.monotonic() >= self._backoff_until
 
-    def take_spare(self) -> tuple[Managed | None, str]:
+    def take_spare(self, flavour: dict[str, str]) -> tuple[Managed | None, str]:
+        """A ready spare spawned with this prompt-caching environment; spares follow what was asked last."""
+        self.flavour = dict(flavour)
         for m in self.spares:
-            if m.ready and m.identity == self.identity and m.drain():
+            if m.ready and m.identity == self.identity and m.flavour == flavour and m.drain():
                 self.spares.remove(m)
                 self.busy.add(m)
                 return m, ""
@@ -279,6 +291,8 @@ class WarmPool:
                 self.discard(m, "exited")
             elif m.identity != self.identity:
                 self.discard(m, "cli_changed")
+            elif m.flavour != self.flavour:
+                self.discard(m, "prompt_cache_changed")
             elif now - m.born >= self.limits.max_age:
                 self.discard(m, "max_age")
         for m in list(self.warm.values()):
@@ -295,7 +309,7 @@ class WarmPool:
 
     def stats(self) -> dict[str, Any]:
         return {"spares": {"target": self.limits.spares, "ready": sum(1 for m in self.spares if m.ready),
-                           "starting": sum(1 for m in self.spares if not m.ready)},
+                           "starting": sum(1 for m in self.spares if not m.ready), "prompt_cache_env": self.flavour},
                 "warm": [m.stats() for m in self.warm.values()], "busy": len(self.busy),
                 "max_warm": self.limits.max_warm, "hits": dict(self.hits), "misses": dict(self.misses),
                 "killed": dict(self.killed), "problem": self.last_problem or None, "pid": os.getpid()}
