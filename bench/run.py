@@ -4,10 +4,13 @@ Starts its own Redis, the mock API and the relay under gunicorn (gevent workers)
   1. time to first token and total time, relay vs. the same CLI run bare (p50/p95, ratio, overhead);
   2. worker memory per in-flight stream (1 worker, N streams held open), and CLI process memory;
   3. requests/second on GET /v1/models (2 workers, threaded client);
-  4. conversations: resume (X-Session-Id) vs. full-history replay (sessions off) at turns 2, 10, 30.
+  4. conversations: resume (X-Session-Id) vs. full-history replay (sessions off) at turns 2, 10, 30;
+  5. warm processes: bare cold CLI, bare warm process, the relay with its pool and without (bench/warm.py).
+Sections 1-4 run the relay with the pool off (one CLI per run); section 5 compares both.
 Prints Markdown tables and writes every figure to bench/results.json.
 
-Run with `make bench`. Knobs: BENCH_RUNS (runs per latency variant, default 20), BENCH_STREAMS (10),
+Run with `make bench`. Knobs: BENCH_SECTIONS (default "latency,rps,conversation,memory,warm"),
+BENCH_WARM_RUNS (rounds of the warm comparison, default 20), BENCH_RUNS (runs per latency variant, default 20), BENCH_STREAMS (10),
 BENCH_CONVERSATIONS (3), BENCH_REPLAY_REPEATS (3), BENCH_RPS_SECONDS (5), BENCH_TURNS (2,10,30).
 """
 
@@ -36,6 +39,7 @@ from harness import RedisServer, RelayServer, default_cli_bin, relay_env  # noqa
 from mock_anthropic import MockAnthropic  # noqa: E402
 from report import markdown  # noqa: E402
 from scenarios import bare_variant, conversation, latency, memory, models_rps, relay_variant  # noqa: E402
+from warm import warm_bench, warm_markdown  # noqa: E402
 
 RESULTS = BENCH / "results.json"
 
@@ -101,6 +105,45 @@ class Servers:
             log(f"killed {len(left)} leftover process(es) under {self.tmp}: {[p.pid for p in left]}")
 
 
+def classic(servers: Servers, res: dict[str, Any], sections: set[str], runs: int) -> None:
+    """Sections 1-3: the relay with the pool off (one CLI per run) against the bare CLI, /v1/models,
+    conversations."""
+    main_relay = servers.relay("main", {"RELAY_WORKERS": "2"})
+    replay_relay = servers.relay("replay", {"RELAY_WORKERS": "2", "RELAY_SESSIONS__ENABLED": "false"})
+    health = requests.get(main_relay.url + "/health", timeout=10).json()
+    res["environment"].update(cli_version=health["cli"]["version"], cli_path=health["cli"]["path"])
+    if "latency" in sections:
+        latency_section(servers, res, main_relay, replay_relay, runs)
+    if "rps" in sections:
+        log("2/5 GET /v1/models throughput")
+        res["models_rps"] = models_rps(main_relay.url, main_relay.worker_pids(), threads=8,
+                                       duration=float(env_int("BENCH_RPS_SECONDS", 5)))
+    if "conversation" in sections:
+        log("3/5 conversations: resume vs replay")
+        turns = tuple(int(x) for x in os.environ.get("BENCH_TURNS", "2,10,30").split(","))
+        res["conversation"] = conversation(main_relay.url, replay_relay.url, turns,
+                                           env_int("BENCH_CONVERSATIONS", 3), env_int("BENCH_REPLAY_REPEATS", 3),
+                                           log=log)
+    servers.stop_relay(main_relay)
+    servers.stop_relay(replay_relay)
+
+
+def latency_section(servers: Servers, res: dict[str, Any], main_relay: RelayServer, replay_relay: RelayServer,
+                    runs: int) -> None:
+    log(f"1/5 latency: {runs} runs each of relay, relay without sessions and bare CLI")
+    bare = servers.bare(main_relay)
+    lat = latency({"relay": relay_variant(main_relay.url), "relay_nosessions": relay_variant(replay_relay.url),
+                   "bare": bare_variant(bare)}, runs, log=log)
+    lat["overhead_ms"] = round(lat["relay"]["ttft"]["p50_ms"] - lat["bare"]["ttft"]["p50_ms"], 1)
+    lat["overhead_nosessions_ms"] = round(lat["relay_nosessions"]["ttft"]["p50_ms"]
+                                          - lat["bare"]["ttft"]["p50_ms"], 1)
+    for key in ("ttft", "total"):
+        lat[f"ratio_{key}_p50"] = round(lat["relay"][key]["p50_ms"] / lat["bare"][key]["p50_ms"], 3)
+        lat[f"ratio_{key}_p95"] = round(lat["relay"][key]["p95_ms"] / lat["bare"][key]["p95_ms"], 3)
+    lat["bare_argv"] = [a if a != bare.argv[0] else "claude" for a in bare.argv]
+    res["latency"] = lat
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -120,47 +163,31 @@ def main() -> int:
     servers = Servers(tmp, cli_bin)
     try:
         servers.start()
-        main_relay = servers.relay("main", {"RELAY_WORKERS": "2"})
-        replay_relay = servers.relay("replay", {"RELAY_WORKERS": "2", "RELAY_SESSIONS__ENABLED": "false"})
-        health = requests.get(main_relay.url + "/health", timeout=10).json()
+        sections = set(os.environ.get("BENCH_SECTIONS", "latency,rps,conversation,memory,warm").split(","))
         res["environment"] = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "cli_version": health["cli"]["version"], "cli_path": health["cli"]["path"],
             "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
-
-        log(f"1/4 latency: {runs} runs each of relay, relay without sessions and bare CLI")
-        bare = servers.bare(main_relay)
-        lat = latency({"relay": relay_variant(main_relay.url), "relay_nosessions": relay_variant(replay_relay.url),
-                       "bare": bare_variant(bare)}, runs, log=log)
-        lat["overhead_ms"] = round(lat["relay"]["ttft"]["p50_ms"] - lat["bare"]["ttft"]["p50_ms"], 1)
-        lat["overhead_nosessions_ms"] = round(lat["relay_nosessions"]["ttft"]["p50_ms"]
-                                              - lat["bare"]["ttft"]["p50_ms"], 1)
-        for key in ("ttft", "total"):
-            lat[f"ratio_{key}_p50"] = round(lat["relay"][key]["p50_ms"] / lat["bare"][key]["p50_ms"], 3)
-            lat[f"ratio_{key}_p95"] = round(lat["relay"][key]["p95_ms"] / lat["bare"][key]["p95_ms"], 3)
-        lat["bare_argv"] = [a if a != bare.argv[0] else "claude" for a in bare.argv]
-        res["latency"] = lat
-
-        log("2/4 GET /v1/models throughput")
-        res["models_rps"] = models_rps(main_relay.url, main_relay.worker_pids(), threads=8,
-                                       duration=float(env_int("BENCH_RPS_SECONDS", 5)))
-
-        log("3/4 conversations: resume vs replay")
-        turns = tuple(int(x) for x in os.environ.get("BENCH_TURNS", "2,10,30").split(","))
-        res["conversation"] = conversation(main_relay.url, replay_relay.url, turns,
-                                           env_int("BENCH_CONVERSATIONS", 3), env_int("BENCH_REPLAY_REPEATS", 3),
-                                           log=log)
-        servers.stop_relay(main_relay)
-        servers.stop_relay(replay_relay)
-
-        log(f"4/4 memory: 1 worker, {streams} streams")
-        mem_relay = servers.relay("memory", {"RELAY_WORKERS": "1", "RELAY_MAX_CONCURRENT_RUNS": "20"})
-        workers = mem_relay.worker_pids()
-        if len(workers) != 1:
-            raise RuntimeError(f"expected 1 worker, found {workers}")
-        res["memory"] = memory(mem_relay.url, workers[0], streams, log=log)
-        servers.stop_relay(mem_relay)
+        if sections & {"latency", "rps", "conversation"}:
+            classic(servers, res, sections, runs)
+        if "memory" in sections:
+            log(f"4/5 memory: 1 worker, {streams} streams")
+            mem_relay = servers.relay("memory", {"RELAY_WORKERS": "1", "RELAY_MAX_CONCURRENT_RUNS": "20"})
+            workers = mem_relay.worker_pids()
+            if len(workers) != 1:
+                raise RuntimeError(f"expected 1 worker, found {workers}")
+            res["memory"] = memory(mem_relay.url, workers[0], streams, log=log)
+            servers.stop_relay(mem_relay)
+        if "warm" in sections:
+            warm_runs = env_int("BENCH_WARM_RUNS", 20)
+            log(f"5/5 warm processes: {warm_runs} rounds")
+            pool_relay = servers.relay("warm_pool", {"RELAY_WORKERS": "2", "RELAY_POOL__ENABLED": "true"})
+            off_relay = servers.relay("warm_off", {"RELAY_WORKERS": "2", "RELAY_POOL__ENABLED": "false"})
+            health = requests.get(pool_relay.url + "/health", timeout=10).json()
+            res["environment"].update(cli_version=health["cli"]["version"], cli_path=health["cli"]["path"])
+            res["warm"] = warm_bench(pool_relay, off_relay, servers.bare(off_relay), cli_bin, warm_runs, log=log)
+            servers.stop_relay(pool_relay)
+            servers.stop_relay(off_relay)
         ok = True
     except BaseException as exc:
         log(f"FAILED: {type(exc).__name__}: {exc}")
@@ -176,6 +203,8 @@ def main() -> int:
     res["environment"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     RESULTS.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     print(markdown(res))
+    if "warm" in res:
+        print("\n".join(warm_markdown(res["warm"])))
     log(f"figures written to {RESULTS.relative_to(ROOT)}")
     return 0
 

@@ -226,6 +226,17 @@ SCHEMA: dict[str, Field] = {
                                  _between(0.01, 3600)),
     "metrics.scrape_token": Field(str, "", "A token Prometheus may send (Authorization: Bearer) to read /metrics "
                                   "instead of an admin key; empty = admin keys only."),
+    "pool.enabled": Field(bool, True, "Warm CLI processes: one pool server per host keeps spares and "
+                          "conversations' processes alive (see README, Warm processes)."),
+    "pool.spares": Field(int, 1, "Spare CLI processes kept ready for new conversations (each about 90-135 MB).",
+                         _between(0, 64)),
+    "pool.max_warm": Field(int, 4, "Conversations' processes kept alive between turns (each about 90-135 MB, "
+                           "growing with turns); least recently used goes first.", _between(0, 1000)),
+    "pool.idle_ttl_s": Field(float, 600.0, "A warm process unused for this long is ended.", _POS),
+    "pool.max_turns": Field(int, 100, "Recycle a warm process after this many turns.", _between(1, 10**6)),
+    "pool.max_age_s": Field(float, 3600.0, "Recycle a spare or warm process after this age (seconds).", _POS),
+    "pool.max_rss_mb": Field(float, 600.0, "Recycle a warm process above this resident memory (0 = no limit).",
+                             _between(0, 10**6)),
 }
 
 

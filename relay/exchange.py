@@ -80,6 +80,7 @@ class Exchange:
         self.token_budget: dict[str, Any] | None = None
         self.estimate = 0
         self.conv = ""
+        self.pool_use = ""             # how the pool served the run (RequestRecord.pool)
         self.member = f"{os.getpid()}:{self.cid}"
         self.account: str | None = None      # the Claude account this request runs on
         self.moved_from: str | None = None   # the conversation's previous account, when it moved
@@ -210,7 +211,14 @@ class Exchange:
         spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
         limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"],
                         cfg["keepalive_s"])
-        self.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset())
+        proc, why = relay.pooled(desc, plan, spec, self.account)
+        if proc is not None:
+            self.pool_use = proc.how + (f": {proc.reason}" if proc.reason else "")
+            if proc.how == "spare":  # a spare's session id was fixed at its spawn
+                plan.cli_session = proc.session_id
+        elif relay.pool.enabled:
+            self.pool_use = f"local: {why}"
+        self.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc)
         self.relay.active[self.cid] = self.run
         self.run.start()
 
@@ -353,9 +361,11 @@ class Exchange:
             self.status = 200
         if cancelled and not ok:
             self.status = 499
+        warm = None
         if self.run:
             if not ok and not self.run.turn.done:
                 self.run.cancel()
+            warm = self._keep_warm(ok and not cancelled)
             self._end_run()
         try:
             if self.plan and self.plan.conv_key:
@@ -365,7 +375,7 @@ class Exchange:
                     if calls:
                         answer["tool_calls"] = calls
                     self.relay.sessions.commit(self.plan, answer, self.relay.host,
-                                               resume_at=self.run.turn.tool_msg_uuid)
+                                               resume_at=self.run.turn.tool_msg_uuid, warm=warm)
                     if self.account:
                         self.relay.accounts.hold(self.account, self.plan.conv_key, self.moved_from)
                 elif self.run:
@@ -385,6 +395,22 @@ class Exchange:
                                        f"({exc.code}): {exc.message}", f"timeout:{self.cid}",
                                        details={"request_id": self.ctx.request_id, "code": exc.code})
             self._record(exc)
+
+    def _keep_warm(self, ok: bool) -> str | None:
+        """After a clean turn on a pool process: keep it for the conversation's next turn, and return
+        the marker the conversation's record carries ("host|process|turns"). Anything else (an error,
+        a cancel, the client's tool calls) leaves it to be killed when the run ends."""
+        assert self.run
+        turn, keep = self.run.turn, getattr(self.run.proc, "keep", None)
+        if not (ok and keep and turn.done and self.plan and self.plan.conv_key) or turn.tool_calls \
+                or turn.interrupted_for_tools or turn.result.get("is_error"):
+            return None
+        try:
+            held = keep()
+        except Exception as exc:  # the pool is an optimisation: never fail the answer over it
+            log.warning("%s: could not keep the warm process: %s", self.ctx.request_id, exc)
+            return None
+        return f"{self.relay.host}|{held[0]}|{held[1]}" if held else None
 
     def _record(self, exc: BaseException | None) -> None:
         usage: dict[str, Any] = {}
@@ -407,4 +433,4 @@ class Exchange:
             response_time_ms=int((time.monotonic() - self.t0) * 1000),
             ttft_ms=self.run.ttft_ms if self.run else None, first_message=first_user[:200],
             resumed=bool(self.plan and self.plan.resume), bytes_to_cli=self.bytes_to_cli, worker=os.getpid(),
-            endpoint=self.ctx.endpoint, account=self.account or ""))
+            endpoint=self.ctx.endpoint, account=self.account or "", pool=self.pool_use))

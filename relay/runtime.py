@@ -5,7 +5,6 @@ Created once per worker by `create_app`; the exchange and the routes reach every
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -18,16 +17,19 @@ import psutil
 from .cli.agent import check as check_agent
 from .cli.agent import remove_all_dirs, remove_conversation_dirs
 from .cli.agent import resolve as resolve_agent
-from .cli.process import account_envs, child_env, probe_cli
+from .cli.invocation import CACHE_ENV, MODEL_ALIASES, settings_fingerprint, spare_controls
+from .cli.pool_client import PoolClient, PooledProcess, PoolMetrics
+from .cli.process import RunSpec, account_envs, child_env, probe_cli
 from .cli.run import Run
-from .cli.session_files import expire_session_files, remove_session_files, session_dir
+from .cli.session_files import cli_workdir, expire_session_files, remove_session_files, session_dir
 from .config import ConfigError, Settings
 from .core import tokens
-from .core.conversation import client_ids
+from .core.conversation import Plan, client_ids
 from .core.metrics import AccountStatus, Live, WarmStats
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
 from .core.routing import AccountSpec
+from .core.run_description import RunDescription
 from .errors import Unavailable
 from .state.accounts import Accounts
 from .state.alerts import Alerts
@@ -46,22 +48,6 @@ if TYPE_CHECKING:
     from flask_limiter import Limiter
 
 log = logging.getLogger("relay")
-
-
-def cli_workdir(settings: Settings) -> Path:
-    """The CLI's working folder: under `state_dir` (default $XDG_STATE_HOME), one per relay (named after
-    its var_dir), never inside the relay's git checkout, whose status the CLI would show the model."""
-    if settings["state_dir"]:
-        root = settings.path("state_dir")
-    else:
-        root = Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state").expanduser() / "claude-max-relay"
-    var = str(settings.path("var_dir").resolve())
-    d = root / ("cwd-" + hashlib.sha256(var.encode()).hexdigest()[:12])
-    repo = next((p for p in (d, *d.parents) if (p / ".git").exists()), None)
-    if repo is not None:
-        log.warning("the CLI's working folder %s is inside the git repository %s: the model may see its "
-                    "status; set state_dir elsewhere", d, repo)
-    return d
 
 
 class WarmPoolStats(Protocol):
@@ -102,6 +88,9 @@ class Relay:
                                             settings["response_cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
+        self.pool = PoolClient(var / "pool.sock", settings["pool.enabled"])
+        if settings["pool.enabled"]:
+            self.warm_pool = PoolMetrics(self.pool)
         self._cli: dict[str, Any] = {}
         self._cli_checked = 0.0
         self.check_cli(force=True)
@@ -157,6 +146,53 @@ class Relay:
         info = self.check_cli()
         if not info.get("ok"):
             raise Unavailable(str(info.get("problem")), code="cli_unavailable")
+
+    def pooled(self, desc: RunDescription, plan: Plan, spec: RunSpec,
+               account: str | None = None) -> tuple[PooledProcess | None, str]:
+        """The run on a process of the host's pool (a spare, this conversation's warm process, or a cold
+        one the pool may keep afterwards), or (None, why) when this worker must spawn the CLI itself.
+        Spares hold the host's own login; a run on another account gets a process with its own
+        environment, and a warm process serves only the account it was started for."""
+        if not self.pool.enabled:
+            return None, ""
+        why = ("agent mode" if desc.agent else "function calling" if desc.client_tools
+               else "sessions off" if not plan.conv_key or not plan.cli_session else "")
+        if why:  # agent runs stay cold (own working directory, sandboxing); tools answer permissions
+            self.pool.note(why)
+            return None, why
+        want: str | None = None
+        extra: dict[str, Any] = {}
+        spare_model_ok = desc.model in MODEL_ALIASES or desc.model == self.settings["default_model"]
+        # spares hold the host's own login and the CLI's default prompt caching; the run's own temp folder
+        # (CLAUDE_CODE_TMPDIR) is the only per-run difference a spare may ignore (it has its own)
+        flavour = {k: v for k, v in spec.env.items() if k in CACHE_ENV}  # prompt caching: spares follow demand
+        spare_env_ok = {k: v for k, v in spec.env.items()
+                        if k != "CLAUDE_CODE_TMPDIR" and k not in CACHE_ENV} == self.cli_env
+        if plan.first_turn and not plan.resume and not spare_env_ok:
+            why = f"account {account} (spares hold the host's own login)"
+        elif plan.first_turn and not plan.resume and not spare_model_ok:
+            # measured: `set_model` with a full model id costs a 1-token API request to validate it
+            # (spares are spawned with default_model, which needs no `set_model`)
+            why = "pinned model (a spare would validate it upstream)"
+        elif plan.first_turn and not plan.resume:
+            want, extra = "spare", {"controls": spare_controls(desc), "flavour": flavour}
+        elif plan.warm:
+            host, _, rest = plan.warm.partition("|")
+            proc_id, _, turns = rest.partition("|")
+            if host == self.host and turns.isdigit():
+                want, extra = "warm", {"proc": proc_id, "turns": int(turns)}
+            else:
+                why = "held by another host"
+        else:
+            why = "pending tool calls" if plan.resume_at else "no warm process"
+        cold: dict[str, Any] = {"argv": spec.argv, "cwd": spec.cwd, "temp_dir": spec.temp_dir,
+                                "session_id": plan.cli_session}
+        cold["env"] = spec.env  # over the pool's private socket: the account's login, the run's temp folder
+        request = {"want": want, "why": why, "conv": plan.conv_key, "model": desc.model,
+                   "fingerprint": f"{settings_fingerprint(desc)}:{account or ''}", "line": spec.stdin.decode(),
+                   "cold": cold, **extra}
+        proc = self.pool.run(request)
+        return proc, "" if proc else "pool server unavailable"
 
 
     # -- housekeeping ----------------------------------------------------------------------------

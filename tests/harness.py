@@ -99,7 +99,14 @@ class RelayServer:
         import psutil
 
         assert self.proc
-        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        return [c.pid for c in psutil.Process(self.proc.pid).children() if not _is_pool_server(c)]
+
+    def pool_server_pid(self) -> int | None:
+        """The host's pool server (warm CLI processes), a child of the master beside the workers."""
+        import psutil
+
+        assert self.proc
+        return next((c.pid for c in psutil.Process(self.proc.pid).children() if _is_pool_server(c)), None)
 
     def cli_pids(self) -> list[int]:
         """Claude CLI processes spawned by this relay's workers."""
@@ -129,6 +136,15 @@ class RelayServer:
             return self.proc.wait(10)
         finally:
             self._log.close()
+
+
+def _is_pool_server(p: Any) -> bool:
+    import psutil
+
+    try:
+        return "relay.cli.pool_server" in p.cmdline()
+    except psutil.Error:
+        return False
 
 
 def openai_client(base_url: str, api_key: str = "sk-anything", **kw: Any) -> Any:
@@ -176,6 +192,9 @@ def relay_env(redis_url: str, cli_bin: str, mock_url: str, tmp: Path, extra: dic
         "RELAY_GRACEFUL_TIMEOUT_S": "10",
         "RELAY_RATE_LIMIT__MAX_REQUESTS_PER_MINUTE": "0",
         "RELAY_STATS__SNAPSHOT_INTERVAL_S": "1",
+        # The suite checks today's process model (a CLI per run, a child of its worker); tests/test_warm.py
+        # turns the pool on. RELAY_TEST_POOL=true runs any other test file against the pool too.
+        "RELAY_POOL__ENABLED": os.environ.get("RELAY_TEST_POOL", "false"),
     })
     env.update(extra or {})
     return env

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from harness import cli_cwd
 from test_surface import PNG
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -19,7 +20,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 def leftovers(srv):
     """Everything the relay's CLI runs left: in the system temp dir (the CLI's default place,
     `claude-<uid>/<cwd>/<session>/`) and in the relay's own temp folder."""
-    slug = re.sub(r"[^A-Za-z0-9]", "-", str(srv.tmp / "var" / "cli-cwd"))
+    slug = re.sub(r"[^A-Za-z0-9]", "-", str(cli_cwd(srv)))
     cli_tmp = Path(tempfile.gettempdir()) / f"claude-{os.getuid()}" / slug
     found = [str(p) for p in cli_tmp.rglob("*")] if cli_tmp.exists() else []
     return found + [str(p) for p in (srv.tmp / "var" / "tmp").rglob("*")]

@@ -54,11 +54,20 @@ def health() -> Any:
     body = {"status": "ok" if ok else "degraded", "host": relay.host, "account": account, "accounts": accounts,
             "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
             "redis": red, "active_runs": active, "worker_active_runs": len(relay.active),
-            "max_concurrent_runs": relay.settings["max_concurrent_runs"]}
+            "max_concurrent_runs": relay.settings["max_concurrent_runs"], "pool": _pool_summary(relay)}
     if not _sees_details():  # anyone may ask whether the relay is up, not where it lives
         body = {"status": body["status"], "cli": {"ok": bool(cli.get("ok")), "version": cli.get("version")},
                 "redis": {"ok": red["ok"]}}
     return jsonify(body), 200 if ok else 503
+
+
+def _pool_summary(relay: Relay) -> dict[str, Any]:
+    """The warm-process pool at a glance (the full figures are in /stats)."""
+    st = relay.pool.stats()
+    if not st.get("enabled") or not st.get("ok"):
+        return st
+    return {"enabled": True, "ok": True, "spares_ready": st["spares"]["ready"], "spares_target": st["spares"]["target"],
+            "warm": len(st["warm"]), "max_warm": st["max_warm"], "busy": st["busy"], "problem": st.get("problem")}
 
 
 @bp.get("/v1/accounts")
@@ -109,6 +118,7 @@ def stats() -> Any:
         "tokens": {k: total[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
                                          "cache_creation_tokens", "total_tokens")},
         **relay.stats.latency(),
+        "pool": relay.pool.stats(),
         "accounts": {a["name"]: {"usable": a["usable"], "state": a["state"], "in_flight": a["in_flight"],
                                  "conversations": a["conversations"], "windows": a["windows"],
                                  "usage": per_account.get(a["name"], {})} for a in relay.account_meter()},

@@ -6,6 +6,7 @@ temp files (system prompt, client tool list); spawns nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -64,6 +65,9 @@ def mcp_config(tmp: str, tools: list[dict[str, object]]) -> str:
     server = {"type": "stdio", "command": sys.executable, "args": ["-m", MCP_SERVER_MODULE, path],
               "env": {"PYTHONPATH": PACKAGE_PARENT}}
     return json.dumps({"mcpServers": {"client": server}})
+
+
+CACHE_ENV = ("CLAUDE_CODE_PROMPT_CACHE_TTL", "DISABLE_PROMPT_CACHING")  # what cache_env() may set
 
 
 def cache_env(prompt_cache: str) -> dict[str, str]:
@@ -160,3 +164,42 @@ def _sandboxed(desc: RunDescription, agent: Agent, argv: list[str], env: dict[st
     return RunSpec(argv=sandbox.argv(box) + argv, env=inner_env,
                    cwd=cwd, stdin=desc.prompt.stdin_line(), temp_dir=tmp,
                    keep_stdin_open=desc.answers_permissions, user=user, closers=[proxy.close])
+
+
+# -- warm processes (cli/warm.py) ---------------------------------------------------------------------
+def spare_argv(claude_bin: str, model: str, session_id: str) -> list[str]:
+    """A spare process: only what every plain run shares is fixed at spawn; the session id is fresh so
+    its transcript persists and a later cold run can resume it."""
+    return base_argv(claude_bin, model) + session_args(SessionUse(session_id))
+
+
+MODEL_ALIASES = ("sonnet", "opus", "haiku")  # `set_model` takes these without an API round trip
+
+
+def spare_controls(desc: RunDescription) -> list[dict[str, object]]:
+    """Control requests that give a spare what `build_spec` puts on a cold command line: the model
+    (`set_model`, sent by the pool only when it differs), the system prompt and JSON schema (the first
+    `initialize` only) and the effort. Measured: the API request is then byte for byte a cold run's."""
+    reqs: list[dict[str, object]] = [{"subtype": "set_model", "model": desc.model}]
+    init: dict[str, object] = {"subtype": "initialize", "hooks": None}
+    prompt = desc.prompt
+    if prompt.system_flag == "--system-prompt-file":
+        init["systemPrompt"] = prompt.system_text       # replace mode: even an empty prompt replaces
+    elif prompt.system_flag and prompt.system_text:
+        init["appendSystemPrompt"] = prompt.system_text
+    if desc.json_schema is not None:
+        init["jsonSchema"] = desc.json_schema
+    if len(init) > 2:
+        reqs.append(init)
+    if desc.effort:
+        reqs.append({"subtype": "apply_flag_settings", "settings": {"effortLevel": desc.effort}})
+    return reqs
+
+
+def settings_fingerprint(desc: RunDescription) -> str:
+    """What a process was configured with beyond its session: a warm process serves a later turn only
+    with the same model, system prompt, effort and schema (changing them mid-session pollutes it)."""
+    p = desc.prompt
+    raw = json.dumps([desc.model, p.system_flag, p.system_text, desc.effort, desc.json_schema, desc.prompt_cache],
+                     sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]

@@ -28,10 +28,12 @@ class Limits:
 
 
 class Run:
-    def __init__(self, spec: RunSpec, limits: Limits, allow_tools: frozenset[str] = frozenset()) -> None:
+    def __init__(self, spec: RunSpec | None, limits: Limits, allow_tools: frozenset[str] = frozenset(),
+                 proc: Any = None) -> None:
         self.spec = spec
         self.limits = limits
-        self.proc = CliProcess(spec)
+        # a CliProcess spawned here, or one with its interface served by the pool (cli/pool_client.py)
+        self.proc = proc if proc is not None else CliProcess(spec)  # type: ignore[arg-type]
         self.turn = Turn()
         self.allow_tools = allow_tools | {"StructuredOutput"}
         self.started = 0.0

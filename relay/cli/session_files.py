@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import re
 import time
 from pathlib import Path
+
+from ..config import Settings
+
+log = logging.getLogger("relay.cli")
 
 
 def session_dir(config_dir: Path, cwd: Path) -> Path:
@@ -37,3 +44,19 @@ def remove_session_files(directory: Path, session_ids: list[str]) -> int:
             f.unlink()
             removed += 1
     return removed
+
+
+def cli_workdir(settings: Settings) -> Path:
+    """The CLI's working folder: under `state_dir` (default $XDG_STATE_HOME), one per relay (named after
+    its var_dir), never inside the relay's git checkout, whose status the CLI would show the model."""
+    if settings["state_dir"]:
+        root = settings.path("state_dir")
+    else:
+        root = Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state").expanduser() / "claude-max-relay"
+    var = str(settings.path("var_dir").resolve())
+    d = root / ("cwd-" + hashlib.sha256(var.encode()).hexdigest()[:12])
+    repo = next((p for p in (d, *d.parents) if (p / ".git").exists()), None)
+    if repo is not None:
+        log.warning("the CLI's working folder %s is inside the git repository %s: the model may see its "
+                    "status; set state_dir elsewhere", d, repo)
+    return d

@@ -78,4 +78,5 @@ class Plan:
     scope: str = ""
     resume_at: str | None = None        # cut the CLI session back to the model's tool-call message
     pending_calls: list[str] = field(default_factory=list)  # tool_use ids that await the client's results
+    warm: str | None = None             # "host|process|turns" of the pool process holding this session
     account: str | None = None          # the Claude account whose config dir holds the CLI session

@@ -30,6 +30,7 @@ class RequestRecord:
     bytes_to_cli: int = 0
     worker: int = 0
     endpoint: str = ""
+    pool: str = ""                       # spare | warm | cold (pool run) | local (spawned by the worker), + why
     account: str = ""                    # the Claude account whose CLI ran it ("" when refused before a run)
     response_cache_hit: bool = False
     tokens_saved: int = 0

@@ -41,6 +41,8 @@ class Sessions:
             if rec.get("resume_at"):
                 plan.resume_at = rec["resume_at"]
                 plan.pending_calls = json.loads(rec.get("pending_calls") or "[]")
+            elif rec.get("warm") and rec.get("model") == model:
+                plan.warm = rec["warm"]
             return plan
         plan = self.fresh(key, system, messages, model, scope)
         plan.account = rec.get("account") or None  # stay on the account even when the history changed
@@ -52,11 +54,14 @@ class Sessions:
             return Plan(None, None, False, messages, True, messages, system, model, scope)
         return Plan(key, str(uuid.uuid4()), False, messages, True, messages, system, model, scope)
 
-    def commit(self, plan: Plan, answer: dict[str, Any], host: str, resume_at: str | None = None) -> None:
+    def commit(self, plan: Plan, answer: dict[str, Any], host: str, resume_at: str | None = None,
+               warm: str | None = None) -> None:
         """Record that the CLI session now holds every message plus `answer`.
 
         `resume_at` marks an answer that called the client's tools: the next turn resumes the
-        session cut back to that message and gives the results as real tool_result blocks."""
+        session cut back to that message and gives the results as real tool_result blocks.
+        `warm` names the pool process that holds exactly this state ("host|process|turns"); a commit
+        without it (a turn taken anywhere else) withdraws any earlier one."""
         if not plan.conv_key or not plan.cli_session:
             return
         held = plan.all_messages + [answer]
@@ -72,6 +77,10 @@ class Sessions:
             pipe.hset(plan.conv_key, mapping={"resume_at": resume_at, "pending_calls": json.dumps(calls)})
         else:
             pipe.hdel(plan.conv_key, "resume_at", "pending_calls")
+        if warm:
+            pipe.hset(plan.conv_key, "warm", warm)
+        else:
+            pipe.hdel(plan.conv_key, "warm")
         pipe.hincrby(plan.conv_key, "turns", 1)
         pipe.expire(plan.conv_key, self.ttl)
         pipe.execute()

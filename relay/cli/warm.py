@@ -1,0 +1,315 @@
+"""The host's Claude CLI processes kept alive between runs: spares spawned ahead, and warm conversations.
+
+Owned by the pool server (`pool_server.py`, one per host); this module holds the state and the
+lifecycle rules, not the sockets. A *spare* is spawned with everything fixed at spawn (CLI, environment
+and login, working directory, base flags, a fresh `--session-id`) and probed ready with `mcp_status`.
+A *warm* process has answered a turn cleanly and waits for its conversation's next turn; the worker
+proves from the shared record that it holds exactly the conversation's state (process id and turn
+count) before it is used. Anything that does not match is killed: a cold run resumes from the
+transcript on disk, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from .invocation import spare_argv
+from .process import EOF, CliProcess, RunSpec
+
+log = logging.getLogger("relay.pool")
+
+CUMULATIVE = ("total_cost_usd", "duration_api_ms")   # a long-lived process reports these summed over its life
+MODEL_USAGE_SUMS = ("inputTokens", "outputTokens", "cacheReadInputTokens", "cacheCreationInputTokens",
+                    "webSearchRequests", "costUSD", "thinkingTokens", "cacheCreationEphemeral5mInputTokens",
+                    "cacheCreationEphemeral1hInputTokens")
+
+
+@dataclass
+class PoolLimits:
+    spares: int = 1            # spare processes kept ready on this host
+    max_warm: int = 4          # warm conversation processes on this host (least recently used goes first)
+    idle_ttl: float = 600.0    # a warm process unused for this long is ended
+    max_turns: int = 100       # recycle after this many turns
+    max_age: float = 3600.0    # recycle after this age (a stale credential snapshot, slow leaks)
+    max_rss_mb: float = 600.0  # recycle above this resident size
+    watchdog: float = 130.0    # a run whose CLI prints nothing for this long is killed
+
+
+class Managed:
+    """One CLI process owned by the pool, with what it holds and its cumulative counters."""
+
+    def __init__(self, proc: CliProcess, session_id: str, model: str, origin: str) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.proc = proc
+        self.session_id = session_id
+        self.model = model                 # the model it was spawned with
+        self.origin = origin               # spare | cold
+        self.born = self.last_used = time.monotonic()
+        self.ready = False
+        self.conv: str | None = None
+        self.fingerprint: str | None = None
+        self.turns = 0
+        self.identity: tuple[Any, ...] = ()
+        self.flavour: dict[str, str] = {}  # prompt-caching environment a spare was spawned with
+        self._seen: dict[str, Any] = {"modelUsage": {}}
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.proc.proc) and self.proc.proc.poll() is None  # type: ignore[union-attr]
+
+    def drain(self) -> bool:
+        """Drop anything the idle process printed since its last turn (so a turn starts clean);
+        False if it exited meanwhile."""
+        while True:
+            ev = self.proc.next_event(0)
+            if ev is None:
+                return self.alive
+            if ev is EOF:
+                return False
+
+    def rss_mb(self) -> float:
+        try:
+            return psutil.Process(self.proc.pid or 0).memory_info().rss / 1e6
+        except psutil.Error:
+            return 0.0
+
+    def per_turn(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The `result` event with this turn's share of the cumulative fields (`usage` is per turn already)."""
+        out = dict(result)
+        for k in CUMULATIVE:
+            if isinstance(result.get(k), (int, float)):
+                out[k] = result[k] - self._seen.get(k, 0)
+                self._seen[k] = result[k]
+        mu = result.get("modelUsage")
+        if isinstance(mu, dict):
+            seen = self._seen["modelUsage"]
+            turn: dict[str, Any] = {}
+            for model, u in mu.items():
+                before = seen.get(model, {})
+                if isinstance(u, dict):
+                    turn[model] = {k: (v - before.get(k, 0) if k in MODEL_USAGE_SUMS and isinstance(v, (int, float))
+                                       else v) for k, v in u.items()}
+                    # a model that did nothing this turn is dropped: the relay reads the answering model from here
+                    if not any(turn[model].get(k) for k in ("inputTokens", "outputTokens", "cacheReadInputTokens",
+                                                            "cacheCreationInputTokens")):
+                        del turn[model]
+            self._seen["modelUsage"] = {m: dict(u) for m, u in mu.items() if isinstance(u, dict)}
+            out["modelUsage"] = turn
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"pid": self.proc.pid, "origin": self.origin, "turns": self.turns,
+                "age_s": round(now - self.born, 1), "idle_s": round(now - self.last_used, 1),
+                "rss_mb": round(self.rss_mb(), 1)}
+
+
+class WarmPool:
+    """Spares and warm processes of one host. Every method runs on the pool server's one OS thread
+    (gevent), which also spawns every CLI, so PR_SET_PDEATHSIG ties them to the server's life."""
+
+    def __init__(self, limits: PoolLimits, cli_path: str, env: dict[str, str], cwd: str, model: str,
+                 identity: Any, tmp_root: str = "") -> None:
+        self.limits = limits
+        self.tmp_root = tmp_root
+        self.flavour: dict[str, str] = {}  # the prompt-caching environment new conversations last asked for
+        self.cli_path, self.env, self.cwd, self.model = cli_path, env, cwd, model
+        self.identity_of = identity        # () -> what identifies the CLI binary and the login now
+        self.identity = identity()
+        self.spares: list[Managed] = []
+        self.warm: dict[str, Managed] = {}     # conversation key -> its idle warm process
+        self.busy: set[Managed] = set()
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
+        self.killed: Counter[str] = Counter()
+        self.spawn_failures = 0
+        self._backoff_until = 0.0
+        self.last_problem = ""
+
+    # -- spares ----------------------------------------------------------------------------------
+    def spawn_spare(self) -> Managed | None:
+        sid = str(uuid.uuid4())
+        # like every run, its own CLAUDE_CODE_TMPDIR, removed with the process
+        tmp = tempfile.mkdtemp(prefix="spare-", dir=self.tmp_root) if self.tmp_root else None
+        env = dict(self.env, **self.flavour)
+        if tmp:
+            os.mkdir(os.path.join(tmp, "cli"), 0o700)
+            env = dict(env, CLAUDE_CODE_TMPDIR=os.path.join(tmp, "cli"))
+        proc = CliProcess(RunSpec(argv=spare_argv(self.cli_path, self.model, sid), env=env, cwd=self.cwd,
+                                  stdin=b"", keep_stdin_open=True, temp_dir=tmp))
+        try:
+            proc.start()
+        except Exception as exc:  # a missing CLI: back off, the workers run cold
+            self._failed(f"spawn failed: {exc}")
+            return None
+        m = Managed(proc, sid, self.model, "spare")
+        m.identity, m.flavour = self.identity, dict(self.flavour)
+        self.spares.append(m)
+        return m
+
+    def probe(self, m: Managed, timeout: float = 60.0) -> bool:
+        """Wait until the spare answers `mcp_status` (nothing is printed before the first input)."""
+        reply = self.control(m, {"subtype": "mcp_status"}, timeout)
+        if m not in self.spares:   # discarded meanwhile (shutdown, CLI changed)
+            return False
+        if reply is None:
+            self._failed(f"a spare did not become ready: {m.proc.stderr_text[-300:] or 'no reply'}")
+            self.discard(m, "probe_failed")
+            return False
+        m.ready = True
+        self.spawn_failures = 0
+        return True
+
+    def _failed(self, problem: str) -> None:
+        self.spawn_failures += 1
+        self.last_problem = problem
+        self._backoff_until = time.monotonic() + min(300.0, 5.0 * 2 ** min(self.spawn_failures, 6))
+        log.warning("pool: %s", problem)
+
+    def wants_spare(self) -> bool:
+        return len(self.spares) < self.limits.spares and time.monotonic() >= self._backoff_until
+
+    def take_spare(self, flavour: dict[str, str]) -> tuple[Managed | None, str]:
+        """A ready spare spawned with this prompt-caching environment; spares follow what was asked last."""
+        self.flavour = dict(flavour)
+        for m in self.spares:
+            if m.ready and m.identity == self.identity and m.flavour == flavour and m.drain():
+                self.spares.remove(m)
+                self.busy.add(m)
+                return m, ""
+        return None, "no spare ready" if self.limits.spares else "spares off"
+
+    @staticmethod
+    def control(m: Managed, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
+        """Send one control request and wait for its answer; None unless it succeeded."""
+        rid = "pool-" + uuid.uuid4().hex[:8]
+        m.proc.send({"type": "control_request", "request_id": rid, "request": request})
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = m.proc.next_event(deadline - time.monotonic())
+            if ev is None or ev is EOF or ev.get("type") == "result":  # a refused `initialize` ends in a result
+                return None
+            if ev.get("type") == "control_response" and (ev.get("response") or {}).get("request_id") == rid:
+                resp = ev["response"]
+                return resp if resp.get("subtype") == "success" else None
+
+    # -- warm processes --------------------------------------------------------------------------
+    def take_warm(self, conv: str, proc_id: str, turns: int, fingerprint: str) -> tuple[Managed | None, str]:
+        m = self.warm.pop(conv, None)
+        if m is None:
+            return None, "not held on this host"
+        why = ""
+        if m.id != proc_id or m.turns != turns:
+            why = "stale (a turn ran elsewhere)"
+        elif m.fingerprint != fingerprint:
+            why = "settings changed"
+        elif not m.drain():
+            why = "exited"
+        elif m.identity != self.identity:
+            why = "cli or login changed"
+        if why:
+            self.discard(m, "stale" if why.startswith("stale") else why.replace(" ", "_"))
+            return None, why
+        self.busy.add(m)
+        return m, ""
+
+    def drop_conversation(self, conv: str, why: str) -> None:
+        """The conversation starts over elsewhere (a fresh session or a cold resume): its old process goes."""
+        m = self.warm.pop(conv, None)
+        if m is not None:
+            self.discard(m, why)
+
+    def adopt(self, proc: CliProcess, session_id: str, model: str) -> Managed:
+        """A cold run started by the pool: it can be kept warm afterwards like any other."""
+        m = Managed(proc, session_id, model, "cold")
+        m.identity, m.ready = self.identity, True
+        self.busy.add(m)
+        return m
+
+    def keep(self, m: Managed, conv: str, fingerprint: str) -> str:
+        """After a clean turn: keep `m` for the conversation's next turn; returns why not, or ""."""
+        self.busy.discard(m)
+        m.turns += 1
+        m.last_used = time.monotonic()
+        why = self._recycle_reason(m)
+        if not why and self.limits.max_warm <= 0:
+            why = "warm_off"
+        if why:
+            self.discard(m, why)
+            return why
+        self.drop_conversation(conv, "replaced")
+        while len(self.warm) >= self.limits.max_warm:
+            lru = min(self.warm, key=lambda c: self.warm[c].last_used)
+            self.discard(self.warm.pop(lru), "lru")
+        m.conv, m.fingerprint = conv, fingerprint
+        self.warm[conv] = m
+        return ""
+
+    def _recycle_reason(self, m: Managed) -> str:
+        lim = self.limits
+        if not m.alive:
+            return "exited"
+        if m.turns >= lim.max_turns:
+            return "max_turns"
+        if time.monotonic() - m.born >= lim.max_age:
+            return "max_age"
+        if lim.max_rss_mb and m.rss_mb() >= lim.max_rss_mb:
+            return "max_rss"
+        if m.identity != self.identity:
+            return "cli_changed"
+        return ""
+
+    def discard(self, m: Managed, why: str) -> None:
+        self.busy.discard(m)
+        if m in self.spares:
+            self.spares.remove(m)
+        if m.conv and self.warm.get(m.conv) is m:
+            del self.warm[m.conv]
+        self.killed[why] += 1
+        m.proc.kill()
+
+    # -- housekeeping ----------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Idle TTL, age, RSS and exits; spares and idle processes of a changed CLI or login."""
+        now = time.monotonic()
+        ident = self.identity_of()
+        if ident != self.identity:
+            log.info("pool: the CLI or its login changed; replacing spares and idle processes")
+            self.identity = ident
+            self._backoff_until = 0.0
+        for m in list(self.spares):
+            if not m.alive:
+                self.discard(m, "exited")
+            elif m.identity != self.identity:
+                self.discard(m, "cli_changed")
+            elif m.flavour != self.flavour:
+                self.discard(m, "prompt_cache_changed")
+            elif now - m.born >= self.limits.max_age:
+                self.discard(m, "max_age")
+        for m in list(self.warm.values()):
+            if now - m.last_used >= self.limits.idle_ttl:
+                self.discard(m, "idle_ttl")
+            else:
+                why = self._recycle_reason(m)
+                if why:
+                    self.discard(m, why)
+
+    def shutdown(self) -> None:
+        for m in list(self.spares) + list(self.warm.values()) + list(self.busy):
+            self.discard(m, "shutdown")
+
+    def stats(self) -> dict[str, Any]:
+        return {"spares": {"target": self.limits.spares, "ready": sum(1 for m in self.spares if m.ready),
+                           "starting": sum(1 for m in self.spares if not m.ready), "prompt_cache_env": self.flavour},
+                "warm": [m.stats() for m in self.warm.values()], "busy": len(self.busy),
+                "max_warm": self.limits.max_warm, "hits": dict(self.hits), "misses": dict(self.misses),
+                "killed": dict(self.killed), "problem": self.last_problem or None, "pid": os.getpid()}
