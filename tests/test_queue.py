@@ -75,7 +75,7 @@ def test_a_busy_key_cannot_keep_another_key_behind_its_whole_queue(relay_factory
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     srv = relay_factory({"RELAY_CONFIG": str(tmp_path / "c.json"), "RELAY_MAX_CONCURRENT_RUNS": "2"})
     with ThreadPoolExecutor(7) as pool:
-        bulk = [pool.submit(ask, srv, f"q3 bulk-{i} MOCK:delay=4", BULK) for i in range(6)]
+        bulk = [pool.submit(ask, srv, f"q3 bulk-{i} MOCK:delay=10", BULK) for i in range(6)]
         assert wait_until(lambda: waiting(srv, OPS) == 4, 60)  # 2 running, 4 waiting
         ops = pool.submit(ask, srv, "q3 ops", OPS)
         assert ops.result().status_code == 200 and [f.result().status_code for f in bulk] == [200] * 6
