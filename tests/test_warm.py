@@ -412,6 +412,7 @@ def test_a_spare_that_refuses_a_control_request_is_killed_and_the_run_goes_cold(
     from relay.cli.invocation import base_argv
 
     cwd = str(Path(pool_server.path).parent / "cli-cwd")
+    Path(cwd).mkdir(exist_ok=True)  # the pool's own folder is under state_dir now
     cold = {"argv": base_argv(cli_bin, "sonnet") + ["--no-session-persistence"], "cwd": cwd, "session_id": ""}
     # the real CLI ends a turn-less session with an error result for a schema that is not an object
     proc = _turn(pool_server, None, "PC1 answered cold", cold=cold, want_override="spare",
