@@ -21,7 +21,7 @@ from ..core.messages import count_body, parse_messages_request
 from ..core.upstream import finish_reason
 from ..errors import RelayError
 from ..exchange import Exchange
-from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, vet
+from .common import SSE_HEADERS, context, current_relay, open_exchange, read_json, record_rejection, refuse_early, vet
 
 bp = Blueprint("messages", __name__)
 count_bp = Blueprint("messages_count", __name__)  # not rate limited: it never reaches the CLI
@@ -35,6 +35,7 @@ def create_message() -> Any:
     t0 = time.monotonic()
     body: Any = None
     try:
+        refuse_early()
         body = read_json()
         req = vet(parse_messages_request(body, relay.catalog))
     except RelayError as exc:
