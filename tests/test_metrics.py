@@ -85,7 +85,7 @@ def known_mix(srv):
 
 @pytest.mark.slow
 def test_metrics_count_a_known_mix_exactly_across_workers_and_a_worker_restart(team):
-    host = requests.get(team.url + "/health").json()["host"]
+    host = requests.get(team.url + "/health", headers=auth(ADMIN)).json()["host"]  # details need an admin key
     account = "default"  # no accounts configured: the host's own login
     ok_root = known_mix(team)
     n = ok_root + 8
