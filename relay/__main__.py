@@ -1,4 +1,7 @@
-"""`python -m relay check` validates the configuration and the CLI before the server starts."""
+"""`python -m relay check` validates the configuration and the CLI before the server starts.
+
+Also: `keys` (API keys), `accounts` (Claude accounts) and `config --markdown` (the configuration
+reference, docs/configuration.md, generated from `relay.config.SCHEMA`)."""
 
 from __future__ import annotations
 
@@ -97,7 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     rev.add_argument("name")
     acc = sub.add_parser("accounts", help="Claude accounts: their shared state, or whether their logins work")
     acc.add_argument("action", choices=["list", "check"])
+    conf = sub.add_parser("config", help="print the configuration reference")
+    conf.add_argument("--markdown", action="store_true", required=True,
+                      help="as Markdown, generated from relay/config.py (this is docs/configuration.md)")
     args = parser.parse_args(argv)
+    if args.cmd == "config":
+        from .config import markdown
+
+        sys.stdout.write(markdown())
+        return 0
     if args.cmd == "check":
         return _check()
     if args.cmd == "accounts":

@@ -31,12 +31,20 @@ class Field:
     check: Callable[[Any], str | None] | None = None
 
 
+def _num(x: float) -> str:
+    return f"{x:g}" if x < 10**6 else f"{int(x):,}"
+
+
 def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+    check: Callable[[Any], str | None] = lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"  # noqa: E731
+    check.__doc__ = f"{_num(lo)} to {_num(hi)}"  # shown by `python -m relay config --markdown`
+    return check
 
 
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else "must be one of " + ", ".join(choices)
+    check: Callable[[Any], str | None] = lambda v: None if v in choices else "must be one of " + ", ".join(choices)  # noqa: E731
+    check.__doc__ = "one of " + ", ".join(f"`{c}`" for c in choices)
+    return check
 
 
 def _check_keys(value: Any) -> str | None:
@@ -122,9 +130,12 @@ def _check_thresholds(value: Any) -> str | None:
 
 
 _POS = _between(0.001, 1e9)
+_POS.__doc__ = "more than 0"
 _NONNEG = _between(0, 1e12)
+_NONNEG.__doc__ = "0 or more"
 
-# One entry per setting: dotted key -> Field. README's configuration table mirrors this.
+# One entry per setting: dotted key -> Field. docs/configuration.md is generated from it
+# (`python -m relay config --markdown`, see markdown() below).
 SCHEMA: dict[str, Field] = {
     "host": Field(str, "127.0.0.1", "Address to bind. Keep 127.0.0.1 behind nginx."),
     "allowed_hosts": Field(list, [], "Host header names answered besides localhost, 127.0.0.1 and [::1] (any port); "
@@ -144,7 +155,9 @@ SCHEMA: dict[str, Field] = {
     "default_model": Field(str, "sonnet", "CLI model for names the relay does not recognise."),
     "extra_models": Field(list, [], "More model ids to list and accept: strings or {id, cli_model}.",
                           _check_models),
-    "system_prompt_mode": Field(str, "replace", "replace | append | embed (see README).",
+    "system_prompt_mode": Field(str, "replace", "How the client's system prompt reaches the CLI: replace (it replaces the CLI's "
+                                "coding-agent prompt), append (added after it) or embed (the CLI's prompt is kept and the "
+                                "client's instructions lead the first user turn); see docs/api.md, Messages.",
                                 _one_of("replace", "append", "embed")),
     "max_concurrent_runs": Field(int, 4, "CLI processes allowed at once on this host.", _between(1, 1000)),
     "queue_timeout_s": Field(float, 60.0, "How long a request waits in the queue for a run slot before 429.",
@@ -179,7 +192,8 @@ SCHEMA: dict[str, Field] = {
                                                        _between(0, 10**9)),
     "rate_limit.max_tokens_per_day": Field(int, 0, "Global tokens per day (0 = no limit).", _between(0, 10**12)),
     "auth.enabled": Field(bool, False, "Require an API key on /v1/*."),
-    "auth.api_keys": Field(list, [], "Keys: strings, or objects {name, key | key_sha256, ...}.", _check_keys),
+    "auth.api_keys": Field(list, [], "Keys: strings (named key-XXXXXXXX: the first 8 hex digits of the digest), or objects {name, key | "
+                          "key_sha256, rpm, tokens_per_day, max_concurrent, models, admin, agent}.", _check_keys),
     "sessions.enabled": Field(bool, True, "Map conversations onto CLI sessions (resume)."),
     "sessions.ttl_hours": Field(float, 24.0, "How long an idle conversation is kept.", _POS),
     "sessions.lock_wait_s": Field(float, 30.0, "How long a second request for a busy conversation waits.",
@@ -212,9 +226,12 @@ SCHEMA: dict[str, Field] = {
     "agent.intermediate": Field(str, "hidden", "Steps before the final answer: hidden, or sent as reasoning.",
                                 _one_of("hidden", "reasoning")),
     "agent.user": Field(str, "", "Run agent CLIs as this user (required for bypassPermissions when the relay is root)."),
-    "prices": Field(dict, {}, "Override USD prices per million tokens, per model family."),
+    "prices": Field(dict, {}, "Override API list prices (USD per million tokens) per model family, e.g. "
+                    "{\"opus\": {\"input\": 5, \"output\": 25, \"cache_write\": 6.25, \"cache_read\": 0.5}}; used only "
+                    "for the estimated_cost_usd figures."),
     "accounts": Field(list, [], "Claude accounts (subscriptions) to route over: {name, config_dir | "
-                      "oauth_token_env, max_concurrent, priority}; empty = the host's own login.", _check_accounts),
+                      "oauth_token_env, max_concurrent, priority} (see docs/operations.md, Several accounts); "
+                      "empty = the host's own login.", _check_accounts),
     "accounts_overage": Field(str, "block", "block: an account drawing on overage (extra usage) is not used until "
                               "its reset; allow: it is used (and alerted).", _one_of("block", "allow")),
     "alerts.webhooks": Field(list, [], "Webhooks for operator alerts: {url, format: json | slack | telegram, "
@@ -222,15 +239,15 @@ SCHEMA: dict[str, Field] = {
     "alerts.thresholds": Field(list, [0.8, 0.95], "Window utilizations that raise an alert (once per window).",
                                _check_thresholds),
     "alerts.max_attempts": Field(int, 10, "Deliveries of one alert tried before it is dropped.", _between(1, 100)),
-    "alerts.retry_base_s": Field(float, 2.0, "First retry delay of a failed alert delivery (doubles each time).",
+    "alerts.retry_base_s": Field(float, 2.0, "First retry delay of a failed alert delivery (doubles each time, at most 10 min).",
                                  _between(0.01, 3600)),
     "metrics.scrape_token": Field(str, "", "A token Prometheus may send (Authorization: Bearer) to read /metrics "
                                   "instead of an admin key; empty = admin keys only."),
     "pool.enabled": Field(bool, True, "Warm CLI processes: one pool server per host keeps spares and "
-                          "conversations' processes alive (see README, Warm processes)."),
-    "pool.spares": Field(int, 1, "Spare CLI processes kept ready for new conversations (each about 90-135 MB).",
+                          "conversations' processes alive (see docs/warm-pool.md)."),
+    "pool.spares": Field(int, 1, "Spare CLI processes kept ready for new conversations (each about 90-135 MB private).",
                          _between(0, 64)),
-    "pool.max_warm": Field(int, 4, "Conversations' processes kept alive between turns (each about 90-135 MB, "
+    "pool.max_warm": Field(int, 4, "Conversations' processes kept alive between turns (each about 90-135 MB private, "
                            "growing with turns); least recently used goes first.", _between(0, 1000)),
     "pool.idle_ttl_s": Field(float, 600.0, "A warm process unused for this long is ended.", _POS),
     "pool.max_turns": Field(int, 100, "Recycle a warm process after this many turns.", _between(1, 10**6)),
@@ -333,7 +350,7 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def legacy_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """Settings from the seed relays' environment variables (README, "Migrating")."""
+    """Settings from the seed relays' environment variables (docs/operations.md, "Migrating")."""
     out: dict[str, Any] = {}
     models = env.get("CLAUDE_PROXY_MODELS", "").strip()
     if models:
@@ -388,3 +405,66 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         extra = [k.strip() for k in env["API_KEYS"].split(",") if k.strip()]
         values["auth.api_keys"] = list(values["auth.api_keys"]) + extra
     return Settings(_validate(values), str(file))
+
+
+# The conventional and seed-relay environment variables besides RELAY_<KEY> (see load_settings and legacy_env).
+ENV_ALIASES: dict[str, str] = {
+    "port": "`PORT`",
+    "redis_url": "`REDIS_URL`",
+    "claude_bin": "`CLAUDE_BIN`",
+    "auth.api_keys": "`API_KEYS=k1,k2` (adds to the list)",
+    "extra_models": "`CLAUDE_PROXY_MODELS=id1,id2` (or a JSON list)",
+    "system_prompt_mode": "`SYSTEM_PROMPT_MODE`",
+    "log_level": "`LOG_LEVEL`; `DEBUG=1` means debug",
+}
+
+
+def env_name(key: str) -> str:
+    """The environment variable that overrides a setting: `RELAY_<KEY>` with `__` for nesting."""
+    return "RELAY_" + key.upper().replace(".", "__")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from SCHEMA."""
+    kinds = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list", dict: "object"}
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from relay/config.py (SCHEMA) by `python -m relay config --markdown`; do not edit by hand."
+        " Regenerate: `.venv/bin/python -m relay config --markdown > docs/configuration.md` -->",
+        "",
+        "Sources, later ones winning: the built-in defaults below, `config.json` (or the file named by "
+        "`RELAY_CONFIG=/path/to/file.json`), then the environment. Any key can be overridden as `RELAY_<KEY>` "
+        "with `__` for nesting (`RELAY_PORT=4000`, `RELAY_RATE_LIMIT__MAX_REQUESTS_PER_MINUTE=5`, "
+        "`RELAY_AUTH__ENABLED=true`; lists and objects as JSON; booleans as `1`/`true`/`yes`/`on` or "
+        "`0`/`false`/`no`/`off`). The conventional `PORT`, `REDIS_URL`, `CLAUDE_BIN` and `API_KEYS=k1,k2` and "
+        "the original relay's `CLAUDE_PROXY_MODELS`, `SYSTEM_PROMPT_MODE`, `LOG_LEVEL` and `DEBUG` work too "
+        "(a `RELAY_<KEY>` variable wins over the original relay's names).",
+        "",
+        "In `config.json`, nested keys are nested objects (`{\"rate_limit\": {\"max_requests_per_minute\": 5}}`) "
+        "or dotted names; keys starting with `_` are comments. A wrong value or an unknown key stops the "
+        "start-up with one line naming it, e.g. `relay: config: port must be an integer, got 'abc'`; "
+        "`python -m relay check` runs the same validation (and probes the CLI) without starting the server. "
+        "`agent.enabled` needs `auth.enabled`.",
+        "",
+        f"{len(SCHEMA)} settings:",
+        "",
+        "| key | type | default | environment | what it does |",
+        "|---|---|---|---|---|",
+    ]
+    for key, field in SCHEMA.items():
+        kind = " or ".join(kinds.get(k, str(k)) for k in field.kind) if isinstance(field.kind, tuple) \
+            else kinds.get(field.kind, str(field.kind))
+        env = f"`{env_name(key)}`" + (f", {ENV_ALIASES[key]}" if key in ENV_ALIASES else "")
+        doc = field.doc
+        allowed = field.check.__doc__ if field.check and field.check.__doc__ else ""
+        if allowed:
+            doc += f" Allowed: {allowed}."
+        default = json.dumps(field.default, ensure_ascii=False)
+        lines.append(f"| `{key}` | {kind} | `{_cell(default)}` | {_cell(env)} | {_cell(doc)} |")
+    lines.append("")
+    return "\n".join(lines)
