@@ -1,6 +1,6 @@
 """What the CLI leaves on disk (issue 10 items 7, 8): no temp files outlive a run, and one config directory
 (with its `.claude.json`) survives concurrent runs, new and resumed (16 at once
-here, to fit CI on 2 cores; 32 at once measured by hand, see the README)."""
+here, to fit CI on 2 cores; 32 at once measured by hand)."""
 
 import json
 import os

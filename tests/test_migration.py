@@ -152,8 +152,8 @@ def test_the_seed_relays_environment_variables_are_aliases(tmp_path):
     # the relay's own names win over the legacy ones
     assert load_settings(cfg, env={"SYSTEM_PROMPT_MODE": "append", "RELAY_SYSTEM_PROMPT_MODE": "embed"})[
         "system_prompt_mode"] == "embed"
-    readme = (ROOT / "README.md").read_text()
-    migration = readme[readme.index("## Migrating"):]
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    migration = ops[ops.index("## Migrating"):]
     for name in ("CLAUDE_PROXY_MODELS", "SYSTEM_PROMPT_MODE", "LOG_LEVEL", "DEBUG", "API_KEYS", "cache.ttl",
                  "response_cache.ttl"):
         assert name in migration, name

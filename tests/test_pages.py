@@ -1,6 +1,6 @@
 """The dashboard and the self-service page, driven in Debian's headless Chromium (selenium + chromedriver).
 
-Set RELAY_UPDATE_SCREENSHOTS=1 to write the screenshots into docs/ for the README.
+Set RELAY_UPDATE_SCREENSHOTS=1 to write the screenshots into docs/ (shown by docs/operations.md and the README).
 """
 
 import json
