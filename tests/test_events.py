@@ -13,8 +13,8 @@ import pytest
 
 from relay.cli.invocation import base_argv
 from relay.cli.process import child_env
-from relay.core.completion import ChunkMaker, openai_usage
 from relay.core.events import Turn
+from relay.core.formats.openai_chat import ChunkMaker, openai_usage
 from relay.core.upstream import classify, finish_reason, reset_seconds
 from relay.errors import NotFound, RateLimited, Unavailable, UpstreamError
 

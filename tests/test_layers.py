@@ -18,9 +18,9 @@ ALLOWED = {
     "cli": {"core", "cli"},
     "state": {"core", "state"},
     "runtime": {"core", "cli", "state"},
-    "exchange": {"core", "cli", "state", "runtime"},
-    "api": {"core", "cli", "state", "runtime", "exchange", "api"},
-    "app": {"core", "cli", "state", "runtime", "exchange", "api"},
+    "pipeline": {"core", "cli", "state", "runtime", "pipeline"},
+    "api": {"core", "cli", "state", "runtime", "pipeline", "api"},
+    "app": {"core", "cli", "state", "runtime", "pipeline", "api"},
     "__init__": {"app"},
     "__main__": {"core", "cli", "state"},
 }
@@ -82,7 +82,7 @@ def violations(mods: dict[str, str]) -> list[str]:
         mine = layer(name)
         for d in inner:
             theirs = layer(d)
-            if theirs in OPEN or theirs == mine and mine not in ("app", "runtime", "exchange"):
+            if theirs in OPEN or theirs == mine and mine not in ("app", "runtime"):
                 continue
             if theirs not in ALLOWED.get(mine, set()):
                 bad.append(f"{name} -> {d} ({mine} may not import {theirs})")
@@ -134,6 +134,17 @@ def test_the_check_catches_a_wrong_arrow_a_lazy_circle_and_io_in_the_core():
     io = dict(mods)
     io["relay.core.sse"] += "\nimport subprocess\n"
     assert any("relay.core.sse imports I/O" in v for v in violations(io))
+    upward = dict(mods)  # the pipeline sits below the routes
+    upward["relay.pipeline.finish"] += "\n\ndef g():\n    from ..api.common import current_relay\n"
+    assert any("pipeline may not import api" in v for v in violations(upward))
+    into = dict(mods)  # and above runtime: nothing below may reach into it
+    into["relay.runtime"] += "\nfrom .pipeline.admission import Flight\n"
+    assert any("runtime may not import pipeline" in v for v in violations(into))
+    formats = dict(mods)  # the client formats are pure core: no pipeline, no Flask
+    formats["relay.core.formats.openai_chat"] += "\nfrom ...pipeline import Exchange\nimport flask\n"
+    found = violations(formats)
+    assert any("core may not import pipeline" in v for v in found)
+    assert any("relay.core.formats.openai_chat imports I/O" in v for v in found)
     routes = dict(mods)
     routes["relay.api.meta"] += "\nimport redis\n"
     assert any("relay.api.meta reaches past the stores" in v for v in violations(routes))

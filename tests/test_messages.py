@@ -480,21 +480,25 @@ def test_translation_of_blocks_roles_and_options():
 
 
 def test_stream_fills_in_whole_tool_input_and_maps_stop_reasons():
-    from relay.core.events import Delta
-    from relay.core.message_events import MessageStream, stop_reason
+    from relay.core.events import Delta, Turn
+    from relay.core.formats.anthropic_messages import MessageStream, stop_reason
 
-    s = MessageStream("msg_1", "m", lambda call_id: '{"city":"Oslo"}' if call_id == "t1" else "{}")
+    # a tool call that arrived whole (the CLI's non-streaming fallback): the turn hands its input on as one delta
+    turn = Turn()
+    whole = turn.feed({"type": "assistant", "uuid": "u1", "message": {"id": "m1", "model": "m", "content": [
+        {"type": "tool_use", "id": "t1", "name": "mcp__client__w", "input": {"city": "Oslo"}}]}})
+    assert [d.kind for d in whole] == ["tool_start", "tool_args"] and turn.tool_calls[0].arguments == '{"city": "Oslo"}'
+    s = MessageStream("msg_1", "m")
     usage = {"input_tokens": 1, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "output_tokens": 4}
     events = s.start(dict(usage, service_tier="standard")) + s.delta(Delta("reasoning", "hm")) + \
-        s.delta(Delta("text", "hi")) + s.delta(Delta("tool_start", index=0, call_id="t1", name="w")) + \
-        s.finish("tool_calls", usage)
+        s.delta(Delta("text", "hi")) + [e for d in whole for e in s.delta(d)] + s.finish("tool_calls", usage)
     kinds = [(k, d.get("delta", {}).get("type") or d.get("delta", {}).get("stop_reason")) for k, d in events]
     assert kinds == [("message_start", None), ("content_block_start", None), ("content_block_delta", "thinking_delta"),
                      ("content_block_delta", "signature_delta"), ("content_block_stop", None),
                      ("content_block_start", None), ("content_block_delta", "text_delta"), ("content_block_stop", None),
                      ("content_block_start", None), ("content_block_delta", "input_json_delta"),
                      ("content_block_stop", None), ("message_delta", "tool_use"), ("message_stop", None)]
-    assert events[9][1]["delta"]["partial_json"] == '{"city":"Oslo"}' and events[9][1]["index"] == 2
+    assert events[9][1]["delta"]["partial_json"] == '{"city": "Oslo"}' and events[9][1]["index"] == 2
     assert events[0][1]["message"]["usage"]["output_tokens"] == 1
     assert [stop_reason(f) for f in ("stop", "length", "tool_calls", "content_filter")] == \
         ["end_turn", "max_tokens", "tool_use", "refusal"]

@@ -15,7 +15,7 @@ from ..core.images import check_limits
 from ..core.record import RequestRecord
 from ..core.request import ChatRequest
 from ..errors import BadRequest, Forbidden, RelayError, RequestTimeout
-from ..exchange import Context, Exchange
+from ..pipeline import Context
 from ..runtime import Relay
 
 
@@ -132,15 +132,3 @@ def vet(req: ChatRequest) -> ChatRequest:
         raise Forbidden(f"The API key {key.name!r} may not use the model {req.model!r}.", param="model",
                         code="model_not_allowed")
     return req
-
-
-def open_exchange(relay: Relay, req: ChatRequest, ctx: Context) -> Exchange:
-    ex = Exchange(relay, req, ctx)
-    try:
-        ex.open()
-    finally:
-        g.token_budget = ex.token_budget  # for the rate-limit headers, refusals included
-    g.relay_account = ex.account          # the x-relay-account header: which subscription answers
-    return ex
-
-

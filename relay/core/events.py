@@ -182,8 +182,12 @@ class Turn:
             elif btype == "tool_use" and str(block.get("name", "")).startswith(TOOL_PREFIX):
                 self.tool_msg_uuid = ev.get("uuid") or self.tool_msg_uuid
                 out += self._tool_start(str(block.get("id")), str(block["name"]), -1)
-                call = self.tool_calls[self._tool_index[str(block.get("id"))]]
+                idx = self._tool_index[str(block.get("id"))]
+                call = self.tool_calls[idx]
                 call.input = block.get("input") or {}
+                if not call.arguments:  # not streamed (the CLI's non-streaming fallback): the whole input at once
+                    call.arguments = json.dumps(call.input, ensure_ascii=False)
+                    out.append(Delta("tool_args", call.arguments, index=idx))
             elif btype == "tool_use":  # the CLI's own tool (agent mode): the message is an intermediate step
                 self.msg_stops.setdefault(msg_id, "tool_use")
                 args = json.dumps(block.get("input") or {}, ensure_ascii=False)

@@ -2,7 +2,7 @@
 
 A Messages body becomes the relay's internal chat body, so validation, images, client tools (MCP),
 sessions and JSON output are shared with chat completions. The answer side (the `message` object and
-the stream events) is in `message_events.py`.
+the stream events) is in `formats/anthropic_messages.py`.
 """
 
 from __future__ import annotations

@@ -1,27 +1,26 @@
-"""Anthropic Messages answers built from the relay's turn: the `message` object and the stream events. Pure.
+"""The Anthropic Messages API (`POST /v1/messages`): the `message` object and its stream events. Pure.
 
-`MessageStream` turns the exchange's deltas into Anthropic's exact event sequence; `usage_of` gives the
-CLI's usage as Anthropic reports it (input without the cache reads and writes, which have their own fields).
+`usage_of` gives the CLI's usage as Anthropic reports it: input without the cache reads and writes,
+which have their own fields.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import Callable
 from typing import Any
 
-from .events import Delta
+from ...errors import RelayError
+from .. import sse
+from ..events import Delta
+from ..messages import parse_messages_request
+from ..models import ModelCatalog
+from .base import Parsed, StreamHead, TurnView, new_id
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
 
 
-def new_id(prefix: str = "msg_") -> str:
-    return prefix + secrets.token_hex(12)
-
-
-def usage_of(raw: dict[str, int] | None, estimate: int = 0) -> dict[str, Any]:
+def usage_of(raw: dict[str, Any] | None, estimate: int = 0) -> dict[str, Any]:
     """The CLI's usage as Anthropic reports it: input excludes the cache reads and writes."""
     u = raw or {"input_tokens": estimate}
     return {"input_tokens": int(u.get("input_tokens", 0)),
@@ -34,28 +33,26 @@ def stop_reason(finish: str) -> str:
     return STOP_REASONS.get(finish, "end_turn")
 
 
-def message_object(msg_id: str, model: str, chat_message: dict[str, Any], finish: str,
-                   usage: dict[str, Any]) -> dict[str, Any]:
-    """A finished chat message as an Anthropic `message`: thinking, text, then tool_use blocks."""
-    content: list[dict[str, Any]] = []
-    if chat_message.get("reasoning_content"):
-        content.append({"type": "thinking", "thinking": chat_message["reasoning_content"], "signature": ""})
-    text = chat_message.get("content") or chat_message.get("refusal")
-    if text:
-        content.append({"type": "text", "text": text})
-    for call in chat_message.get("tool_calls") or []:
-        content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-                        "input": _arguments(call["function"]["arguments"])})
-    return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason(finish), "stop_sequence": None, "usage": usage}
-
-
 def _arguments(raw: str) -> Any:
     try:
         value = json.loads(raw or "{}")
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def message_object(view: TurnView, msg_id: str) -> dict[str, Any]:
+    """A finished turn as an Anthropic `message`: thinking, text, then tool_use blocks."""
+    content: list[dict[str, Any]] = []
+    if view.reasoning:
+        content.append({"type": "thinking", "thinking": view.reasoning, "signature": ""})
+    text = view.content or (view.refusal if view.finish == "content_filter" else "")
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in view.tool_calls:
+        content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": _arguments(call.arguments)})
+    return {"id": msg_id, "type": "message", "role": "assistant", "model": view.model, "content": content,
+            "stop_reason": stop_reason(view.finish), "stop_sequence": None, "usage": usage_of(view.usage)}
 
 
 Event = tuple[str, dict[str, Any]]
@@ -65,11 +62,11 @@ class MessageStream:
     """Deltas as Anthropic stream events: message_start, then content blocks opened, filled and
     stopped in order (text, thinking, tool_use with input_json_delta), message_delta and message_stop.
 
-    `final_arguments(call_id)` gives a tool call's whole input for calls that arrived without
-    argument deltas (the CLI's non-streaming fallback)."""
+    A tool call's whole input arrives as one argument delta when the CLI did not stream it (`Turn`
+    sees to that); a call with no input at all gets `{}`."""
 
-    def __init__(self, msg_id: str, model: str, final_arguments: Callable[[str], str]) -> None:
-        self.msg_id, self.model, self.final_arguments = msg_id, model, final_arguments
+    def __init__(self, msg_id: str, model: str) -> None:
+        self.msg_id, self.model = msg_id, model
         self.index = -1
         self.open: dict[str, Any] | None = None   # {"type", "call_id", "args"} of the block being streamed
         self.calls: dict[int, int] = {}           # tool call index -> content block index
@@ -85,8 +82,7 @@ class MessageStream:
             return []
         out: list[Event] = []
         if block["type"] == "tool_use" and not block["args"]:
-            whole = self.final_arguments(block["call_id"]) or "{}"
-            out.append(self._delta({"type": "input_json_delta", "partial_json": whole}))
+            out.append(self._delta({"type": "input_json_delta", "partial_json": "{}"}))
         if block["type"] == "thinking":
             out.append(self._delta({"type": "signature_delta", "signature": ""}))
         out.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
@@ -136,3 +132,53 @@ class MessageStream:
 
 
 PING: Event = ("ping", {"type": "ping"})
+
+
+class MessagesStream:
+    """message_start (with the upstream's input and cache usage), content blocks, pings while the
+    model is silent, message_delta (stop reason, the turn's whole usage), message_stop. A failure
+    after the start is an `error` event, and the stream ends without message_stop."""
+
+    def __init__(self, head: StreamHead, parsed: Parsed) -> None:
+        self.events = MessageStream(parsed.id, head.model)
+        self.start_usage = usage_of(head.start_usage)
+        self.final: dict[str, Any] | None = None
+
+    @staticmethod
+    def _frames(events: list[Event]) -> bytes:
+        return b"".join(sse.event(kind, data) for kind, data in events)
+
+    def start(self) -> bytes:
+        return self._frames(self.events.start(self.start_usage))
+
+    def delta(self, d: Delta) -> bytes:
+        return self._frames(self.events.delta(d))
+
+    def keepalive(self) -> bytes:
+        return sse.event(*PING)
+
+    def finish(self, view: TurnView) -> bytes:
+        return self._frames(self.events.finish(view.finish, usage_of(view.usage)))
+
+    def error(self, err: RelayError) -> bytes:
+        return sse.event("error", err.anthropic_body())
+
+
+class MessagesFormat:
+    endpoint = "/v1/messages"
+    cacheable = False  # agents act on each answer: see ChatFormat.cacheable
+
+    def parse(self, body: Any, catalog: ModelCatalog, prior: list[dict[str, Any]] | None = None) -> Parsed:
+        return Parsed(parse_messages_request(body, catalog), body, new_id("msg_"))
+
+    def complete(self, view: TurnView, parsed: Parsed) -> dict[str, Any]:
+        return message_object(view, parsed.id)
+
+    def stream(self, head: StreamHead, parsed: Parsed) -> MessagesStream:
+        return MessagesStream(head, parsed)
+
+    def from_cache(self, hit: dict[str, Any], parsed: Parsed, created: int) -> dict[str, Any]:
+        return dict(hit, id=parsed.id)
+
+
+FORMAT = MessagesFormat()

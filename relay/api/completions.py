@@ -1,0 +1,131 @@
+"""The one handler every completion API is served by: the front, the cache rule, the exchange, the
+stream wrapper, the budget headers. A route is a blueprint and one `serve(FORMAT)` call.
+
+The front refuses what needs no body, reads the JSON, parses it with the client's `Format`, vets it,
+and records a refusal once. Streams set their headers before the first byte and close the exchange
+(committing the conversation) before their last event, on every API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Response, g, jsonify, request, stream_with_context
+
+from ..core.formats.base import Format, Parsed, TurnView
+from ..core.record import RequestRecord
+from ..errors import RelayError
+from ..pipeline import Exchange
+from ..state.cache import cache_key
+from .common import SSE_HEADERS, context, current_relay, key_id, read_json, record_rejection, refuse_early, vet
+
+log = logging.getLogger("relay.http")
+
+
+@dataclass
+class RouteIO:
+    """What a route adds around the shared path (the Responses API's store); both optional."""
+    # body -> (the earlier messages it continues, the conversation they belong to)
+    prior: Callable[[Any], tuple[list[dict[str, Any]] | None, str | None]] | None = None
+    # called with the finished answer before its last event reaches the client; may amend the answer
+    keep: Callable[[Parsed, Exchange, TurnView, dict[str, Any]], None] | None = None
+
+
+NO_IO = RouteIO()
+
+
+def _front(fmt: Format, io: RouteIO, t0: float) -> Parsed:
+    body: Any = None
+    try:
+        refuse_early()
+        body = read_json()
+        prior, conv = io.prior(body) if io.prior else (None, None)
+        parsed = fmt.parse(body, current_relay().catalog, prior)
+        parsed.conversation = conv
+        vet(parsed.req)
+        return parsed
+    except RelayError as exc:
+        record_rejection(exc, t0, body)
+        raise
+
+
+def serve(fmt: Format, io: RouteIO = NO_IO) -> Any:
+    relay, t0 = current_relay(), time.monotonic()
+    parsed = _front(fmt, io, t0)
+    req = parsed.req
+    log.info("%s: %s model=%s stream=%s tools=%d beta=%s", g.request_id, fmt.endpoint, req.model, req.stream,
+             len(req.tools.tools), request.headers.get("anthropic-beta", "-"))
+    ctx = context(fmt.endpoint)
+    if parsed.conversation is not None and ctx.session_header is None:
+        ctx.conversation = parsed.conversation  # previous_response_id names the conversation
+    cache = relay.response_cache
+    cache_id = cache_key(req, ctx.scope) if fmt.cacheable and cache.ttl and \
+        cache.applies(req, req.prompt_estimate, ctx.agent) else None
+    if cache_id:
+        hit = cache.get(cache_id)
+        if hit is not None:
+            return _from_cache(fmt, parsed, hit, t0)
+    ex = _open(Exchange(relay, req, ctx, parsed.id))
+    if req.stream:
+        if ex.token_budget is not None:  # headers go out now: the budget minus this prompt's estimate
+            g.token_budget = dict(ex.token_budget, remaining=max(0, ex.token_budget["remaining"] - ex.estimate))
+        # the request's context stays with the stream: a route's `keep` may read the caller and the relay
+        return Response(stream_with_context(_stream(fmt, parsed, ex, io)), mimetype="text/event-stream", headers=SSE_HEADERS)
+    view = ex.complete()
+    answer = fmt.complete(view, parsed)
+    if io.keep:
+        io.keep(parsed, ex, view, answer)
+    if cache_id:
+        cache.put(cache_id, answer)
+    if ex.token_budget is not None:
+        g.token_budget = relay.quotas.state(getattr(g, "api_key", None))  # after charging actual usage
+    return jsonify(answer)
+
+
+def _open(ex: Exchange) -> Exchange:
+    try:
+        ex.open()
+    finally:
+        g.token_budget = ex.token_budget  # for the rate-limit headers, refusals included
+    g.relay_account = ex.account          # the x-relay-account header: which subscription answers
+    return ex
+
+
+def _stream(fmt: Format, parsed: Parsed, ex: Exchange, io: RouteIO) -> Iterator[bytes]:
+    events = fmt.stream(ex.head(), parsed)
+    try:
+        yield events.start()
+        for d in ex.deltas():
+            frame = events.keepalive() if d is None else events.delta(d)
+            if frame:
+                yield frame
+        view = ex.view()
+        last = events.finish(view)
+        ex.close(None)  # before the last events: the client's next request finds the conversation committed
+        if io.keep and events.final is not None:
+            io.keep(parsed, ex, view, events.final)
+        yield last
+    except RelayError as exc:
+        ex.close(exc)
+        yield events.error(exc)
+    except BaseException as exc:  # GeneratorExit when the client goes away
+        ex.close(exc)
+        raise
+
+
+def _from_cache(fmt: Format, parsed: Parsed, hit: dict[str, Any], t0: float) -> Any:
+    """An identical request answered within response_cache.ttl: same answer, new id, nothing spent upstream."""
+    body = fmt.from_cache(hit, parsed, int(time.time()))
+    saved = int((hit.get("usage") or {}).get("total_tokens") or 0)
+    current_relay().record(RequestRecord(
+        id=parsed.id, request_id=g.request_id, key=getattr(g, "key_name", ""), key_id=key_id(),
+        model=str(hit.get("model")), requested_model=parsed.req.model, status=200,
+        response_time_ms=int((time.monotonic() - t0) * 1000), response_cache_hit=True, tokens_saved=saved,
+        endpoint=fmt.endpoint))
+    resp = jsonify(body)
+    resp.headers["x-relay-cache"] = "hit"
+    return resp

@@ -1,0 +1,87 @@
+"""One request from admission to record, shared by every client API.
+
+    HTTP route (api/completions.py, through a core/formats Format)
+      │
+      ▼  Exchange.open()
+    admission ─ CLI usable · token quota · conversation lock → plan · key slot · host queue · account slot
+      │
+    runner ──── describe → spec → a process (pool: spare / warm / cold, or spawned here)
+      │          · fail over to another account · replay a vanished session   (until the API accepts)
+      ▼  Exchange.deltas() / Exchange.complete()
+    answer ──── the deltas a stream shows · one TurnView of the finished turn for every format
+      │
+      ▼  Exchange.close(exc)  (exactly once, before a stream's last event)
+    finish ──── status · keep warm · commit the conversation · release leases · record · alerts
+
+Anything that fails in `open()` is an ordinary HTTP error: nothing has reached the client yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..core.events import Delta
+from ..core.formats.base import StreamHead, TurnView
+from ..core.request import ChatRequest
+from ..runtime import Relay
+from . import answer, finish, runner
+from .admission import Context, Flight
+
+__all__ = ["Context", "Exchange"]
+
+
+class Exchange:
+    """The façade the HTTP layer drives: open, then deltas or complete, then close."""
+
+    def __init__(self, relay: Relay, req: ChatRequest, ctx: Context, cid: str) -> None:
+        self.flight = Flight(relay, req, ctx, cid)
+
+    @property
+    def token_budget(self) -> dict[str, Any] | None:
+        return self.flight.token_budget
+
+    @property
+    def estimate(self) -> int:
+        return self.flight.estimate
+
+    @property
+    def account(self) -> str | None:
+        return self.flight.account
+
+    @property
+    def conv(self) -> str:
+        return self.flight.conv
+
+    @property
+    def created(self) -> int:
+        return self.flight.created
+
+    def open(self) -> None:
+        try:
+            runner.open_run(self.flight)
+        except BaseException as exc:
+            self.close(exc)
+            raise
+
+    def head(self) -> StreamHead:
+        return answer.head(self.flight)
+
+    def deltas(self) -> Iterator[Delta | None]:
+        return answer.deltas(self.flight)
+
+    def view(self) -> TurnView:
+        return answer.view(self.flight)
+
+    def complete(self) -> TurnView:
+        """The whole turn (the exchange is closed when this returns or raises)."""
+        try:
+            view = answer.complete(self.flight)
+        except BaseException as exc:
+            self.close(exc)
+            raise
+        self.close(None)
+        return view
+
+    def close(self, exc: BaseException | None) -> None:
+        finish.close(self.flight, exc)

@@ -1,0 +1,116 @@
+"""The finish stage, run exactly once: the status, keep the process warm, commit the conversation
+(before a stream's last event, so the client's next request finds it), release, record, alert.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from ..core.formats.base import stored_answer
+from ..core.record import RequestRecord
+from ..core.request import text_of
+from ..errors import RelayError, Timeout
+from .admission import Flight
+from .answer import model, raw_usage, view
+from .runner import end_run
+
+log = logging.getLogger("relay.pipeline")
+
+
+def close(f: Flight, exc: BaseException | None) -> None:
+    if f.closed:
+        return
+    f.closed = True
+    if f.watcher:
+        f.watcher.stop()
+    cancelled = bool(f.run and f.run.cancelled) or isinstance(exc, GeneratorExit) or \
+        (f.watcher is not None and f.watcher.gone)
+    ok = exc is None
+    f.status = exc.status if isinstance(exc, RelayError) else 500 if exc is not None else 200
+    if cancelled and not ok:
+        f.status = 499
+    warm = None
+    if f.run:
+        if not ok and not f.run.turn.done:
+            f.run.cancel()
+        warm = _keep_warm(f, ok and not cancelled)
+        end_run(f)
+    try:
+        _update_conversation(f, ok, warm)
+    except Exception as e:  # never lose the stats record over a session update
+        log.error("%s: session update failed: %s", f.ctx.request_id, e)
+    finally:
+        _release(f)
+        if isinstance(exc, Timeout):
+            f.relay.alerts.emit("run_timeout", f.account, f"A run on account {f.account} timed out "
+                                f"({exc.code}): {exc.message}", f"timeout:{f.cid}",
+                                details={"request_id": f.ctx.request_id, "code": exc.code})
+        f.relay.record(record_of(f, exc))
+
+
+def _update_conversation(f: Flight, ok: bool, warm: str | None) -> None:
+    relay, plan, run = f.relay, f.plan, f.run
+    if not (plan and plan.conv_key and run):
+        return
+    if ok:
+        relay.sessions.commit(plan, stored_answer(view(f)), relay.host, resume_at=run.turn.tool_msg_uuid, warm=warm)
+        if f.account:
+            relay.accounts.hold(f.account, plan.conv_key, f.moved_from)
+    else:
+        relay.sessions.forget(plan)
+        relay.accounts.release(plan.account, plan.conv_key)
+
+
+def _release(f: Flight) -> None:
+    if f.member:
+        try:
+            f.relay.slots.forget(f.member)
+        except Exception as e:  # it vanishes with the slot's lease anyway
+            log.warning("%s: could not forget the run: %s", f.ctx.request_id, e)
+    f.heartbeat.release()
+
+
+def _keep_warm(f: Flight, ok: bool) -> str | None:
+    """After a clean turn on a pool process: keep it for the conversation's next turn, and return
+    the marker the conversation's record carries. Anything else (an error, a cancel, the client's
+    tool calls) leaves it to be killed when the run ends."""
+    assert f.run
+    turn, keep = f.run.turn, getattr(f.run.proc, "keep", None)
+    if not (ok and keep and turn.done and f.plan and f.plan.conv_key) or turn.tool_calls \
+            or turn.interrupted_for_tools or turn.result.get("is_error"):
+        return None
+    try:
+        held = keep()
+    except Exception as exc:  # the pool is an optimisation: never fail the answer over it
+        log.warning("%s: could not keep the warm process: %s", f.ctx.request_id, exc)
+        return None
+    return f"{f.relay.host}|{held[0]}|{held[1]}" if held else None
+
+
+def _reminder(part: dict[str, Any]) -> bool:
+    """Claude Code's `<system-reminder>` blocks: not what a person reading the stats wants to see."""
+    return part.get("type") == "text" and str(part.get("text", "")).lstrip().startswith("<system-reminder>")
+
+
+def record_of(f: Flight, exc: BaseException | None) -> RequestRecord:
+    usage: dict[str, Any] = {}
+    estimated = False
+    if f.run:
+        usage, estimated = raw_usage(f)
+    first_user = next((text_of([p for p in m["content"] if not _reminder(p)]) for m in f.req.messages
+                       if m["role"] == "user"), "")
+    return RequestRecord(
+        id=f.cid, request_id=f.ctx.request_id, key=f.ctx.key_name,
+        key_id=f.ctx.api_key.id if f.ctx.api_key else "", model=model(f),
+        requested_model=f.req.model, stream=f.req.stream, status=f.status,
+        error=(getattr(exc, "code", None) or type(exc).__name__) if exc is not None else None,
+        input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
+        cache_read_tokens=usage.get("cache_read_input_tokens", 0),
+        cache_creation_tokens=usage.get("cache_creation_input_tokens", 0), estimated=estimated,
+        response_time_ms=int((time.monotonic() - f.t0) * 1000),
+        ttft_ms=f.run.ttft_ms if f.run else None, first_message=first_user[:200],
+        resumed=bool(f.plan and f.plan.resume), bytes_to_cli=f.bytes_to_cli, worker=os.getpid(),
+        endpoint=f.ctx.endpoint, account=f.account or "", pool=f.pool_use)

@@ -1,0 +1,114 @@
+"""The run stage: describe the CLI run, get a process (the host's pool, or spawned here), fail over
+to another account and retry a vanished session, all before the first byte reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..cli.agent import conversation_dirs
+from ..cli.invocation import build_spec
+from ..cli.run import DisconnectWatcher, Limits, Run
+from ..core.conversation import Plan
+from ..core.run_description import describe, prompt_cache
+from ..core.upstream import SessionMissing, classify, is_account_error
+from ..errors import RelayError
+from .admission import Flight, admit, drop_account, fresh_plan, take_account
+
+log = logging.getLogger("relay.pipeline")
+
+
+def open_run(f: Flight) -> None:
+    """Admit the request and start its run; returns once the upstream API accepted it."""
+    if f.ctx.client_socket is not None:  # watched from the start: a client may give up while queued
+        f.watcher = DisconnectWatcher(f.ctx.client_socket, f.client_gone).start()
+    plan = admit(f)
+    tried: list[str] = []
+    while True:  # accounts: fail over before the first byte reaches the client
+        plan = take_account(f, plan, tried)
+        try:
+            _start_on_account(f, plan)
+            return
+        except RelayError as err:
+            if not is_account_error(err):
+                raise
+            log.warning("%s: account %s cannot answer (%s); trying another account", f.ctx.request_id,
+                        f.account, err.code)
+            end_run(f)
+            f.run = None  # nothing was answered: the conversation keeps its record for the next turn
+            drop_account(f)
+            tried.append(str(plan.account))
+            if f.relay.sessions.enabled and plan.conv_key:  # the next account starts from the full history
+                plan = fresh_plan(f, plan, tried[-1])
+
+
+def _start_on_account(f: Flight, plan: Plan) -> None:
+    for attempt in (0, 1):
+        f.plan = plan
+        _spawn(f, plan)
+        try:
+            _prime(f)
+            return
+        except SessionMissing:
+            if attempt or not plan.resume:
+                raise
+            log.info("session %s vanished from the CLI; replaying the full history", plan.cli_session)
+            end_run(f)
+            plan = fresh_plan(f, plan, plan.account)
+
+
+def _spawn(f: Flight, plan: Plan) -> None:
+    cfg, relay, agent = f.cfg, f.relay, f.ctx.agent
+    cache = prompt_cache(cfg["cache.ttl"], cfg["cache.min_tokens"], f.req.prompt_estimate, cfg["system_prompt_mode"])
+    desc = describe(f.req, plan, cfg["system_prompt_mode"], agent, cache)
+    # keys never share agent folders: the conversation id is scoped to the caller's key
+    cwd, state = conversation_dirs(agent, f"{f.ctx.scope}\x00{f.conv}") if agent else (relay.cli_cwd, None)
+    env = relay.account_envs.get(f.account or "", relay.cli_env)  # the chosen account's login
+    spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
+    limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
+    proc, why = relay.pooled(desc, plan, spec, f.account)
+    if proc is not None:
+        f.pool_use = proc.how + (f": {proc.reason}" if proc.reason else "")
+        if proc.how == "spare":  # a spare's session id was fixed at its spawn
+            plan.cli_session = proc.session_id
+    elif relay.pool.enabled:
+        f.pool_use = f"local: {why}"
+    f.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc)
+    relay.active[f.cid] = f.run
+    f.run.start()
+
+
+def _prime(f: Flight) -> None:
+    """Read until the API accepted the request; errors before that become HTTP errors."""
+    assert f.run
+    for deltas in f.run.pump(until_committed=True):
+        if deltas:
+            f.buffer += deltas
+    if f.run.turn.done:
+        err = classify_turn(f)
+        if err:
+            raise err
+
+
+def classify_turn(f: Flight) -> RelayError | None:
+    """The turn's error, if any; either way the account's meter learns what the CLI reported."""
+    assert f.run
+    turn = f.run.turn
+    err = classify(turn, time.time(), f.cfg["upstream_retry_after_s"])
+    if f.account and (err is not None or turn.done):
+        try:
+            if err is not None:
+                f.relay.accounts.note_error(f.account, err, turn.rate_limit)
+            else:
+                f.relay.accounts.note_turn(f.account, turn.rate_limit, ok=True)
+        except Exception as exc:  # Redis trouble must not hide the real error
+            log.warning("could not record the account's state: %s", exc)
+    return err
+
+
+def end_run(f: Flight) -> None:
+    if f.run:
+        f.bytes_to_cli += f.run.proc.bytes_written
+        f.run.finish()
+        f.relay.active.pop(f.cid, None)
