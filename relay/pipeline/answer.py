@@ -9,10 +9,9 @@ from typing import Any
 
 from ..core.agent import smart_deltas
 from ..core.events import Delta
-from ..core.formats.base import StreamHead, TurnView
+from ..core.formats.base import StreamHead, TurnView, turn_view
 from ..core.models import display_model
 from ..core.tokens import count_text
-from ..core.upstream import finish_reason
 from ..errors import UpstreamError
 from .admission import Flight
 from .runner import classify_turn
@@ -58,12 +57,9 @@ def head(f: Flight) -> StreamHead:
 def view(f: Flight) -> TurnView:
     """The finished turn, as every format reads it."""
     assert f.run
-    turn = f.run.turn
     usage, estimated = raw_usage(f)
-    shown_reasoning = "\n\n".join(turn.reasoning) if expose(f) and turn.reasoning else None
-    return TurnView(id=f.cid, created=f.created, model=model(f), content=content(f), finish=finish_reason(turn),
-                    tool_calls=list(turn.tool_calls), reasoning=shown_reasoning,
-                    refusal=str(turn.result.get("result") or ""), usage=usage, estimated=estimated)
+    return turn_view(f.run.turn, id=f.cid, created=f.created, model=model(f), content=content(f),
+                     expose_reasoning=expose(f), usage=usage, estimated=estimated)
 
 
 def complete(f: Flight) -> TurnView:

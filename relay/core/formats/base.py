@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ...errors import RelayError
-from ..events import Delta, ToolCall
+from ..events import Delta, ToolCall, Turn
 from ..models import ModelCatalog
 from ..request import ChatRequest
+from ..upstream import finish_reason
 
 
 def new_id(prefix: str = "chatcmpl-") -> str:
@@ -45,6 +46,15 @@ class TurnView:
     refusal: str = ""                     # the refusal's text when finish is content_filter
     usage: dict[str, int] = field(default_factory=dict)   # Claude's terms, from the CLI's own events
     estimated: bool = False               # usage counted with tiktoken because the CLI reported none
+
+
+def turn_view(turn: Turn, *, id: str, created: int, model: str, content: str | None, expose_reasoning: bool,
+              usage: dict[str, int], estimated: bool) -> TurnView:
+    """A finished turn as every format reads it (the pipeline decides the content and the usage)."""
+    return TurnView(id=id, created=created, model=model, content=content, finish=finish_reason(turn),
+                    tool_calls=list(turn.tool_calls),
+                    reasoning="\n\n".join(turn.reasoning) if expose_reasoning and turn.reasoning else None,
+                    refusal=str(turn.result.get("result") or ""), usage=usage, estimated=estimated)
 
 
 @dataclass

@@ -180,7 +180,10 @@ class ResponsesStream:
         return out
 
     def error(self, err: RelayError) -> bytes:
-        return self._frames(self.events.fail(err.body()["error"]))
+        # `response.error.code` is a closed set in the API (and the SDKs' types): the relay's own code
+        # goes in the message
+        code = "rate_limit_exceeded" if err.status == 429 else "server_error"
+        return self._frames(self.events.fail({"code": code, "message": f"{err.message} ({err.code})"}))
 
 
 class ResponsesFormat:
