@@ -9,6 +9,7 @@ from flask import Flask
 
 from .api import init_app
 from .config import Settings, load_settings
+from .housekeeping import start_janitor
 from .runtime import Relay
 
 log = logging.getLogger("relay")
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = int(settings["max_body_mb"] * 1024 * 1024)
     relay = Relay(settings)
     relay.start_background()
+    start_janitor(relay)
     atexit.register(relay.shutdown)
     init_app(app, relay)
     return app

@@ -7,24 +7,20 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 from .cli.agent import check as check_agent
-from .cli.agent import remove_all_dirs, remove_conversation_dirs
-from .cli.agent import resolve as resolve_agent
 from .cli.invocation import CACHE_ENV, MODEL_ALIASES, settings_fingerprint, spare_controls
 from .cli.pool_client import PoolClient, PooledProcess, PoolMetrics
 from .cli.process import RunSpec, account_envs, child_env, probe_cli
 from .cli.run import Run
-from .cli.session_files import cli_workdir, expire_session_files, remove_session_files, session_dir
+from .cli.session_files import cli_workdir
 from .config import ConfigError, Settings
 from .core import tokens
-from .core.conversation import Plan, client_ids
+from .core.conversation import Plan
 from .core.metrics import AccountStatus, Live, WarmStats
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
@@ -119,15 +115,6 @@ class Relay:
         until = time.time() + (err.retry_after or 0)
         return {"cooldown_until": until, "cooldown_reason": err.message}
 
-    def account_config_dir(self, name: str) -> Path:
-        env = self.account_envs.get(name) or self.cli_env
-        return Path(env.get("CLAUDE_CONFIG_DIR") or "~/.claude").expanduser()
-
-    def session_folders(self) -> list[Path]:
-        """Where each account's CLI keeps this relay's sessions (one folder per distinct config dir)."""
-        dirs = {self.account_config_dir(s.name) for s in self.accounts.specs}
-        return [session_dir(d, self.cli_cwd.resolve()) for d in sorted(dirs)]
-
     # -- the CLI ---------------------------------------------------------------------------------
     def check_cli(self, force: bool = False) -> dict[str, Any]:
         """Probe the CLI (cached; an unusable one is probed again every 30 s)."""
@@ -195,47 +182,6 @@ class Relay:
         return proc, "" if proc else "pool server unavailable"
 
 
-    # -- housekeeping ----------------------------------------------------------------------------
-    def expire_cli_sessions(self) -> int:
-        """Remove CLI session files idle for longer than the conversation TTL (one worker at a time)."""
-        if not self.leases.once_per(int(max(1, self.settings["sessions.cleanup_interval_s"])), "janitor"):
-            return 0
-        keep = {c["cli_session_id"] for c in self.sessions.list_all() if c.get("cli_session_id")}
-        ttl = self.settings["sessions.ttl_hours"] * 3600
-        return sum(expire_session_files(folder, ttl, keep) for folder in self.session_folders())
-
-    def forget_conversations(self, conv_id: str | None, scope: str | None, purge_files: bool,
-                             own_scope: str | None = None) -> tuple[int, int]:
-        """Forget one conversation of `scope` (or all, in `scope` or everywhere) with its stored Responses;
-        with `purge_files` also its CLI transcripts and agent folders. Returns (deleted, files removed).
-
-        `conv_id` is a listed id (`s:ticket-4711`) or, within the caller's `own_scope`, the id the client
-        chose: its X-Session-Id value or its `user`."""
-        victims = self.sessions.delete(conv_id, scope)
-        if not victims and conv_id and own_scope:
-            for alias in client_ids(conv_id):
-                victims += self.sessions.delete(alias, own_scope)
-        for c in victims:
-            self.responses.delete_conversation(c["scope"], c["id"])
-        if conv_id is None:
-            self.responses.delete_scope(scope)
-        removed = 0
-        if purge_files:
-            ids = [c["cli_session_id"] for c in victims if c.get("cli_session_id")]
-            removed = sum(remove_session_files(folder, ids) for folder in self.session_folders())
-            agents = self._agent_setups()
-            if conv_id is None and scope is None:  # everything: folders of expired conversations too
-                removed += sum(remove_all_dirs(a) for a in agents)
-            else:
-                removed += sum(remove_conversation_dirs(agents, f"{c['scope']}\x00{c['id']}") for c in victims)
-        return len(victims), removed
-
-    def _agent_setups(self) -> list[Any]:
-        """Every agent folder layout in use: the global one and any key's own workdir_root."""
-        setups = [resolve_agent(self.settings, dict(k.agent or {}, enabled=True)) for k in self.keys.keys]
-        setups.append(resolve_agent(self.settings, {"enabled": True}))
-        return list({(a.workdir_root, a.config_root): a for a in setups if a is not None}.values())
-
     def uptime(self) -> float:
         """Seconds since the gunicorn master started (a bare worker counts from its own start)."""
         try:
@@ -298,16 +244,4 @@ class Relay:
             log.error("stats: restore skipped: %s", exc)
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         self.alerts.run(tick=self.accounts.recoveries)
-        threading.Thread(target=self._janitor, daemon=True).start()
         tokens.warm()  # a burst of count_tokens right after start-up must not wait for it
-
-    def _janitor(self) -> None:
-        interval = self.settings["sessions.cleanup_interval_s"]
-        while True:
-            time.sleep(interval)
-            try:
-                removed = self.expire_cli_sessions()
-                if removed:
-                    log.info("removed %d expired CLI session files", removed)
-            except Exception as exc:  # keep going: Redis or the disk may recover
-                log.warning("session file cleanup failed: %s", exc)

@@ -19,8 +19,9 @@ ALLOWED = {
     "state": {"core", "state"},
     "runtime": {"core", "cli", "state"},
     "pipeline": {"core", "cli", "state", "runtime", "pipeline"},
-    "api": {"core", "cli", "state", "runtime", "pipeline", "api"},
-    "app": {"core", "cli", "state", "runtime", "pipeline", "api"},
+    "housekeeping": {"core", "cli", "state", "runtime"},
+    "api": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "api"},
+    "app": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "api"},
     "__init__": {"app"},
     "__main__": {"core", "cli", "state"},
 }

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, g, jsonify, request
 
 from ..errors import NotFound
+from ..housekeeping import forget_conversations
 from ..runtime import Relay
 from ..state.apikeys import presented_key
 from .common import caller_scope, current_relay
@@ -160,7 +161,7 @@ def _purge_files() -> bool:
 @bp.delete("/v1/sessions")
 def sessions_delete_all() -> Any:
     """Every conversation (or those of `?scope=`), with their stored Responses; files too with purge_files."""
-    deleted, removed = _relay().forget_conversations(None, request.args.get("scope") or None, _purge_files())
+    deleted, removed = forget_conversations(_relay(), None, request.args.get("scope") or None, _purge_files())
     return jsonify({"object": "list", "deleted": deleted, "files_removed": removed})
 
 
@@ -168,7 +169,7 @@ def sessions_delete_all() -> Any:
 def sessions_delete(conv_id: str) -> Any:
     """One conversation of one scope: the caller's own unless `?scope=` names another (ids repeat across keys)."""
     own = caller_scope()
-    deleted, removed = _relay().forget_conversations(conv_id, request.args.get("scope") or own, _purge_files(),
+    deleted, removed = forget_conversations(_relay(), conv_id, request.args.get("scope") or own, _purge_files(),
                                                      own_scope=own)
     if not deleted:
         raise NotFound(f"No conversation {conv_id!r}.", param="id", code="session_not_found")
