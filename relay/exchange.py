@@ -398,19 +398,14 @@ class Exchange:
 
     def _keep_warm(self, ok: bool) -> str | None:
         """After a clean turn on a pool process: keep it for the conversation's next turn, and return
-        the marker the conversation's record carries ("host|process|turns"). Anything else (an error,
-        a cancel, the client's tool calls) leaves it to be killed when the run ends."""
+        the marker the conversation's record carries. Anything else (an error, a cancel, the client's
+        tool calls) leaves it to be killed when the run ends."""
         assert self.run
-        turn, keep = self.run.turn, getattr(self.run.proc, "keep", None)
-        if not (ok and keep and turn.done and self.plan and self.plan.conv_key) or turn.tool_calls \
+        turn = self.run.turn
+        if not (ok and turn.done and self.plan and self.plan.conv_key) or turn.tool_calls \
                 or turn.interrupted_for_tools or turn.result.get("is_error"):
             return None
-        try:
-            held = keep()
-        except Exception as exc:  # the pool is an optimisation: never fail the answer over it
-            log.warning("%s: could not keep the warm process: %s", self.ctx.request_id, exc)
-            return None
-        return f"{self.relay.host}|{held[0]}|{held[1]}" if held else None
+        return self.relay.pool.keep(self.run.proc)
 
     def _record(self, exc: BaseException | None) -> None:
         usage: dict[str, Any] = {}
