@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -260,3 +260,7 @@ class CliProcess:
                 log.warning("cli: run clean-up failed: %s", exc)
         if self.spec.temp_dir:
             shutil.rmtree(self.spec.temp_dir, ignore_errors=True)
+
+
+if TYPE_CHECKING:  # mypy proves that the local process implements the protocol `Run` drives
+    _local_is_cli_like: type[CliLike] = CliProcess

@@ -14,9 +14,9 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..process import EOF
+from ..process import EOF, CliLike
 from .protocol import (
     Channel,
     EndOfRun,
@@ -178,3 +178,7 @@ class PoolClient:
             return {"enabled": True, "ok": False, "problem": str(exc)}
         finally:
             chan.close()
+
+
+if TYPE_CHECKING:  # mypy proves that a pooled process is driven like a local one
+    _pooled_is_cli_like: type[CliLike] = PooledProcess
