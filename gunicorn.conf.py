@@ -1,7 +1,7 @@
 """gunicorn settings for the relay: gevent workers, bind, and the private Redis.
 
 Never imports the app: each gevent worker patches itself first, then loads `wsgi:app`.
-Only `relay.config` (standard library only) is read here, in the master.
+Only `relay.config` and `relay.cli.pool.protocol` (standard library only) are read here, in the master.
 """
 
 import os
@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from relay.cli.pool.protocol import SERVER_MODULE, socket_path
 from relay.config import ConfigError, load_settings
 
 try:
@@ -138,20 +139,20 @@ def _die_with_master() -> None:  # runs in the pool server's child before exec
 
 def _start_pool(server) -> None:
     """The host's pool server (warm CLI processes, README "Warm processes"): a separate program, so this
-    master still imports nothing but relay.config. It dies with the master, and its CLIs with it."""
+    master imports none of its code. It dies with the master, and its CLIs with it."""
     global _pool_proc
     if not _settings["pool.enabled"]:
         return
     var = _settings.path("var_dir")
     var.mkdir(parents=True, exist_ok=True)
-    sock = var / "pool.sock"
+    sock = socket_path(var)
     if sock.exists():
         sock.unlink()
     root = str(Path(__file__).resolve().parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     # its own session, and it ignores SIGTERM/SIGINT/SIGHUP (like the private Redis): the pooled runs of a
     # graceful shutdown must finish; `on_exit` stops it with SIGUSR1 once the workers are gone
-    _pool_proc = subprocess.Popen([sys.executable, "-m", "relay.cli.pool_server"], cwd=root, env=env,
+    _pool_proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE], cwd=root, env=env,
                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_master)
     for _ in range(200):
         if sock.exists() or _pool_proc.poll() is not None:

@@ -17,7 +17,8 @@ import psutil
 import requests
 
 from relay.cli.invocation import base_argv
-from relay.cli.process import _die_with_parent, child_env
+from relay.cli.process import _die_with_parent
+from relay.cli.setup import child_env
 from relay.config import load_settings
 from relay.core.prompt import build_prompt
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .config import ConfigError, load_settings
@@ -15,7 +14,7 @@ from .config import ConfigError, load_settings
 
 def _check() -> int:
     from .cli.agent import check as check_agent
-    from .cli.process import child_env, probe_cli
+    from .cli.setup import CliSetup
 
     try:
         settings = load_settings()
@@ -23,7 +22,7 @@ def _check() -> int:
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
-    info = probe_cli(settings["claude_bin"], child_env(dict(os.environ), settings["cli_max_retries"]))
+    info = CliSetup.from_settings(settings).probe()  # the workers' own environment; no folders are made
     if info.get("too_old"):
         print(f"relay: claude_bin: {info['problem']}", file=sys.stderr)
         return 2
@@ -39,7 +38,7 @@ def _accounts(action: str) -> int:
     """`accounts list`: each account's shared state (the quota meter, from Redis).
     `accounts check`: whether each account's login is present, from `claude auth status` (no model call)."""
     from .cli.invocation import auth_status_argv
-    from .cli.process import account_envs, child_env, login_status, probe_cli
+    from .cli.setup import CliSetup, account_envs, login_status
     from .core.routing import AccountSpec
     from .state.accounts import Accounts
     from .state.connection import connect, host_id
@@ -51,8 +50,8 @@ def _accounts(action: str) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or [AccountSpec("default", implicit=True)]
-    env = child_env(dict(os.environ), settings["cli_max_retries"], settings["claude_config_dir"])
-    envs, problems = account_envs(specs, env)
+    cli_setup = CliSetup.from_settings(settings)
+    envs, problems = account_envs(specs, cli_setup.env)
     if action == "list":
         r = connect(settings["redis_url"])
         accounts = Accounts(r, Leases(r), specs, settings["host_id"] or host_id(), settings["login_recheck_s"],
@@ -60,7 +59,7 @@ def _accounts(action: str) -> int:
         for a in accounts.snapshot(settings["sessions.ttl_hours"] * 3600, problems):
             print(json.dumps(a))
         return 0
-    cli = probe_cli(settings["claude_bin"], env)
+    cli = cli_setup.probe()
     if not cli.get("ok"):
         print(f"relay: {cli['problem']}", file=sys.stderr)
         return 2

@@ -142,7 +142,9 @@ def _is_pool_server(p: Any) -> bool:
     import psutil
 
     try:
-        return "relay.cli.pool_server" in p.cmdline()
+        from relay.cli.pool.protocol import SERVER_MODULE
+
+        return SERVER_MODULE in p.cmdline()
     except psutil.Error:
         return False
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from relay.cli.invocation import base_argv
-from relay.cli.process import child_env
+from relay.cli.setup import child_env
 from relay.core.events import Turn
 from relay.core.formats.openai_chat import ChunkMaker, openai_usage
 from relay.core.upstream import classify, finish_reason, reset_seconds

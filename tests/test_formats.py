@@ -19,8 +19,8 @@ import pytest
 from pydantic import TypeAdapter
 
 from relay.cli.invocation import build_spec
-from relay.cli.process import child_env
 from relay.cli.run import Limits, Run
+from relay.cli.setup import child_env
 from relay.core.conversation import Plan
 from relay.core.events import Turn
 from relay.core.formats import anthropic_messages, openai_chat, openai_responses

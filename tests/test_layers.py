@@ -20,8 +20,9 @@ ALLOWED = {
     "runtime": {"core", "cli", "state"},
     "pipeline": {"core", "cli", "state", "runtime", "pipeline"},
     "housekeeping": {"core", "cli", "state", "runtime"},
-    "api": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "api"},
-    "app": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "api"},
+    "health": {"core", "state", "runtime"},
+    "api": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "health", "api"},
+    "app": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "health", "api"},
     "__init__": {"app"},
     "__main__": {"core", "cli", "state"},
 }

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from relay.cli.process import child_env
+from relay.cli.setup import child_env
 
 SPEC = Path(__file__).resolve().parent.parent.parent / "shared" / "openai-openapi.yaml"
 

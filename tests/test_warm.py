@@ -16,7 +16,8 @@ import requests
 from harness import openai_client, wait_until
 from mock_anthropic import all_text
 
-from relay.cli.pool_client import PoolClient
+from relay.cli.pool.client import PoolClient
+from relay.cli.pool.protocol import SERVER_MODULE, ColdSpec, RunRequest, socket_path
 
 KEY_A, KEY_B = "sk-warm-key-a", "sk-warm-key-b"
 POOL_ON = {"RELAY_POOL__ENABLED": "true"}  # the config default; the rest of the suite runs without
@@ -293,7 +294,7 @@ def test_no_orphans_after_sigkill_of_a_worker_or_the_master(relay_factory: Any) 
         for w in srv.worker_pids():
             os.kill(w, signal.SIGKILL)
         # the run's CLI dies with its worker's connection; the warm one of kill-1 and the spare stay
-        direct = PoolClient(Path(srv.env["RELAY_VAR_DIR"]) / "pool.sock", True)  # the workers are rebooting
+        direct = PoolClient(socket_path(Path(srv.env["RELAY_VAR_DIR"])), True)  # the workers are rebooting
         pool_pid = direct.stats()["pid"]
 
         def survivors() -> set[int]:
@@ -325,7 +326,7 @@ def test_graceful_shutdown_ends_every_pooled_cli(relay_factory: Any) -> None:
 def test_pool_off_gives_todays_behaviour(relay_factory: Any, mock_api: Any) -> None:
     srv = relay_factory({"RELAY_POOL__ENABLED": "false"})
     assert requests.get(srv.url + "/health", timeout=10).json()["pool"] == {"enabled": False}
-    assert not (Path(srv.env["RELAY_VAR_DIR"]) / "pool.sock").exists()
+    assert not socket_path(Path(srv.env["RELAY_VAR_DIR"])).exists()
     with openai_client(srv.url) as c:
         recs = converse(c, srv, "off-1", ["OFF1", "OFF2"])
     assert [r["pool"] for r in recs] == ["", ""] and recs[1]["resumed"] is True
@@ -342,9 +343,9 @@ def pool_server(tmp_path: Path, mock_api: Any, cli_bin: str) -> Any:
     from harness import ROOT, relay_env
 
     env = relay_env("redis://127.0.0.1:1/0", cli_bin, mock_api.url, tmp_path, {"RELAY_POOL__ENABLED": "true"})
-    proc = subprocess.Popen([sys.executable, "-m", "relay.cli.pool_server"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = PoolClient(tmp_path / "var" / "pool.sock", True)
+    client = PoolClient(socket_path(tmp_path / "var"), True)
     assert wait_until(lambda: (client.stats().get("spares") or {}).get("ready", 0) >= 1, timeout=60)
     yield client
     proc.send_signal(signal.SIGUSR1)  # its stop signal (SIGTERM is ignored: see gunicorn.conf.py)
@@ -356,11 +357,11 @@ def _turn(client: Any, want: str | None, text: str, **extra: Any) -> Any:
 
     line = build_prompt("", [{"role": "user", "content": [{"type": "text", "text": text}]}], "replace", True)
     extra.setdefault("flavour", client.stats()["spares"]["prompt_cache_env"])  # the spares' prompt caching
-    req = {"want": extra.pop("want_override", want), "conv": "pool-test-conv", "fingerprint": "fp", "model": "sonnet",
-           "controls": [], "line": line.stdin_line().decode(), "cold": {"argv": [], "cwd": "/", "session_id": ""},
-           **extra}
-    proc = client.run(req)
-    assert proc is not None and proc.how == (want or "cold"), (proc and proc.how, proc and proc.reason)
+    req = RunRequest(want=extra.pop("want_override", want), why="", conv="pool-test-conv", fingerprint="fp",
+                     model="sonnet", line=line.stdin_line().decode(),
+                     cold=extra.pop("cold", ColdSpec(argv=[], cwd="/", env={})), **extra)
+    proc, why = client.run(req)
+    assert proc is not None and proc.how == (want or "cold"), (proc and proc.how, proc and proc.reason, why)
     proc.start()
     return proc
 
@@ -413,7 +414,7 @@ def test_a_spare_that_refuses_a_control_request_is_killed_and_the_run_goes_cold(
 
     cwd = str(Path(pool_server.path).parent / "cli-cwd")
     Path(cwd).mkdir(exist_ok=True)  # the pool's own folder is under state_dir now
-    cold = {"argv": base_argv(cli_bin, "sonnet") + ["--no-session-persistence"], "cwd": cwd, "session_id": ""}
+    cold = ColdSpec(argv=base_argv(cli_bin, "sonnet") + ["--no-session-persistence"], cwd=cwd, env={})
     # the real CLI ends a turn-less session with an error result for a schema that is not an object
     proc = _turn(pool_server, None, "PC1 answered cold", cold=cold, want_override="spare",
                  controls=[{"subtype": "initialize", "hooks": None, "jsonSchema": "not a schema"}])

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request
 
+from .. import health as host_health
 from ..errors import NotFound
 from ..housekeeping import forget_conversations
 from ..runtime import Relay
@@ -45,9 +46,9 @@ def health() -> Any:
     accounts: list[dict[str, Any]] = []
     if red["ok"]:
         active = relay.slots.in_use()
-        accounts = relay.account_meter()
+        accounts = host_health.account_meter(relay)
         if not any(a["usable"] for a in accounts):  # the relay as a whole cannot answer: say why
-            account = relay.account_summary()
+            account = host_health.account_summary(relay)
     ok = bool(cli.get("ok")) and red["ok"]
     if account.get("cooldown_until"):
         account["cooldown_until_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(account["cooldown_until"]))
@@ -76,7 +77,7 @@ def accounts() -> Any:
     """The quota meter (admin): every account's windows, overage, runs, conversations, errors, usage."""
     relay = _relay()
     usage = relay.stats.accounts()
-    data = [dict(a, object="account", usage=usage.get(a["name"], {})) for a in relay.account_meter()]
+    data = [dict(a, object="account", usage=usage.get(a["name"], {})) for a in host_health.account_meter(relay)]
     return jsonify({"object": "list", "overage_policy": relay.settings["accounts_overage"], "data": data})
 
 
@@ -109,7 +110,7 @@ def stats() -> Any:
     queue = relay.slots.queue()
     per_account = relay.stats.accounts()
     return jsonify({
-        "uptime_s": round(relay.uptime(), 1),
+        "uptime_s": round(host_health.uptime(relay), 1),
         "requests": {"total": total["requests"], "completed": total["successful"], "errors": total["errors"],
                      "cancelled": total["cancelled"], "active": active,
                      "queued": queue["length"]},
@@ -122,7 +123,7 @@ def stats() -> Any:
         "pool": relay.pool.stats(),
         "accounts": {a["name"]: {"usable": a["usable"], "state": a["state"], "in_flight": a["in_flight"],
                                  "conversations": a["conversations"], "windows": a["windows"],
-                                 "usage": per_account.get(a["name"], {})} for a in relay.account_meter()},
+                                 "usage": per_account.get(a["name"], {})} for a in host_health.account_meter(relay)},
     })
 
 

@@ -17,6 +17,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from .. import health
 from ..core.metrics import families
 from ..errors import NotFound
 from ..runtime import Relay
@@ -35,7 +36,7 @@ class RelayCollector(Collector):
         self.relay = relay
 
     def collect(self) -> Iterator[Metric]:
-        yield from families(self.relay.metrics.counters(), self.relay.live())
+        yield from families(self.relay.metrics.counters(), health.live(self.relay))
 
 
 @bp.get("/metrics")

@@ -9,6 +9,7 @@ import json
 import time
 from typing import Any
 
+from .. import health
 from ..core.charts import meter, stacked_bars
 from ..core.metrics import AccountStatus, pivot
 from ..runtime import Relay
@@ -81,7 +82,7 @@ def _key_row(relay: Relay, key: ApiKey) -> dict[str, Any]:
 
 
 def dashboard(relay: Relay) -> dict[str, Any]:
-    live = relay.live()
+    live = health.live(relay)
     used_all, _ = relay.quotas.used_today(None)
     global_limit = relay.settings["rate_limit.max_tokens_per_day"]
     accounts = [_account(a) for a in live.accounts]

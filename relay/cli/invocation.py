@@ -166,7 +166,7 @@ def _sandboxed(desc: RunDescription, agent: Agent, argv: list[str], env: dict[st
                    keep_stdin_open=desc.answers_permissions, user=user, closers=[proxy.close])
 
 
-# -- warm processes (cli/warm.py) ---------------------------------------------------------------------
+# -- warm processes (cli/pool/) -----------------------------------------------------------------------
 def spare_argv(claude_bin: str, model: str, session_id: str) -> list[str]:
     """A spare process: only what every plain run shares is fixed at spawn; the session id is fresh so
     its transcript persists and a later cold run can resume it."""

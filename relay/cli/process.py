@@ -1,4 +1,4 @@
-"""The Claude Code CLI as a subprocess: environment, version probe, spawn, NDJSON events, kill.
+"""The Claude Code CLI as a subprocess: spawn, NDJSON events, kill; and `CliLike`, what a run drives.
 
 One `CliProcess` is one run. Its stdout is read by a background thread (a greenlet under gevent)
 into a queue, so the caller can wait with a timeout and send keep-alives. `kill()` ends the whole
@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -28,10 +27,25 @@ from ..errors import Unavailable
 
 log = logging.getLogger("relay.cli")
 
-MIN_VERSION = (2, 1, 248)  # first release honouring "client_composed" (CLI-PROTOCOL §14)
-SCRUB_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_CODE_SSE_PORT", "CLAUDE_AGENT_SDK_VERSION",
-             "CLAUDE_CODE_SESSION_ID", "API_KEYS", "REDIS_URL", "RELAY_AUTH__API_KEYS")
 EOF = object()
+
+
+class CliLike(Protocol):
+    """A CLI process as `cli/run.Run` drives it: spawned here (`CliProcess`) or held by the host's pool
+    (`cli/pool/client.PooledProcess`)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def stderr_text(self) -> str: ...
+    def start(self) -> None: ...
+    def send(self, obj: dict[str, Any]) -> None: ...
+    def next_event(self, timeout: float) -> Any: ...
+    def close_stdin(self) -> None: ...
+    def kill(self) -> None: ...
+    def wait_exit(self, timeout: float = 5.0) -> int | None: ...
 
 
 @dataclass
@@ -45,90 +59,6 @@ class RunSpec:
     user: str | None = None          # run as this user (agent mode)
     meta: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)  # called when the run ends (its proxy)
-
-
-def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> dict[str, str]:
-    """The relay's environment for the CLI, minus nesting markers and the relay's own secrets."""
-    env = {k: v for k, v in base.items() if k not in SCRUB_ENV and not k.startswith("RELAY_")}
-    env["CLAUDE_CODE_MAX_RETRIES"] = str(max_retries)
-    env.setdefault("DISABLE_AUTOUPDATER", "1")
-    if config_dir:
-        env["CLAUDE_CONFIG_DIR"] = config_dir
-    return env
-
-
-# credentials the CLI would prefer over an account's own login; an account's env never carries them
-CREDENTIAL_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
-
-
-def account_env(base: dict[str, str], config_dir: str, token_env: str, all_token_envs: list[str]) -> dict[str, str]:
-    """The CLI environment of one configured account: its config directory and/or its OAuth token,
-    with every other credential (the host's API key, the other accounts' tokens) removed."""
-    env = {k: v for k, v in base.items() if k not in CREDENTIAL_ENV and k not in all_token_envs}
-    if config_dir:
-        env["CLAUDE_CONFIG_DIR"] = os.path.expanduser(config_dir)
-    if token_env and base.get(token_env):
-        env["CLAUDE_CODE_OAUTH_TOKEN"] = base[token_env]
-    return env
-
-
-def account_envs(specs: list[Any], cli_env: dict[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """Each account's CLI environment, and the accounts whose login is known broken on this host
-    (their token variable is not set and they have no config directory)."""
-    envs: dict[str, dict[str, str]] = {}
-    problems: dict[str, str] = {}
-    token_envs = [s.oauth_token_env for s in specs if s.oauth_token_env]
-    for spec in specs:
-        if spec.implicit:
-            envs[spec.name] = cli_env
-            continue
-        envs[spec.name] = account_env(cli_env, spec.config_dir, spec.oauth_token_env, token_envs)
-        if spec.oauth_token_env and not cli_env.get(spec.oauth_token_env):
-            problem = f"the environment variable {spec.oauth_token_env} (its OAuth token) is not set"
-            if not spec.config_dir:
-                problems[spec.name] = problem
-            log.warning("account %s: %s", spec.name, problem)
-    return envs, problems
-
-
-def login_status(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """What `claude auth status --json` says about a login (never raises)."""
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
-        info = json.loads(out.stdout or "{}")
-        return info if isinstance(info, dict) else {"loggedIn": False, "error": "unexpected output"}
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        return {"loggedIn": False, "error": str(exc)}
-
-
-def parse_version(text: str) -> tuple[int, ...] | None:
-    m = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
-    return tuple(int(x) for x in m.groups()) if m else None
-
-
-def probe_cli(claude_bin: str, env: dict[str, str]) -> dict[str, Any]:
-    """Path and version of the CLI, or why it cannot be used (never raises)."""
-    path = shutil.which(claude_bin) if os.sep not in claude_bin else claude_bin
-    if not path or not os.path.exists(path):
-        return {"ok": False, "path": claude_bin, "version": None,
-                "problem": f"Claude Code CLI not found ({claude_bin!r}). Install it "
-                           "(npm install -g @anthropic-ai/claude-code) or set claude_bin / CLAUDE_BIN."}
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, env=env,
-                             stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"ok": False, "path": path, "version": None, "problem": f"cannot run {path}: {exc}"}
-    version = parse_version(out.stdout)
-    if out.returncode != 0 or version is None:
-        return {"ok": False, "path": path, "version": None,
-                "problem": f"{path} --version failed: {(out.stderr or out.stdout).strip()[:200]}"}
-    info = {"ok": True, "path": path, "version": ".".join(map(str, version)), "problem": None}
-    if version < MIN_VERSION:
-        info.update(ok=False, too_old=True,
-                    problem=f"Claude Code CLI {info['version']} is too old: the relay needs "
-                            f"{'.'.join(map(str, MIN_VERSION))} or newer for verbatim prompts "
-                            "(client_composed). Update it: npm install -g @anthropic-ai/claude-code@latest")
-    return info
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -330,3 +260,7 @@ class CliProcess:
                 log.warning("cli: run clean-up failed: %s", exc)
         if self.spec.temp_dir:
             shutil.rmtree(self.spec.temp_dir, ignore_errors=True)
+
+
+if TYPE_CHECKING:  # mypy proves that the local process implements the protocol `Run` drives
+    _local_is_cli_like: type[CliLike] = CliProcess

@@ -17,7 +17,7 @@ from typing import Any
 from ..core.events import TOOL_PREFIX, Delta, Turn
 from ..core.upstream import SessionMissing
 from ..errors import RelayError, Timeout, UpstreamError
-from .process import EOF, CliProcess, RunSpec
+from .process import EOF, CliLike, CliProcess, RunSpec
 
 log = logging.getLogger("relay.run")
 
@@ -29,11 +29,14 @@ class Limits:
 
 class Run:
     def __init__(self, spec: RunSpec | None, limits: Limits, allow_tools: frozenset[str] = frozenset(),
-                 proc: Any = None) -> None:
+                 proc: CliLike | None = None) -> None:
         self.spec = spec
         self.limits = limits
-        # a CliProcess spawned here, or one with its interface served by the pool (cli/pool_client.py)
-        self.proc = proc if proc is not None else CliProcess(spec)  # type: ignore[arg-type]
+        if proc is None:  # spawned here from `spec`, unless the host's pool serves it (cli/pool/client.py)
+            if spec is None:
+                raise ValueError("a run needs a spec to spawn or a process to drive")
+            proc = CliProcess(spec)
+        self.proc: CliLike = proc
         self.turn = Turn()
         self.allow_tools = allow_tools | {"StructuredOutput"}
         self.started = 0.0

@@ -78,16 +78,11 @@ def _keep_warm(f: Flight, ok: bool) -> str | None:
     the marker the conversation's record carries. Anything else (an error, a cancel, the client's
     tool calls) leaves it to be killed when the run ends."""
     assert f.run
-    turn, keep = f.run.turn, getattr(f.run.proc, "keep", None)
-    if not (ok and keep and turn.done and f.plan and f.plan.conv_key) or turn.tool_calls \
+    turn = f.run.turn
+    if not (ok and turn.done and f.plan and f.plan.conv_key) or turn.tool_calls \
             or turn.interrupted_for_tools or turn.result.get("is_error"):
         return None
-    try:
-        held = keep()
-    except Exception as exc:  # the pool is an optimisation: never fail the answer over it
-        log.warning("%s: could not keep the warm process: %s", f.ctx.request_id, exc)
-        return None
-    return f"{f.relay.host}|{held[0]}|{held[1]}" if held else None
+    return f.relay.pool.keep(f.run.proc)
 
 
 def _reminder(part: dict[str, Any]) -> bool:

@@ -67,7 +67,7 @@ def _spawn(f: Flight, plan: Plan) -> None:
     env = relay.account_envs.get(f.account or "", relay.cli_env)  # the chosen account's login
     spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
-    proc, why = relay.pooled(desc, plan, spec, f.account)
+    proc, why = relay.pool.acquire(desc, plan, spec, f.account)
     if proc is not None:
         f.pool_use = proc.how + (f": {proc.reason}" if proc.reason else "")
         if proc.how == "spare":  # a spare's session id was fixed at its spawn

@@ -64,3 +64,18 @@ class MetricsStore:
         for name in names:
             pipe.hgetall(f"{SERIES}{kind}:{name}")
         return [(name, {f: int(v) for f, v in raw.items()}) for name, raw in zip(names, pipe.execute())]
+
+
+class PoolTally:
+    """Runs a host's pool was never asked about (agent mode, function calling...), by reason: counted
+    by the worker that ran them, read by whichever serves /stats (`cli/pool/source.Tally`)."""
+
+    def __init__(self, r: Any, host: str) -> None:
+        self.r = r
+        self.key = f"{M}pool_local:{host}"
+
+    def add(self, reason: str) -> None:
+        self.r.hincrby(self.key, reason, 1)
+
+    def counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.r.hgetall(self.key).items()}

@@ -1,6 +1,6 @@
 """The host's Claude CLI processes kept alive between runs: spares spawned ahead, and warm conversations.
 
-Owned by the pool server (`pool_server.py`, one per host); this module holds the state and the
+Owned by the pool server (`server.py`, one per host); this module holds the state and the
 lifecycle rules, not the sockets. A *spare* is spawned with everything fixed at spawn (CLI, environment
 and login, working directory, base flags, a fresh `--session-id`) and probed ready with `mcp_status`.
 A *warm* process has answered a turn cleanly and waits for its conversation's next turn; the worker
@@ -17,13 +17,16 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .invocation import spare_argv
-from .process import EOF, CliProcess, RunSpec
+from ...config import Settings
+from ..invocation import spare_argv
+from ..process import EOF, CliProcess, RunSpec
 
 log = logging.getLogger("relay.pool")
 
@@ -42,6 +45,31 @@ class PoolLimits:
     max_age: float = 3600.0    # recycle after this age (a stale credential snapshot, slow leaks)
     max_rss_mb: float = 600.0  # recycle above this resident size
     watchdog: float = 130.0    # a run whose CLI prints nothing for this long is killed
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolLimits:
+        return cls(spares=settings["pool.spares"], max_warm=settings["pool.max_warm"],
+                   idle_ttl=settings["pool.idle_ttl_s"], max_turns=settings["pool.max_turns"],
+                   max_age=settings["pool.max_age_s"], max_rss_mb=settings["pool.max_rss_mb"],
+                   watchdog=max(settings["first_token_timeout_s"], settings["idle_timeout_s"]) + 10)
+
+
+def identity_probe(cli_path: str, env: dict[str, str]) -> Callable[[], Any]:
+    """What changes when the CLI is upgraded or the login is renewed: the binary's file and the
+    credentials file (stat only: this runs every second)."""
+    config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude").expanduser()
+
+    def stat(p: Path) -> tuple[float, int] | None:
+        try:
+            st = p.stat()
+            return (st.st_mtime, st.st_size)
+        except OSError:
+            return None
+
+    def probe() -> Any:
+        real = Path(os.path.realpath(cli_path))
+        return (str(real), stat(real), stat(config_dir / ".credentials.json"))
+    return probe
 
 
 class Managed:
