@@ -18,6 +18,8 @@ Markers (any number, anywhere in the last user message):
   MOCK:refusal                          stop with stop_reason refusal
   MOCK:tool=<name>                      answer with a tool_use block for tool <name> (suffix match)
   MOCK:tools=<n1>,<n2>                  parallel tool_use blocks
+  MOCK:loop=<n>                         in the first user message with tool= or tools=: an agent loop that
+                                        calls those tools again after each result until n steps were made
   MOCK:bash=<cmd_with_underscores>      the command of a Bash tool_use (underscores become spaces)
   MOCK:write=<path>                     the file_path of a Write tool_use (content "written-by-agent")
   MOCK:read=<absolute path>             the file_path of a Read tool_use
@@ -430,7 +432,15 @@ class MockAnthropic:
                     or "<tool_result" in text  # a relay without sessions replays results as text
                 offered = [t.get("name", "") for t in body.get("tools") or []]
                 wanted: list[str] = []
-                if "structured" in markers and not answered_tool:
+                first = next((m for m in body.get("messages") or [] if m.get("role") == "user"), {})
+                looping = dict((m.group(1), m.group(2) or "") for m in
+                               re.finditer(r"MOCK:([a-z_]+)(?:=([^\s\]]+))?", _text_of(first.get("content"))))
+                steps = sum(1 for m in body.get("messages") or [] if m.get("role") == "assistant" and
+                            isinstance(m.get("content"), list) and any(b.get("type") == "tool_use" for b in m["content"]))
+                if "loop" in looping and steps < int(looping["loop"]):
+                    wanted = [looping["tool"]] if "tool" in looping else looping.get("tools", "").split(",")
+                    wanted = [w for w in wanted if w]
+                elif "structured" in markers and not answered_tool:
                     wanted = ["StructuredOutput"]
                 elif "tool" in markers and not answered_tool:
                     wanted = [markers["tool"]]

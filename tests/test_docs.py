@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from relay.config import SCHEMA, markdown
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,13 +1,16 @@
-"""The CLI's session transcripts on disk: where they live and how expired ones are removed."""
+"""The CLI's session transcripts on disk: where they live, how expired ones are removed, and how the
+refusals the CLI records for an interrupted tool step are taken out before the step is resumed."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import Settings
 
@@ -60,3 +63,64 @@ def cli_workdir(settings: Settings) -> Path:
         log.warning("the CLI's working folder %s is inside the git repository %s: the model may see its "
                     "status; set state_dir elsewhere", d, repo)
     return d
+
+
+INTERRUPTED = "[Request interrupted by user for tool use]"
+
+
+def _text_of(record: dict[str, Any]) -> str:
+    content = (record.get("message") or {}).get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def refusals_to_drop(records: list[dict[str, Any]]) -> set[int]:
+    """Which records of a transcript are the CLI's own account of an interrupted tool step: the
+    synthetic "the user doesn't want to proceed" result (`toolDenialKind: user-rejected`), the
+    "[Request interrupted by user for tool use]" message, what hangs off them, and a `last-prompt`
+    that points at them. The relay interrupts the CLI at each client tool call; on a resume the CLI
+    prefers these dead-branch records over the client's real results for every earlier step."""
+    dead: set[str] = set()
+    drop: set[int] = set()
+    for i, r in enumerate(records):
+        rejected = r.get("type") == "user" and r.get("toolDenialKind") == "user-rejected"
+        interrupted = r.get("type") == "user" and _text_of(r).strip() == INTERRUPTED
+        orphan = r.get("type") == "attachment" and r.get("parentUuid") in dead
+        if rejected or interrupted or orphan:
+            drop.add(i)
+            if r.get("uuid"):
+                dead.add(str(r["uuid"]))
+    drop |= {i for i, r in enumerate(records) if r.get("type") == "last-prompt" and r.get("leafUuid") in dead}
+    return drop
+
+
+def prune_refusals(path: Path) -> int:
+    """Remove the refusal records (see `refusals_to_drop`) from one transcript, atomically; returns how
+    many. Runs under the conversation's lock, so no CLI writes the file meanwhile."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    records: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = {}
+        records.append(rec if isinstance(rec, dict) else {})
+    drop = refusals_to_drop(records)
+    if not drop:
+        return 0
+    tmp = path.with_suffix(".jsonl.relay-tmp")
+    tmp.write_text("".join(line + "\n" for i, line in enumerate(lines) if i not in drop))
+    os.replace(tmp, path)
+    return len(drop)
+
+
+def transcript(env: dict[str, str], cwd: Path, session_id: str) -> Path:
+    """The transcript file of one CLI session run in `cwd` with this environment's config dir."""
+    config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or "~/.claude").expanduser()
+    return session_dir(config_dir, cwd.resolve()) / f"{session_id}.jsonl"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from ..cli.agent import conversation_dirs
 from ..cli.invocation import build_spec
 from ..cli.run import DisconnectWatcher, Limits, Run
+from ..cli.session_files import prune_refusals, transcript
 from ..core.conversation import Plan
 from ..core.run_description import describe, prompt_cache
 from ..core.upstream import SessionMissing, classify, is_account_error
@@ -65,6 +67,8 @@ def _spawn(f: Flight, plan: Plan) -> None:
     # keys never share agent folders: the conversation id is scoped to the caller's key
     cwd, state = conversation_dirs(agent, f"{f.ctx.scope}\x00{f.conv}") if agent else (relay.cli_cwd, None)
     env = relay.account_envs.get(f.account or "", relay.cli_env)  # the chosen account's login
+    if plan.resume and plan.resume_at and plan.cli_session and not agent:
+        _exact_tool_history(f, transcript(env, Path(cwd), plan.cli_session))
     spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
     proc, why = relay.pool.acquire(desc, plan, spec, f.account)
@@ -77,6 +81,18 @@ def _spawn(f: Flight, plan: Plan) -> None:
     f.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc)
     relay.active[f.cid] = f.run
     f.run.start()
+
+
+def _exact_tool_history(f: Flight, path: Path) -> None:
+    """Before a tool step resumes: take the CLI's record of each interrupted step ("the user rejected this
+    tool use") out of the transcript, so that the model sees every real result the client sent."""
+    try:
+        dropped = prune_refusals(path)
+    except OSError as exc:  # the resume still works; only earlier steps would read as refused
+        log.warning("%s: could not repair the transcript %s: %s", f.ctx.request_id, path.name, exc)
+        return
+    if dropped:
+        log.info("%s: %d refusal records taken out of %s before resuming", f.ctx.request_id, dropped, path.name)
 
 
 def _prime(f: Flight) -> None:
