@@ -81,3 +81,31 @@ def test_one_config_dir_survives_16_concurrent_runs_new_and_resumed(relay_factor
     after = json.loads(config.read_text())  # still parses
     assert set(before) <= set(after)
     assert post(srv, "cf next run").status_code == 200
+
+
+def test_transcript_repair_drops_the_refusals_and_sets_the_system_prompt(tmp_path):
+    from relay.cli.session_files import INTERRUPTED, repair_transcript
+
+    recs = [
+        {"type": "user", "uuid": "u1", "parentUuid": None, "message": {"role": "user", "content": "task"}},
+        {"type": "attachment", "uuid": "p1", "parentUuid": "u1",
+         "attachment": {"type": "prompt_snapshot", "systemPrompt": ["old"]}},
+        {"type": "assistant", "uuid": "a1", "parentUuid": "p1", "message": {"role": "assistant", "content": []}},
+        {"type": "user", "uuid": "r1", "parentUuid": "a1", "toolDenialKind": "user-rejected",
+         "message": {"role": "user", "content": [{"type": "tool_result", "is_error": True}]}},
+        {"type": "attachment", "uuid": "s1", "parentUuid": "r1", "attachment": {"type": "prompt_snapshot"}},
+        {"type": "user", "uuid": "i1", "parentUuid": "s1",
+         "message": {"role": "user", "content": [{"type": "text", "text": INTERRUPTED}]}},
+        {"type": "last-prompt", "leafUuid": "i1"},
+        {"type": "user", "uuid": "t1", "parentUuid": "a1", "message": {"role": "user", "content": "real result"}},
+    ]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + "not json\n")
+    assert repair_transcript(path, drop_refusals=True, system_prompt="new") == 5
+    kept = path.read_text().splitlines()
+    assert kept[-1] == "not json"  # what it does not understand it leaves alone
+    left = [json.loads(line) for line in kept[:-1]]
+    assert [r.get("uuid") for r in left] == ["u1", "p1", "a1", "t1"]
+    assert left[1]["attachment"]["systemPrompt"] == ["new"]
+    assert repair_transcript(path, drop_refusals=True, system_prompt="new") == 0  # nothing more to do
+    assert repair_transcript(tmp_path / "missing.jsonl", True) == 0

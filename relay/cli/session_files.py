@@ -97,9 +97,11 @@ def refusals_to_drop(records: list[dict[str, Any]]) -> set[int]:
     return drop
 
 
-def prune_refusals(path: Path) -> int:
-    """Remove the refusal records (see `refusals_to_drop`) from one transcript, atomically; returns how
-    many. Runs under the conversation's lock, so no CLI writes the file meanwhile."""
+def repair_transcript(path: Path, drop_refusals: bool, system_prompt: str | None = None) -> int:
+    """Before a resume: take out the refusal records (see `refusals_to_drop`), and give the session the
+    request's system prompt (a resumed CLI keeps the one in the transcript's `prompt_snapshot` records,
+    whatever `--system-prompt-file` says: observed with 2.1.330). Atomic; returns how many records
+    changed. Runs under the conversation's lock, so no CLI writes the file meanwhile."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -111,13 +113,22 @@ def prune_refusals(path: Path) -> int:
         except ValueError:
             rec = {}
         records.append(rec if isinstance(rec, dict) else {})
-    drop = refusals_to_drop(records)
-    if not drop:
+    drop = refusals_to_drop(records) if drop_refusals else set()
+    changed = 0
+    if system_prompt is not None:
+        for i, rec in enumerate(records):
+            snap = rec.get("attachment") if rec.get("type") == "attachment" else None
+            if isinstance(snap, dict) and snap.get("type") == "prompt_snapshot" and i not in drop \
+                    and snap.get("systemPrompt") != [system_prompt]:
+                snap["systemPrompt"] = [system_prompt]
+                lines[i] = json.dumps(rec, ensure_ascii=False)
+                changed += 1
+    if not drop and not changed:
         return 0
     tmp = path.with_suffix(".jsonl.relay-tmp")
     tmp.write_text("".join(line + "\n" for i, line in enumerate(lines) if i not in drop))
     os.replace(tmp, path)
-    return len(drop)
+    return len(drop) + changed
 
 
 def transcript(env: dict[str, str], cwd: Path, session_id: str) -> Path:

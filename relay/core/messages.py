@@ -219,6 +219,19 @@ def to_chat_body(body: Any, count_only: bool = False) -> dict[str, Any]:
     return chat
 
 
+def claude_code_session(user_id: str) -> str | None:
+    """The session id in Claude Code's `metadata.user_id`, a JSON string such as
+    `{"device_id": "…", "account_uuid": "", "session_id": "<uuid>"}` (observed with 2.1.330)."""
+    if not user_id.startswith("{"):
+        return None
+    try:
+        value = json.loads(user_id)
+    except ValueError:
+        return None
+    session = value.get("session_id") if isinstance(value, dict) else None
+    return session if isinstance(session, str) and 0 < len(session) <= 128 else None
+
+
 def parse_messages_request(body: Any, catalog: ModelCatalog, count_only: bool = False) -> ChatRequest:
     """A Messages body as the relay's `ChatRequest`. `metadata.user_id` (Claude Code puts its session id
     there) names the conversation together with its opening, so side requests of the same client
@@ -233,7 +246,12 @@ def parse_messages_request(body: Any, catalog: ModelCatalog, count_only: bool = 
     req.extras = {k: body[k] for k in IGNORED if k in body}
     if req.user:
         first = next((m for m in req.messages if m["role"] == "user"), req.messages[0])
-        req.user = f"{req.user}\x00{digest(req.system, [first])}"
+        session = claude_code_session(req.user)
+        if session:  # Claude Code: its session names the conversation, whose system prompt may change
+            req.user = f"cc:{session}\x00{digest('', [first])}"
+            req.system_may_change = True
+        else:
+            req.user = f"{req.user}\x00{digest(req.system, [first])}"
     return req
 
 

@@ -39,6 +39,7 @@ class ChatRequest:
     json_schema: dict[str, Any] | None = None
     expose_reasoning: bool | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    system_may_change: bool = False  # a client that rewrites its system prompt mid-conversation (Claude Code)
 
     @property
     def legacy_functions(self) -> bool:

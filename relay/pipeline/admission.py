@@ -92,7 +92,7 @@ def admit(f: Flight) -> Plan:
     f.conv = ctx.conversation or conversation_id(ctx.session_header, req.user, req.system, req.messages)
     if relay.sessions.enabled:  # lock first, then read the conversation's state under the lock
         _lock_conversation(f)
-    plan = relay.sessions.plan(ctx.scope, f.conv, req.system, req.messages, req.cli_model)
+    plan = relay.sessions.plan(ctx.scope, f.conv, req.system, req.messages, req.cli_model, req.system_may_change)
     f.member = relay.slots.member(f.member, ctx.scope)  # the queue's fairness reads the owner
     _take_run_slots(f)
     try:

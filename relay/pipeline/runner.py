@@ -11,7 +11,7 @@ from pathlib import Path
 from ..cli.agent import conversation_dirs
 from ..cli.invocation import build_spec
 from ..cli.run import DisconnectWatcher, Limits, Run
-from ..cli.session_files import prune_refusals, transcript
+from ..cli.session_files import repair_transcript, transcript
 from ..core.conversation import Plan
 from ..core.run_description import describe, prompt_cache
 from ..core.upstream import SessionMissing, classify, is_account_error
@@ -67,8 +67,10 @@ def _spawn(f: Flight, plan: Plan) -> None:
     # keys never share agent folders: the conversation id is scoped to the caller's key
     cwd, state = conversation_dirs(agent, f"{f.ctx.scope}\x00{f.conv}") if agent else (relay.cli_cwd, None)
     env = relay.account_envs.get(f.account or "", relay.cli_env)  # the chosen account's login
-    if plan.resume and plan.resume_at and plan.cli_session and not agent:
-        _exact_tool_history(f, transcript(env, Path(cwd), plan.cli_session))
+    if plan.resume and plan.cli_session and not agent and (plan.resume_at or f.req.system_may_change):
+        system = desc.prompt.system_text if desc.prompt.system_flag == "--system-prompt-file" else None
+        _repair(f, transcript(env, Path(cwd), plan.cli_session), bool(plan.resume_at),
+                system if f.req.system_may_change else None)
     spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
     proc, why = relay.pool.acquire(desc, plan, spec, f.account)
@@ -83,16 +85,17 @@ def _spawn(f: Flight, plan: Plan) -> None:
     f.run.start()
 
 
-def _exact_tool_history(f: Flight, path: Path) -> None:
-    """Before a tool step resumes: take the CLI's record of each interrupted step ("the user rejected this
-    tool use") out of the transcript, so that the model sees every real result the client sent."""
+def _repair(f: Flight, path: Path, drop_refusals: bool, system: str | None) -> None:
+    """Before a resumed step: the CLI's record of each interrupted tool step ("the user rejected this tool
+    use") leaves the transcript, so the model sees every real result the client sent; a client whose
+    system prompt changed (Claude Code) gets the new one applied."""
     try:
-        dropped = prune_refusals(path)
-    except OSError as exc:  # the resume still works; only earlier steps would read as refused
+        changed = repair_transcript(path, drop_refusals, system)
+    except OSError as exc:  # the resume still works: earlier steps would read as refused, or the old prompt stay
         log.warning("%s: could not repair the transcript %s: %s", f.ctx.request_id, path.name, exc)
         return
-    if dropped:
-        log.info("%s: %d refusal records taken out of %s before resuming", f.ctx.request_id, dropped, path.name)
+    if changed:
+        log.info("%s: %d transcript records repaired in %s before resuming", f.ctx.request_id, changed, path.name)
 
 
 def _prime(f: Flight) -> None:

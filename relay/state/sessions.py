@@ -28,14 +28,19 @@ class Sessions:
     def lock_key(self, conv_key: str) -> str:
         return conv_key.replace(f"{PREFIX}conv:", f"{PREFIX}lock:", 1)
 
-    def plan(self, scope: str, conv_id: str, system: str, messages: list[dict[str, Any]], model: str) -> Plan:
+    def plan(self, scope: str, conv_id: str, system: str, messages: list[dict[str, Any]], model: str,
+             system_may_change: bool = False) -> Plan:
+        """Resume the conversation's CLI session when the request extends what it holds. A client whose
+        system prompt changes mid-conversation (Claude Code) extends it when the messages alone match:
+        the resumed turn then runs with the new system prompt."""
         if not self.enabled:
             return Plan(None, None, False, messages, True, messages, system, model, scope)
         key = self.key(scope, conv_id)
         rec = self.r.hgetall(key)
         count = int(rec.get("count") or 0)
-        if rec.get("cli_session") and 0 < count < len(messages) \
-                and digest(system, messages[:count]) == rec.get("digest"):
+        same = 0 < count < len(messages) and (digest(system, messages[:count]) == rec.get("digest") or (
+            system_may_change and rec.get("messages_digest") == digest("", messages[:count])))
+        if rec.get("cli_session") and same:
             plan = Plan(key, rec["cli_session"], True, messages[count:], False, messages, system, model, scope)
             plan.account = rec.get("account") or None
             if rec.get("resume_at"):
@@ -70,6 +75,7 @@ class Sessions:
         pipe.hsetnx(plan.conv_key, "created", now)
         pipe.hset(plan.conv_key, mapping={"cli_session": plan.cli_session, "model": plan.model,
                                           "count": len(held), "digest": digest(plan.system, held),
+                                          "messages_digest": digest("", held),
                                           "last_used": now, "host": host, "scope": plan.scope,
                                           "account": plan.account or ""})
         calls = [c["id"] for c in answer.get("tool_calls") or []]
