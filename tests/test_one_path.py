@@ -6,6 +6,7 @@ headers, and the conversation committed (and its lock free) before a stream's la
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -30,7 +31,13 @@ def _post(url: str, api: str, text: str, stream: bool, headers: dict[str, str] |
 @pytest.fixture(scope="module")
 def budgeted(relay_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("budget")
-    return relay_factory({"RELAY_CONFIG": str(keys_config(tmp, alice_rpm=100))})
+    path = keys_config(tmp, alice_rpm=100)
+    cfg = json.loads(path.read_text())
+    for key in cfg["auth"]["api_keys"]:
+        if isinstance(key, dict) and key.get("name") == "alice":
+            key["tokens_per_day"] = 100_000  # room for every request of this module
+    path.write_text(json.dumps(cfg))
+    return relay_factory({"RELAY_CONFIG": str(path)})
 
 
 @pytest.mark.parametrize("api", ["chat", "responses", "messages"])
@@ -39,9 +46,9 @@ def test_budget_headers_on_every_api(budgeted: Any, api: str, stream: bool) -> N
     r = _post(budgeted.url, api, f"budget {api} {stream}", stream, {"Authorization": f"Bearer {ALICE}"})
     assert r.status_code == 200, r.text
     body = r.content  # read to the end: the request is charged when it finishes
-    assert r.headers["x-ratelimit-limit-tokens"] == "2000"
+    assert r.headers["x-ratelimit-limit-tokens"] == "100000"
     left = int(r.headers["x-ratelimit-remaining-tokens"])
-    assert 0 <= left < 2000  # this prompt's estimate (streams) or its real usage (complete answers) is taken off
+    assert 0 <= left < 100_000  # this prompt's estimate (streams) or its real usage (complete answers) is taken off
     assert r.headers["x-ratelimit-limit-requests"] == "100"
     assert body
 

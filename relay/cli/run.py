@@ -143,7 +143,9 @@ class Run:
         self.finished = True
         if self.turn.done and not self.cancelled:
             self.proc.close_stdin()
-            self.proc.wait_exit(3)
+            # a turn stopped at the client's tool calls is resumed at its tool-call record: give the CLI
+            # time to finish writing its transcript even on a loaded host
+            self.proc.wait_exit(10 if self.turn.interrupted_for_tools else 3)
         self.proc.kill()
 
     def cancel(self) -> None:

@@ -48,8 +48,8 @@ def open_run(f: Flight) -> None:
 def _start_on_account(f: Flight, plan: Plan) -> None:
     for attempt in (0, 1):
         f.plan = plan
-        _spawn(f, plan)
         try:
+            _spawn(f, plan)
             _prime(f)
             return
         except SessionMissing:
@@ -69,8 +69,11 @@ def _spawn(f: Flight, plan: Plan) -> None:
     env = relay.account_envs.get(f.account or "", relay.cli_env)  # the chosen account's login
     if plan.resume and plan.cli_session and not agent and (plan.resume_at or f.req.system_may_change):
         system = desc.prompt.system_text if desc.prompt.system_flag == "--system-prompt-file" else None
-        _repair(f, transcript(env, Path(cwd), plan.cli_session), bool(plan.resume_at),
-                system if f.req.system_may_change else None)
+        path = transcript(env, Path(cwd), plan.cli_session)
+        _repair(f, path, bool(plan.resume_at), system if f.req.system_may_change else None)
+        if plan.resume_at and path.exists() and plan.resume_at not in path.read_text():
+            # the CLI never wrote the tool-call message (killed first): resuming there would fail
+            raise SessionMissing(f"the transcript lacks the tool-call message {plan.resume_at}")
     spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
     proc, why = relay.pool.acquire(desc, plan, spec, f.account)
