@@ -105,10 +105,11 @@ def _stream(fmt: Format, parsed: Parsed, ex: Exchange, io: RouteIO) -> Iterator[
                 yield frame
         view = ex.view()
         last = events.finish(view)
-        ex.close(None)  # before the last events: the client's next request finds the conversation committed
+        ex.settle()  # before the last events: the client's next request finds the conversation committed
         if io.keep and events.final is not None:
             io.keep(parsed, ex, view, events.final)
         yield last
+        ex.close(None)  # the CLI's exit is waited for after the client has its whole answer
     except RelayError as exc:
         ex.close(exc)
         yield events.error(exc)

@@ -10,8 +10,8 @@
       ▼  Exchange.deltas() / Exchange.complete()
     answer ──── the deltas a stream shows · one TurnView of the finished turn for every format
       │
-      ▼  Exchange.close(exc)  (exactly once, before a stream's last event)
-    finish ──── status · keep warm · commit the conversation · release leases · record · alerts
+      ▼  Exchange.settle() (before a stream's last event), Exchange.close(exc) (exactly once)
+    finish ──── keep warm · commit the conversation │ status · CLI exit · release leases · record · alerts
 
 Anything that fails in `open()` is an ordinary HTTP error: nothing has reached the client yet.
 """
@@ -82,6 +82,10 @@ class Exchange:
             raise
         self.close(None)
         return view
+
+    def settle(self) -> None:
+        """Commit a turn that ended well, before the stream's last event."""
+        finish.settle(self.flight)
 
     def close(self, exc: BaseException | None) -> None:
         finish.close(self.flight, exc)

@@ -55,6 +55,7 @@ class Flight:
     buffer: list[Delta] = field(default_factory=list)   # what arrived before the API accepted the request
     status: int = 0
     closed: bool = False
+    settled: bool = False                # kept warm and committed before a stream's last event
     bytes_to_cli: int = 0
     token_budget: dict[str, Any] | None = None
     estimate: int = 0

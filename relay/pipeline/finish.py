@@ -20,14 +20,31 @@ from .runner import end_run
 log = logging.getLogger("relay.pipeline")
 
 
+def settle(f: Flight) -> None:
+    """A turn that ended well: keep its process warm and commit the conversation, before the stream's
+    last event, so a follow-up sent the instant it arrives resumes (it waits on the conversation's lock
+    while the CLI exits). `close` then finishes the rest, whatever happens to the last event."""
+    if f.closed or f.settled or not f.run:
+        return
+    f.settled = True
+    cancelled = f.run.cancelled or (f.watcher is not None and f.watcher.gone)
+    warm = _keep_warm(f, not cancelled)
+    try:
+        _update_conversation(f, True, warm)
+    except Exception as e:  # never lose the stats record over a session update
+        log.error("%s: session update failed: %s", f.ctx.request_id, e)
+
+
 def close(f: Flight, exc: BaseException | None) -> None:
     if f.closed:
         return
     f.closed = True
     if f.watcher:
         f.watcher.stop()
+    if f.settled and (exc is None or isinstance(exc, GeneratorExit)):
+        exc = None  # the answer was whole when the client left at its last event
     cancelled = bool(f.run and f.run.cancelled) or isinstance(exc, GeneratorExit) or \
-        (f.watcher is not None and f.watcher.gone)
+        (f.watcher is not None and f.watcher.gone and not f.settled)
     ok = exc is None
     f.status = exc.status if isinstance(exc, RelayError) else 500 if exc is not None else 200
     if cancelled and not ok:
@@ -36,10 +53,12 @@ def close(f: Flight, exc: BaseException | None) -> None:
     if f.run:
         if not ok and not f.run.turn.done:
             f.run.cancel()
-        warm = _keep_warm(f, ok and not cancelled)
+        if not f.settled:
+            warm = _keep_warm(f, ok and not cancelled)
         end_run(f)
     try:
-        _update_conversation(f, ok, warm)
+        if not f.settled:
+            _update_conversation(f, ok, warm)
     except Exception as e:  # never lose the stats record over a session update
         log.error("%s: session update failed: %s", f.ctx.request_id, e)
     finally:
