@@ -62,3 +62,17 @@ def test_side_requests_of_the_same_session_do_not_take_over(relay: Any, mock_api
                           metadata={"user_id": _user_id(session)})
     last = mock_api.bodies("cc-main next")[-1]
     assert HISTORY_INTRO.strip() not in json.dumps(last) and "cc-title" not in json.dumps(last)
+
+
+def test_the_session_header_alone_names_the_conversation(relay: Any, mock_api: Any) -> None:
+    session = str(uuid.uuid4())
+    headers = {"X-Claude-Code-Session-Id": session}
+    with anthropic_client(relay.url) as c:
+        msgs: list[dict[str, Any]] = [{"role": "user", "content": "cc-header first"}]
+        a = c.messages.create(model="sonnet", max_tokens=64, system=BASE, messages=msgs, extra_headers=headers)
+        msgs += [{"role": "assistant", "content": a.content[0].text}, {"role": "user", "content": "cc-header next"}]
+        c.messages.create(model="sonnet", max_tokens=64, system=BASE + " (changed)", messages=msgs,
+                          extra_headers=headers)
+    last = mock_api.bodies("cc-header next")[-1]
+    assert HISTORY_INTRO.strip() not in json.dumps(last) and "(changed)" in json.dumps(last["system"])
+    assert [m["role"] for m in last["messages"] if m["role"] != "system"] == ["user", "assistant", "user"]

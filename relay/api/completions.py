@@ -17,6 +17,7 @@ from typing import Any
 from flask import Response, g, jsonify, request, stream_with_context
 
 from ..core.formats.base import Format, Parsed, TurnView
+from ..core.messages import in_claude_code_session
 from ..core.record import RequestRecord
 from ..errors import RelayError
 from ..pipeline import Exchange
@@ -46,6 +47,9 @@ def _front(fmt: Format, io: RouteIO, t0: float) -> Parsed:
         prior, conv = io.prior(body) if io.prior else (None, None)
         parsed = fmt.parse(body, current_relay().catalog, prior)
         parsed.conversation = conv
+        session = request.headers.get("X-Claude-Code-Session-Id", "")
+        if fmt.endpoint == "/v1/messages" and not parsed.req.user and 0 < len(session) <= 128:
+            in_claude_code_session(parsed.req, session)  # Claude Code without metadata.user_id
         vet(parsed.req)
         return parsed
     except RelayError as exc:

@@ -245,13 +245,20 @@ def parse_messages_request(body: Any, catalog: ModelCatalog, count_only: bool = 
         raise
     req.extras = {k: body[k] for k in IGNORED if k in body}
     if req.user:
-        first = next((m for m in req.messages if m["role"] == "user"), req.messages[0])
         session = claude_code_session(req.user)
-        if session:  # Claude Code: its session names the conversation, whose system prompt may change
-            req.user = f"cc:{session}\x00{digest('', [first])}"
-            req.system_may_change = True
-        else:
-            req.user = f"{req.user}\x00{digest(req.system, [first])}"
+        if session:
+            return in_claude_code_session(req, session)
+        first = next((m for m in req.messages if m["role"] == "user"), req.messages[0])
+        req.user = f"{req.user}\x00{digest(req.system, [first])}"
+    return req
+
+
+def in_claude_code_session(req: ChatRequest, session: str) -> ChatRequest:
+    """Claude Code's session names the conversation (with its opening, so side requests stay apart),
+    and its system prompt may change within it. From `metadata.user_id` or `X-Claude-Code-Session-Id`."""
+    first = next((m for m in req.messages if m["role"] == "user"), req.messages[0])
+    req.user = f"cc:{session}\x00{digest('', [first])}"
+    req.system_may_change = True
     return req
 
 
