@@ -81,7 +81,10 @@ def test_a_busy_key_cannot_keep_another_key_behind_its_whole_queue(relay_factory
         assert ops.result().status_code == 200 and [f.result().status_code for f in bulk] == [200] * 6
     ops_start = started(mock_api, "q3 ops")
     later = [i for i in range(6) if started(mock_api, f"q3 bulk-{i}") > ops_start]
-    assert len(later) == 4  # the first freed slot went to the other key, not to the busy key's queue
+    # the two running requests began together and free their slots together: the first goes to the other key,
+    # the second to the busy key's next waiter, and those two CLIs may reach the mock in either order (seen
+    # with the code before and after the pipeline). Behind the whole queue, none would start later.
+    assert len(later) >= 3
 
 
 def test_a_full_queue_answers_429_with_an_honest_retry_after(relay_factory, mock_api):
