@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
+from ..core.upstream import SessionMissing
 
 log = logging.getLogger("relay.cli")
 
@@ -97,15 +98,20 @@ def refusals_to_drop(records: list[dict[str, Any]]) -> set[int]:
     return drop
 
 
-def repair_transcript(path: Path, drop_refusals: bool, system_prompt: str | None = None) -> int:
+def repair_transcript(path: Path, drop_refusals: bool, system_prompt: str | None = None,
+                      resume_at: str | None = None) -> int:
     """Before a resume: take out the refusal records (see `refusals_to_drop`), and give the session the
     request's system prompt (a resumed CLI keeps the one in the transcript's `prompt_snapshot` records,
     whatever `--system-prompt-file` says: observed with 2.1.330). Atomic; returns how many records
-    changed. Runs under the conversation's lock, so no CLI writes the file meanwhile."""
+    changed. Runs under the conversation's lock, so no CLI writes the file meanwhile. A `resume_at` record
+    the file lacks (the CLI was killed before it wrote the tool-call message) is `SessionMissing`."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except FileNotFoundError:
         return 0
+    if resume_at and resume_at not in text:
+        raise SessionMissing(f"the transcript lacks the tool-call message {resume_at}")
+    lines = text.splitlines()
     records: list[dict[str, Any]] = []
     for line in lines:
         try:

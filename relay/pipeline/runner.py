@@ -70,10 +70,7 @@ def _spawn(f: Flight, plan: Plan) -> None:
     if plan.resume and plan.cli_session and not agent and (plan.resume_at or f.req.system_may_change):
         system = desc.prompt.system_text if desc.prompt.system_flag == "--system-prompt-file" else None
         path = transcript(env, Path(cwd), plan.cli_session)
-        _repair(f, path, bool(plan.resume_at), system if f.req.system_may_change else None)
-        if plan.resume_at and path.exists() and plan.resume_at not in path.read_text():
-            # the CLI never wrote the tool-call message (killed first): resuming there would fail
-            raise SessionMissing(f"the transcript lacks the tool-call message {plan.resume_at}")
+        _repair(f, path, plan.resume_at, system if f.req.system_may_change else None)
     spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
     proc, why = relay.pool.acquire(desc, plan, spec, f.account)
@@ -88,12 +85,12 @@ def _spawn(f: Flight, plan: Plan) -> None:
     f.run.start()
 
 
-def _repair(f: Flight, path: Path, drop_refusals: bool, system: str | None) -> None:
+def _repair(f: Flight, path: Path, resume_at: str | None, system: str | None) -> None:
     """Before a resumed step: the CLI's record of each interrupted tool step ("the user rejected this tool
     use") leaves the transcript, so the model sees every real result the client sent; a client whose
     system prompt changed (Claude Code) gets the new one applied."""
     try:
-        changed = repair_transcript(path, drop_refusals, system)
+        changed = repair_transcript(path, bool(resume_at), system, resume_at)
     except OSError as exc:  # the resume still works: earlier steps would read as refused, or the old prompt stay
         log.warning("%s: could not repair the transcript %s: %s", f.ctx.request_id, path.name, exc)
         return
