@@ -164,8 +164,26 @@ def _start_pool(server) -> None:
     server.log.info("pool server started on %s (pid %s)", sock, _pool_proc.pid)
 
 
+def _last_snapshot(server) -> None:
+    """Each worker writes log/stats.json as it exits; a worker killed outright (or hit by a second signal)
+    cannot. One more snapshot, by a short-lived program (this master never imports the app), keeps
+    everything Redis recorded before the private Redis stops."""
+    root = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    try:
+        done = subprocess.run([sys.executable, "-m", "relay", "stats", "snapshot"], cwd=root, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        server.log.warning("last stats snapshot: timed out")
+        return
+    if done.returncode:
+        server.log.warning("last stats snapshot: %s", (done.stderr.strip().splitlines() or ["?"])[-1])
+
+
 def on_exit(server):
-    """After every worker exited (and wrote its last stats snapshot): stop the private Redis."""
+    """After every worker exited (and wrote its last stats snapshot): one more snapshot, then stop the
+    pool server and the private Redis."""
+    _last_snapshot(server)
     if _pool_proc and _pool_proc.poll() is None:
         _pool_proc.send_signal(signal.SIGUSR1)  # it kills every CLI it holds, then exits
         try:

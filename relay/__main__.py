@@ -1,6 +1,6 @@
 """`python -m relay check` validates the configuration and the CLI before the server starts.
 
-Also: `keys` (API keys), `accounts` (Claude accounts) and `config --markdown` (the configuration
+Also: `keys` (API keys), `accounts` (Claude accounts), `stats snapshot` (write log/stats.json) and `config --markdown` (the configuration
 reference, docs/configuration.md, generated from `relay.config.SCHEMA`)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from .config import ConfigError, load_settings
 
@@ -81,6 +82,22 @@ def _accounts(action: str) -> int:
     return 1 if bad else 0
 
 
+def _snapshot() -> int:
+    from .state.connection import connect
+    from .state.stats import Stats
+
+    settings = load_settings()
+    stats = Stats(connect(settings["redis_url"]), settings.path("log_dir") / "stats.json",
+                  settings["max_requests_per_day"], settings["stats.log_first_message"], settings["prices"])
+    deadline = time.monotonic() + 10
+    while not stats.write_snapshot():  # a worker still writing its own: wait for it, boundedly
+        if time.monotonic() > deadline:
+            print("relay: stats snapshot skipped: another process held the lock for 10 s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -99,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     rev.add_argument("name")
     acc = sub.add_parser("accounts", help="Claude accounts: their shared state, or whether their logins work")
     acc.add_argument("action", choices=["list", "check"])
+    stats = sub.add_parser("stats", help="the stats history in Redis")
+    stats.add_argument("action", choices=["snapshot"], help="write log/stats.json now (the master runs this "
+                       "after the workers exit, so a worker killed outright loses nothing recorded)")
     conf = sub.add_parser("config", help="print the configuration reference")
     conf.add_argument("--markdown", action="store_true", required=True,
                       help="as Markdown, generated from relay/config.py (this is docs/configuration.md)")
@@ -112,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check()
     if args.cmd == "accounts":
         return _accounts(args.action)
+    if args.cmd == "stats":
+        return _snapshot()
     from .state import apikeys as auth
 
     if args.action == "add":

@@ -83,6 +83,15 @@ class DeadlineGeventWorker(GeventWorker):
         self.body_s = settings["client_body_timeout_s"]
         super().init_process()
 
+    def handle_quit(self, sig: Any, frame: Any) -> None:
+        """Ctrl-C reaches a worker twice (SIGINT from the terminal's process group, then SIGQUIT from the
+        master): the second `sys.exit` would be thrown into the first exit's atexit work (the last stats
+        snapshot, mid Redis call). Once quitting, later quit signals are ignored."""
+        if getattr(self, "_quitting", False):
+            return
+        self._quitting = True
+        super().handle_quit(sig, frame)
+
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         client.setblocking(1)
         super().handle(listener, DeadlineSocket(client, self.header_s, self.body_s), addr)

@@ -45,10 +45,36 @@ def test_stopping_keeps_the_last_snapshot_and_leaves_nothing_running(how, tmp_pa
     assert not [pid for pid in redis + workers if _alive(pid)]
     log = srv.log()
     assert "final snapshot failed" not in log and "snapshot failed" not in log, log[-2000:]
+    assert "Exception ignored in atexit" not in log and "last stats snapshot" not in log, log[-3000:]
     snap = json.loads((tmp_path / "log" / "stats.json").read_text())
     recorded = [req["request_id"] for m in snap["months"].values() for d in m["days"].values() for req in d["requests"]]
     assert rid in recorded
     assert not (tmp_path / "var" / "redis.sock").exists()
+
+
+def test_a_worker_killed_outright_loses_no_recorded_request(tmp_path, mock_api, cli_bin):
+    """Every worker is SIGKILLed after answering (no atexit, no last snapshot of its own): what Redis
+    recorded still reaches log/stats.json at shutdown (by the replacements' or the master's snapshot)."""
+    env = relay_env("", cli_bin, mock_api.url, tmp_path, {"RELAY_STATS__SNAPSHOT_INTERVAL_S": "3600"})
+    env.pop("REDIS_URL")
+    srv = RelayServer(tmp_path, env).start()
+    try:
+        workers = [p for p in psutil.Process(srv.proc.pid).children() if p.name() != "redis-server"]
+        r = requests.post(srv.url + "/v1/chat/completions", headers={"x-request-id": "killed-worker"}, timeout=120,
+                          json={"model": "sonnet", "messages": [{"role": "user", "content": "sd2 then killed"}]})
+        assert r.status_code == 200
+        for w in workers:
+            w.kill()
+        psutil.wait_procs(workers, timeout=10)
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(60)
+    finally:
+        if srv.proc.poll() is None:
+            os.killpg(srv.proc.pid, signal.SIGKILL)
+        srv._log.close()
+    snap = json.loads((tmp_path / "log" / "stats.json").read_text())
+    recorded = [req["request_id"] for m in snap["months"].values() for d in m["days"].values() for req in d["requests"]]
+    assert "killed-worker" in recorded
 
 
 def test_a_redis_left_by_a_killed_relay_is_stopped_before_a_new_one_starts(tmp_path, mock_api, cli_bin):
