@@ -165,6 +165,11 @@ SCHEMA: dict[str, Field] = {
     "first_token_timeout_s": Field(float, 120.0, "Kill a run with no model output after this long.", _POS),
     "idle_timeout_s": Field(float, 120.0, "Kill a run whose output stops for this long.", _POS),
     "total_timeout_s": Field(float, 900.0, "Kill a run that lasts longer than this.", _POS),
+    "tool_wait_s": Field(float, 900.0, "How long a CLI process that called the client's functions waits, held in the "
+                         "host's pool, for the request bringing their results (a warm tool step: no spawn, no "
+                         "resume). It counts against pool.max_warm; past this it is ended and the step resumes "
+                         "from the transcript. 0: every tool step ends the process (a cold start each).",
+                         _between(0, 86400)),
     "keepalive_s": Field(float, 5.0, "SSE keep-alive comment interval while the model is silent.", _POS),
     "cli_max_retries": Field(int, 1, "CLAUDE_CODE_MAX_RETRIES for the CLI (0-15).", _between(0, 15)),
     "upstream_retry_after_s": Field(int, 30, "Retry-After for an upstream 429 that gives no reset time.",

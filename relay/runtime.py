@@ -67,7 +67,8 @@ class Relay:
         self.limiter: Limiter | None = None   # set by api.init_app
         self.expose_reasoning: bool = settings["relay.expose_reasoning"]
         self.pool = ProcessSource(socket_path(settings.path("var_dir")), settings["pool.enabled"], self.host,
-                                  self.cli_env, settings["default_model"], PoolTally(self._redis, self.host))
+                                  self.cli_env, settings["default_model"], PoolTally(self._redis, self.host),
+                                  settings["tool_wait_s"])
         self._cli: dict[str, Any] = {}
         self._cli_checked = 0.0
         self.check_cli(force=True)

@@ -198,8 +198,9 @@ def spare_controls(desc: RunDescription) -> list[dict[str, object]]:
 
 def settings_fingerprint(desc: RunDescription) -> str:
     """What a process was configured with beyond its session: a warm process serves a later turn only
-    with the same model, system prompt, effort and schema (changing them mid-session pollutes it)."""
+    with the same model, system prompt, effort, schema and client functions (its MCP server declares them
+    at spawn; changing them mid-session pollutes it)."""
     p = desc.prompt
-    raw = json.dumps([desc.model, p.system_flag, p.system_text, desc.effort, desc.json_schema, desc.prompt_cache],
-                     sort_keys=True)
+    raw = json.dumps([desc.model, p.system_flag, p.system_text, desc.effort, desc.json_schema, desc.prompt_cache,
+                      desc.client_tools], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]

@@ -17,6 +17,7 @@ from typing import Any
 from ..core.events import TOOL_PREFIX, Delta, Turn
 from ..core.upstream import SessionMissing
 from ..errors import RelayError, Timeout, UpstreamError
+from .mcp_server import RESULT_KEY
 from .process import EOF, CliLike, CliProcess, RunSpec
 
 log = logging.getLogger("relay.run")
@@ -29,7 +30,7 @@ class Limits:
 
 class Run:
     def __init__(self, spec: RunSpec | None, limits: Limits, allow_tools: frozenset[str] = frozenset(),
-                 proc: CliLike | None = None) -> None:
+                 proc: CliLike | None = None, hold_tools: bool = False) -> None:
         self.spec = spec
         self.limits = limits
         if proc is None:  # spawned here from `spec`, unless the host's pool serves it (cli/pool/client.py)
@@ -44,6 +45,10 @@ class Run:
         self.last_event_at = 0.0
         self.cancelled = False
         self.finished = False
+        # hold_tools: a turn that calls the client's functions pauses with their permission requests
+        # unanswered (the process is then held in the pool) instead of being interrupted
+        self.hold_tools = hold_tools
+        self.pending: dict[str, dict[str, Any]] = {}   # tool_use id -> {"request_id", "input"}
 
     def start(self) -> None:
         self.started = self.last_event_at = time.monotonic()
@@ -89,14 +94,37 @@ class Run:
             now = self.last_event_at = time.monotonic()
             if ev.get("type") == "control_request":
                 self._control(ev)
+                self._pause_if_asked()
                 continue
             deltas = self.turn.feed(ev)
-            if self.turn.tool_calls and self.turn.stop_reasons[-1:] == ["tool_use"]:
+            if self.turn.tool_calls and self.turn.stop_reasons[-1:] == ["tool_use"] and not self.hold_tools:
                 self._interrupt_for_tools()
             if deltas:
                 if self.first_token_at is None:
                     self.first_token_at = now
                 yield deltas
+            self._pause_if_asked()
+
+    def _pause_if_asked(self) -> None:
+        """A held step ends here: the model's message is complete and the CLI asks to run each of the
+        client's calls in it. The process waits, unanswered, for the request that brings the results."""
+        turn = self.turn
+        if not (self.hold_tools and turn.tool_calls and not turn.done):
+            return
+        if turn.streamed_tools and turn.stop_reasons[-1:] != ["tool_use"]:
+            return
+        if all(c.id in self.pending for c in turn.tool_calls):
+            turn.held = turn.done = turn.committed = True
+
+    def give_results(self, pending: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+        """A held process's next step: allow each waiting call with the client's result, which the
+        relay's MCP server returns as the tool's output (the model's own call keeps its input)."""
+        self.turn.continued = True
+        for tool_id, asked in pending.items():
+            given = dict(asked.get("input") or {}, **{RESULT_KEY: results[tool_id]})
+            self.proc.send({"type": "control_response", "response": {
+                "subtype": "success", "request_id": asked.get("request_id"),
+                "response": {"behavior": "allow", "updatedInput": given}}})
 
     def _control(self, ev: dict[str, Any]) -> None:
         """Permission requests (`--permission-prompt-tool stdio`): the client's functions are taken
@@ -107,6 +135,10 @@ class Run:
                 "subtype": "error", "request_id": ev.get("request_id"), "error": "not supported by the relay"}})
             return
         name = str(req.get("tool_name") or "")
+        if name.startswith(TOOL_PREFIX) and self.hold_tools:
+            self.pending[str(req.get("tool_use_id") or "")] = {"request_id": ev.get("request_id"),
+                                                               "input": req.get("input") or {}}
+            return
         if name.startswith(TOOL_PREFIX):
             # a call of the API client's: stop the turn once the model's message is complete
             if not self.turn.streamed_tools or self.turn.stop_reasons[-1:] == ["tool_use"]:
@@ -141,7 +173,7 @@ class Run:
         if self.finished:
             return
         self.finished = True
-        if self.turn.done and not self.cancelled:
+        if self.turn.done and not self.cancelled and not self.turn.held:
             self.proc.close_stdin()
             # a turn stopped at the client's tool calls is resumed at its tool-call record: give the CLI
             # time to finish writing its transcript even on a loaded host

@@ -84,4 +84,4 @@ def env(config_dir: str, credential_var: str, placeholder: str, max_retries: int
             "LANG": "C.UTF-8", "TMPDIR": "/tmp", "ANTHROPIC_UNIX_SOCKET": API_SOCKET,
             "ANTHROPIC_BASE_URL": "http://localhost", credential_var: placeholder,
             "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "CLAUDE_CODE_MAX_RETRIES": str(max_retries)}
+            "CLAUDE_CODE_MAX_RETRIES": str(max_retries), "CLAUDE_CODE_SILENT_TURN_REMINDER": "0"}

@@ -55,6 +55,9 @@ def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> d
     env = {k: v for k, v in base.items() if k not in SCRUB_ENV and not k.startswith("RELAY_")}
     env["CLAUDE_CODE_MAX_RETRIES"] = str(max_retries)
     env.setdefault("DISABLE_AUTOUPDATER", "1")
+    # the CLI's own "The user hasn't heard from you in a while" system message in a long turn (a held
+    # tool loop is one turn): text no client sent; observed with 2.1.330, "0" turns it off
+    env.setdefault("CLAUDE_CODE_SILENT_TURN_REMINDER", "0")
     if config_dir:
         env["CLAUDE_CONFIG_DIR"] = config_dir
     return env

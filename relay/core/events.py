@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TOOL_PREFIX = "mcp__client__"
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 @dataclass
@@ -50,6 +51,12 @@ class Turn:
     interrupted_for_tools: bool = False
     structured_output: Any = None
     start_usage: dict[str, Any] | None = None   # the first API call's message_start usage (input and cache)
+    # A held tool step (the process waits for the client's results, cli/run.py): the CLI's turn spans
+    # several requests, and its `result` (cumulative over the whole turn) comes only at the end, so each
+    # request counts the usage of its own API calls, from their message_start / message_delta events.
+    held: bool = False                  # this request ended at the client's tool calls, its process held
+    continued: bool = False             # this request continued a held process's turn
+    _call_usage: dict[str, dict[str, int]] = field(default_factory=dict)  # API message id -> its usage
     _msg_text: dict[str, str] = field(default_factory=dict)      # message id -> assembled text
     _streamed: dict[str, str] = field(default_factory=dict)      # message id -> streamed text
     _current: str = ""
@@ -122,8 +129,10 @@ class Turn:
             self.model = msg.get("model") or self.model
             if self.start_usage is None and isinstance(msg.get("usage"), dict):
                 self.start_usage = msg["usage"]
+            self._count_usage(msg_id, msg.get("usage"))
             return []
         if et == "message_delta":
+            self._count_usage(msg_id, e.get("usage"))
             reason = (e.get("delta") or {}).get("stop_reason")
             if reason:
                 self.stop_reasons.append(reason)
@@ -152,6 +161,12 @@ class Turn:
                 self.tool_calls[idx].arguments += d["partial_json"]
                 return [Delta("tool_args", d["partial_json"], index=idx)]
         return []
+
+    def _count_usage(self, msg_id: str, usage: Any) -> None:
+        """message_start carries input and cache, message_delta the output so far (cumulative per message)."""
+        if isinstance(usage, dict):
+            seen = self._call_usage.setdefault(msg_id, {})
+            seen.update({k: int(v) for k, v in usage.items() if k in USAGE_KEYS and isinstance(v, int)})
 
     def _tool_start(self, tool_id: str, name: str, block_index: int) -> list[Delta]:
         if tool_id in self._tool_index:
@@ -225,11 +240,16 @@ class Turn:
 
     @property
     def usage(self) -> dict[str, int] | None:
+        if self.held or self.continued:  # this request's own API calls (see `held`)
+            if not self._call_usage:
+                return None
+            out = {k: sum(u.get(k, 0) for u in self._call_usage.values()) for k in USAGE_KEYS}
+            out["reasoning_tokens"] = 0
+            return out
         u = self.result.get("usage")
         if not isinstance(u, dict):
             return None
-        keys = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-        out = {k: int(u.get(k) or 0) for k in keys}
+        out = {k: int(u.get(k) or 0) for k in USAGE_KEYS}
         details = u.get("output_tokens_details") or {}
         out["reasoning_tokens"] = int(details.get("thinking_tokens") or 0)
         return out

@@ -104,6 +104,31 @@ def tool_results_content(messages: list[dict[str, Any]], pending: list[str]) -> 
     return content
 
 
+def held_results(messages: list[dict[str, Any]], pending: list[str]) -> dict[str, dict[str, Any]] | None:
+    """The client's results for a held tool step, as the MCP results the waiting process returns (one
+    per pending call, by id); None when the step cannot continue that way (the client also sent new
+    text, or a result holds what MCP cannot carry, e.g. a document or an image by URL): the step then
+    resumes from the transcript with the same exact history."""
+    content = tool_results_content(messages, pending)
+    results = [b for b in content if b.get("type") == "tool_result"]
+    if len(results) != len(content) or [b["tool_use_id"] for b in results] != pending:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for b in results:
+        parts = b["content"] if isinstance(b["content"], list) else [{"type": "text", "text": b["content"]}]
+        mcp: list[dict[str, Any]] = []
+        for part in parts:
+            src = part.get("source") or {}
+            if part.get("type") == "text":
+                mcp.append({"type": "text", "text": part.get("text", "")})
+            elif part.get("type") == "image" and src.get("type") == "base64":
+                mcp.append({"type": "image", "data": src.get("data", ""), "mimeType": src.get("media_type", "")})
+            else:
+                return None
+        out[b["tool_use_id"]] = {"content": mcp, "isError": bool(b.get("is_error"))}
+    return out
+
+
 def build_prompt(system: str, messages: list[dict[str, Any]], mode: str, first_turn: bool,
                  pending_calls: list[str] | None = None) -> Prompt:
     """The prompt for `messages` (the ones the CLI session has not seen yet).

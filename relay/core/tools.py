@@ -85,7 +85,10 @@ def parse_tools(body: dict[str, Any]) -> ToolSpec:
         desc = fn.get("description") or ""
         if not isinstance(desc, str):
             raise BadRequest(f"{p}.description must be a string", param=f"{p}.description")
-        spec.tools.append({"name": name, "description": desc, "inputSchema": _schema(fn.get("parameters"), f"{p}.parameters")})
+        # readOnlyHint: the CLI then asks for every parallel call of a message at once (without it, one
+        # at a time, each after the previous one's result), so a held step hands them all to the client
+        spec.tools.append({"name": name, "description": desc, "annotations": {"readOnlyHint": True},
+                           "inputSchema": _schema(fn.get("parameters"), f"{p}.parameters")})
     choice = body.get("tool_choice", body.get("function_call"))
     param = "tool_choice" if "tool_choice" in body else "function_call"
     if choice is None or choice == "auto":

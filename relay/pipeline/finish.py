@@ -95,11 +95,14 @@ def _release(f: Flight) -> None:
 def _keep_warm(f: Flight, ok: bool) -> str | None:
     """After a clean turn on a pool process: keep it for the conversation's next turn, and return
     the marker the conversation's record carries. Anything else (an error, a cancel, the client's
-    tool calls) leaves it to be killed when the run ends."""
+    tool calls, unless the turn paused for them: then it is held) leaves it to be killed when the run ends."""
     assert f.run
     turn = f.run.turn
-    if not (ok and turn.done and f.plan and f.plan.conv_key) or turn.tool_calls \
-            or turn.interrupted_for_tools or turn.result.get("is_error"):
+    if not (ok and turn.done and f.plan and f.plan.conv_key):
+        return None
+    if turn.held:  # the turn paused at the client's calls: its process waits for their results
+        return f.relay.pool.hold(f.run.proc)
+    if turn.tool_calls or turn.interrupted_for_tools or turn.result.get("is_error"):
         return None
     return f.relay.pool.keep(f.run.proc)
 

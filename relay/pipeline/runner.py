@@ -10,10 +10,12 @@ from pathlib import Path
 
 from ..cli.agent import conversation_dirs
 from ..cli.invocation import build_spec
+from ..cli.process import RunSpec
 from ..cli.run import DisconnectWatcher, Limits, Run
 from ..cli.session_files import repair_transcript, transcript
 from ..core.conversation import Plan
-from ..core.run_description import describe, prompt_cache
+from ..core.prompt import held_results
+from ..core.run_description import RunDescription, describe, prompt_cache
 from ..core.upstream import SessionMissing, classify, is_account_error
 from ..errors import RelayError
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
@@ -67,12 +69,14 @@ def _spawn(f: Flight, plan: Plan) -> None:
     # keys never share agent folders: the conversation id is scoped to the caller's key
     cwd, state = conversation_dirs(agent, f"{f.ctx.scope}\x00{f.conv}") if agent else (relay.cli_cwd, None)
     env = relay.account_envs.get(f.account or "", relay.cli_env)  # the chosen account's login
+    spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
+    limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
+    if _continue_held(f, plan, desc, spec, limits):
+        return
     if plan.resume and plan.cli_session and not agent and (plan.resume_at or f.req.system_may_change):
         system = desc.prompt.system_text if desc.prompt.system_flag == "--system-prompt-file" else None
         path = transcript(env, Path(cwd), plan.cli_session)
         _repair(f, path, plan.resume_at, system if f.req.system_may_change else None)
-    spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
-    limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
     proc, why = relay.pool.acquire(desc, plan, spec, f.account)
     if proc is not None:
         f.pool_use = proc.how + (f": {proc.reason}" if proc.reason else "")
@@ -80,9 +84,35 @@ def _spawn(f: Flight, plan: Plan) -> None:
             plan.cli_session = proc.session_id
     elif relay.pool.enabled:
         f.pool_use = f"local: {why}"
-    f.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc)
+    hold = bool(desc.client_tools) and proc is not None and relay.pool.holds(proc)
+    f.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc, hold_tools=hold)
     relay.active[f.cid] = f.run
     f.run.start()
+
+
+def _continue_held(f: Flight, plan: Plan, desc: RunDescription, spec: RunSpec, limits: Limits) -> bool:
+    """The step after a held one: the process that made the calls is still waiting in the host's pool;
+    give it the client's results and it goes on with the same turn (no spawn, no resume). False when it
+    is gone or cannot take them: the step then resumes from the (repaired) transcript."""
+    if not (plan.resume_at and plan.warm and desc.client_tools):
+        return False
+    results = held_results(plan.send, plan.pending_calls)
+    proc, why = f.relay.pool.acquire(desc, plan, spec, f.account) if results is not None else (None, "")
+    plan.warm = None  # whatever happens now, the fallback is a resume from the transcript
+    if proc is None or results is None:
+        f.pool_use = f"resumed: {why or 'results the held process cannot take'}"
+        return False
+    if set(proc.pending) != set(results):  # another step's calls: end it (the pool kills it on hang-up)
+        log.warning("%s: the held process waits on other calls; resuming instead", f.ctx.request_id)
+        proc.kill()
+        f.pool_use = "resumed: the held process waits on other calls"
+        return False
+    f.pool_use = "held"
+    f.run = Run(spec, limits, proc=proc, hold_tools=True)
+    f.relay.active[f.cid] = f.run
+    f.run.start()
+    f.run.give_results(proc.pending, results)
+    return True
 
 
 def _repair(f: Flight, path: Path, resume_at: str | None, system: str | None) -> None:

@@ -46,7 +46,7 @@ class Sessions:
             if rec.get("resume_at"):
                 plan.resume_at = rec["resume_at"]
                 plan.pending_calls = json.loads(rec.get("pending_calls") or "[]")
-            elif rec.get("warm") and rec.get("model") == model:
+            if rec.get("warm") and rec.get("model") == model:  # a warm process, or one held at the tool calls
                 plan.warm = rec["warm"]
             return plan
         plan = self.fresh(key, system, messages, model, scope)

@@ -21,6 +21,7 @@ from .protocol import (
     Channel,
     EndOfRun,
     Header,
+    HoldRequest,
     KeepReply,
     KeepRequest,
     ProtocolError,
@@ -44,6 +45,7 @@ class PooledProcess:
         self.reason = header.reason
         self.session_id = header.session_id
         self.pool_pid = header.pid
+        self.pending = header.pending   # a held process: the permission requests it waits on
         self.events: queue.Queue[Any] = queue.Queue()
         self.replies: queue.Queue[KeepReply | None] = queue.Queue()
         self.bytes_written = sent
@@ -87,9 +89,17 @@ class PooledProcess:
 
     def keep(self, timeout: float = 10.0) -> tuple[str, int] | None:
         """Ask the pool to keep the process for the conversation's next turn: its (id, turn count)."""
+        return self._ask(KeepRequest().to_wire(), timeout)
+
+    def hold(self, wait_s: float, timeout: float = 10.0) -> tuple[str, int] | None:
+        """The turn paused at the client's tool calls: ask the pool to keep the process waiting for the
+        results (for up to `wait_s`): its (id, turn count)."""
+        return self._ask(HoldRequest(wait_s).to_wire(), timeout)
+
+    def _ask(self, line: dict[str, Any], timeout: float) -> tuple[str, int] | None:
         if self._closed:
             return None
-        self.bytes_written += self.chan.write(KeepRequest().to_wire())
+        self.bytes_written += self.chan.write(line)
         try:
             reply = self.replies.get(timeout=timeout)
         except queue.Empty:
@@ -153,6 +163,8 @@ class PoolClient:
             return None, self._mismatched(str(exc))
         if header is None or not header.started:
             chan.close()
+            if header is not None and request.want == "held":  # expired, recycled: resume from the transcript
+                return None, header.error
             log.warning("pool: the pool server could not start the run: %s", header.error if header else "no answer")
             return None, "pool server unavailable"
         chan.sock.settimeout(None)

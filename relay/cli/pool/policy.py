@@ -21,14 +21,23 @@ class Route:
 
 
 def route(desc: RunDescription, plan: Plan, env: dict[str, str], account: str | None, host: str,
-          host_env: dict[str, str], default_model: str) -> Route:
+          host_env: dict[str, str], default_model: str, hold_tools: bool = False) -> Route:
     """Spares hold the host's own login; a run on another account gets a process with its own
-    environment (cold in the pool), and a warm process serves only the turn its marker names."""
-    local = ("agent mode" if desc.agent else "function calling" if desc.client_tools
+    environment (cold in the pool), and a warm process serves only the turn its marker names. With
+    `hold_tools`, runs with the client's functions are pooled too: a step that calls them is held
+    waiting for the results, and the request bringing them takes it ("held")."""
+    local = ("agent mode" if desc.agent else "function calling" if desc.client_tools and not hold_tools
              else "sessions off" if not plan.conv_key or not plan.cli_session else "")
-    if local:  # agent runs stay cold (own working directory, sandboxing); tools answer permissions
+    if local:  # agent runs stay cold (own working directory, sandboxing)
         return Route(pooled=False, why=local)
     new = plan.first_turn and not plan.resume
+    if plan.resume_at and plan.warm and desc.client_tools:
+        marker = WarmMarker.parse(plan.warm)
+        if marker is not None and marker.host == host:
+            return Route(pooled=True, want="held", warm=marker)
+        return Route(pooled=True, why="held by another host")
+    if new and desc.client_tools:
+        return Route(pooled=True, why="function calling (spares declare no client functions)")
     # spares hold the host's own login and the CLI's default prompt caching; the run's own temp folder
     # (CLAUDE_CODE_TMPDIR) is the only per-run difference a spare may ignore (it has its own)
     flavour = {k: v for k, v in env.items() if k in CACHE_ENV}  # prompt caching: spares follow demand

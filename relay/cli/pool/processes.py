@@ -88,6 +88,9 @@ class Managed:
         self.turns = 0
         self.identity: tuple[Any, ...] = ()
         self.flavour: dict[str, str] = {}  # prompt-caching environment a spare was spawned with
+        # a held tool step: the permission requests the CLI waits on (tool_use id -> request id, input)
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.hold_until = 0.0
         self._seen: dict[str, Any] = {"modelUsage": {}}
 
     @property
@@ -155,6 +158,7 @@ class WarmPool:
         self.identity = identity()
         self.spares: list[Managed] = []
         self.warm: dict[str, Managed] = {}     # conversation key -> its idle warm process
+        self.held: dict[str, Managed] = {}     # conversation key -> its process waiting for tool results
         self.busy: set[Managed] = set()
         self.hits: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
@@ -252,9 +256,10 @@ class WarmPool:
 
     def drop_conversation(self, conv: str, why: str) -> None:
         """The conversation starts over elsewhere (a fresh session or a cold resume): its old process goes."""
-        m = self.warm.pop(conv, None)
-        if m is not None:
-            self.discard(m, why)
+        for group in (self.warm, self.held):
+            m = group.pop(conv, None)
+            if m is not None:
+                self.discard(m, why)
 
     def adopt(self, proc: CliProcess, session_id: str, model: str) -> Managed:
         """A cold run started by the pool: it can be kept warm afterwards like any other."""
@@ -275,12 +280,55 @@ class WarmPool:
             self.discard(m, why)
             return why
         self.drop_conversation(conv, "replaced")
-        while len(self.warm) >= self.limits.max_warm:
-            lru = min(self.warm, key=lambda c: self.warm[c].last_used)
-            self.discard(self.warm.pop(lru), "lru")
+        self._make_room()
         m.conv, m.fingerprint = conv, fingerprint
         self.warm[conv] = m
         return ""
+
+    def _make_room(self) -> None:
+        """Held and warm processes share `max_warm`: the least recently used idle one goes first, a held
+        one (waiting for a client's tool results) only when no idle one is left."""
+        while self.warm or self.held:
+            if len(self.warm) + len(self.held) < self.limits.max_warm:
+                return
+            group = self.warm or self.held
+            lru = min(group, key=lambda c: group[c].last_used)
+            self.discard(group.pop(lru), "lru" if group is self.warm else "lru_held")
+
+    # -- held tool steps -------------------------------------------------------------------------
+    def hold(self, m: Managed, conv: str, fingerprint: str, wait_s: float) -> str:
+        """The turn paused at the client's tool calls: `m` waits (its permission requests unanswered)
+        until the results come or `wait_s` passes; returns why not, or ""."""
+        self.busy.discard(m)
+        why = ("hold_off" if wait_s <= 0 or self.limits.max_warm <= 0 else "exited" if not m.alive
+               else "nothing_pending" if not m.pending else "")
+        if why:
+            self.discard(m, why)
+            return why
+        self.drop_conversation(conv, "replaced")
+        old = self.held.pop(conv, None)
+        if old is not None:
+            self.discard(old, "replaced")
+        self._make_room()
+        m.conv, m.fingerprint = conv, fingerprint
+        m.last_used = time.monotonic()
+        m.hold_until = m.last_used + wait_s
+        self.held[conv] = m
+        return ""
+
+    def take_held(self, conv: str, proc_id: str, fingerprint: str) -> tuple[Managed | None, str]:
+        """The conversation's held process for the request that brings the results (not drained: it
+        printed nothing since, and must lose nothing)."""
+        m = self.held.pop(conv, None)
+        if m is None:
+            return None, "not held on this host"
+        why = ("stale (a turn ran elsewhere)" if m.id != proc_id else "settings changed"
+               if m.fingerprint != fingerprint else "exited" if not m.alive else "")
+        if why:
+            self.discard(m, "stale" if why.startswith("stale") else why.replace(" ", "_"))
+            return None, why
+        self.busy.add(m)
+        return m, ""
 
     def _recycle_reason(self, m: Managed) -> str:
         lim = self.limits
@@ -302,6 +350,8 @@ class WarmPool:
             self.spares.remove(m)
         if m.conv and self.warm.get(m.conv) is m:
             del self.warm[m.conv]
+        if m.conv and self.held.get(m.conv) is m:
+            del self.held[m.conv]
         self.killed[why] += 1
         m.proc.kill()
 
@@ -323,6 +373,11 @@ class WarmPool:
                 self.discard(m, "prompt_cache_changed")
             elif now - m.born >= self.limits.max_age:
                 self.discard(m, "max_age")
+        for m in list(self.held.values()):
+            if now >= m.hold_until:
+                self.discard(m, "tool_wait")  # the client never sent its results: the next turn resumes
+            elif not m.alive:
+                self.discard(m, "exited")
         for m in list(self.warm.values()):
             if now - m.last_used >= self.limits.idle_ttl:
                 self.discard(m, "idle_ttl")
@@ -332,12 +387,14 @@ class WarmPool:
                     self.discard(m, why)
 
     def shutdown(self) -> None:
-        for m in list(self.spares) + list(self.warm.values()) + list(self.busy):
+        for m in list(self.spares) + list(self.warm.values()) + list(self.held.values()) + list(self.busy):
             self.discard(m, "shutdown")
 
     def stats(self) -> dict[str, Any]:
         return {"spares": {"target": self.limits.spares, "ready": sum(1 for m in self.spares if m.ready),
                            "starting": sum(1 for m in self.spares if not m.ready), "prompt_cache_env": self.flavour},
                 "warm": [m.stats() for m in self.warm.values()], "busy": len(self.busy),
+                "held": [dict(m.stats(), calls=len(m.pending), waits_s=round(m.hold_until - time.monotonic(), 1))
+                         for m in self.held.values()],
                 "max_warm": self.limits.max_warm, "hits": dict(self.hits), "misses": dict(self.misses),
                 "killed": dict(self.killed), "problem": self.last_problem or None, "pid": os.getpid()}

@@ -7,7 +7,11 @@ One connection is one run (or one stats request):
     server -> Header (how spare|warm|cold, or none with the refusal's error)
     server -> the CLI's stdout lines, then EndOfRun, or after `result` nothing until
     worker -> KeepRequest                           -> server -> KeepReply
+    worker -> HoldRequest (the turn paused at the client's tool calls, before any `result`) -> KeepReply
     worker -> any other line goes to the CLI's stdin (control responses, interrupts)
+
+A held process (want "held") is taken by the worker that has the client's results: its Header lists
+the permission requests the CLI is waiting on, and the worker answers them on the CLI's stdin.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any
 
 # 1 was the unversioned protocol (relay/cli/pool_server.py). A server left running by `kill -HUP` with
 # workers of another version refuses them, or they hang up on it: either way they run the CLI cold.
-PROTOCOL_VERSION = 2
+# 3 added held tool steps (want "held", HoldRequest, Header.pending).
+PROTOCOL_VERSION = 3
 SERVER_MODULE = "relay.cli.pool.server"   # `python -m` it; gunicorn's master does
 POOL_TYPE = "pool"                        # the `type` of the pool's own lines among the CLI's events
 
@@ -113,7 +118,7 @@ class ColdSpec:
 
 @dataclass
 class RunRequest:
-    want: str | None                 # "spare" | "warm" | None (cold in the pool)
+    want: str | None                 # "spare" | "warm" | "held" | None (cold in the pool)
     why: str                         # why not the preferred process (counted as the miss when cold)
     conv: str
     model: str
@@ -132,7 +137,7 @@ class RunRequest:
     def from_wire(cls, obj: dict[str, Any]) -> RunRequest:
         _check_version(obj, "the worker")
         cold = obj.get("cold")
-        if not isinstance(cold, dict) or obj.get("want") not in ("spare", "warm", None):
+        if not isinstance(cold, dict) or obj.get("want") not in ("spare", "warm", "held", None):
             raise ProtocolError("a run request needs `cold` and a known `want`")
         controls = obj.get("controls")
         return cls(want=obj.get("want"), why=str(obj.get("why") or ""), conv=str(obj.get("conv") or ""),
@@ -170,6 +175,16 @@ class KeepRequest:
         return {"type": POOL_TYPE, "op": "keep"}
 
 
+@dataclass
+class HoldRequest:
+    """The turn paused at the client's tool calls: keep the process waiting (its permission requests
+    unanswered) for up to `wait_s`, for the request that brings the results."""
+    wait_s: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": POOL_TYPE, "op": "hold", "wait_s": self.wait_s}
+
+
 # -- server -> worker --------------------------------------------------------------------------------
 @dataclass
 class Header:
@@ -180,6 +195,8 @@ class Header:
     pid: int | None = None
     proc: str = ""
     error: str = ""                  # how "none": the refusal
+    # how "held": tool_use id -> {"request_id", "input"} of each permission request the CLI waits on
+    pending: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def refusal(cls, error: str) -> Header:
@@ -187,7 +204,7 @@ class Header:
 
     @property
     def started(self) -> bool:
-        return self.how in ("spare", "warm", "cold")
+        return self.how in ("spare", "warm", "held", "cold")
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": POOL_TYPE, "v": PROTOCOL_VERSION, **asdict(self)}
@@ -198,7 +215,8 @@ class Header:
         pid = obj.get("pid")
         return cls(how=str(obj.get("how") or "none"), reason=str(obj.get("reason") or ""),
                    session_id=str(obj.get("session_id") or ""), pid=pid if isinstance(pid, int) else None,
-                   proc=str(obj.get("proc") or ""), error=str(obj.get("error") or ""))
+                   proc=str(obj.get("proc") or ""), error=str(obj.get("error") or ""),
+                   pending=obj["pending"] if isinstance(obj.get("pending"), dict) else {})
 
 
 @dataclass
@@ -222,7 +240,7 @@ class KeepReply:
         return {"type": POOL_TYPE, **asdict(self)}
 
 
-def parse_pool_line(obj: dict[str, Any]) -> EndOfRun | KeepReply | KeepRequest | None:
+def parse_pool_line(obj: dict[str, Any]) -> EndOfRun | KeepReply | KeepRequest | HoldRequest | None:
     """One of the pool's own lines after the header; None for a CLI line (an event, or stdin)."""
     if obj.get("type") != POOL_TYPE:
         return None
@@ -231,6 +249,9 @@ def parse_pool_line(obj: dict[str, Any]) -> EndOfRun | KeepReply | KeepRequest |
         return EndOfRun(rc if isinstance(rc, int) else None, str(obj.get("stderr") or ""))
     if obj.get("op") == "keep":
         return KeepRequest()
+    if obj.get("op") == "hold":
+        wait = obj.get("wait_s")
+        return HoldRequest(float(wait) if isinstance(wait, (int, float)) else 0.0)
     return KeepReply(bool(obj.get("kept")), str(obj.get("reason") or ""), str(obj.get("proc") or ""),
                      int(obj.get("turns") or 0))
 

@@ -26,6 +26,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ...config import ConfigError, load_settings  # noqa: E402
+from ...core.events import TOOL_PREFIX  # noqa: E402
 from ...core.run_description import prompt_cache  # noqa: E402
 from ..invocation import cache_env  # noqa: E402
 from ..process import EOF, CliProcess, RunSpec  # noqa: E402
@@ -35,6 +36,7 @@ from .protocol import (  # noqa: E402
     Channel,
     EndOfRun,
     Header,
+    HoldRequest,
     KeepReply,
     KeepRequest,
     ProtocolError,
@@ -48,6 +50,11 @@ from .protocol import (  # noqa: E402
 )
 
 log = logging.getLogger("relay.pool")
+WAKE = object()   # put among a CLI's events: the worker's last word arrived, look at it now
+
+
+class HeldGone(Exception):
+    """The held process a request asked for is not here (expired, recycled, stale)."""
 
 
 class PoolServer:
@@ -80,6 +87,12 @@ class PoolServer:
     def acquire(self, req: RunRequest) -> tuple[Managed, str, str]:
         """The process for this run: (process, how, why the preferred one was not used)."""
         pool, conv, why = self.pool, req.conv, req.why
+        if req.want == "held":  # never cold here: the worker repairs the transcript first, then resumes
+            held, why = pool.take_held(conv, req.proc, req.fingerprint)
+            if held is None:
+                pool.misses[f"held: {why}"] += 1
+                raise HeldGone(f"held: {why}")
+            return held, "held", ""
         if req.want == "warm":
             held, why = pool.take_warm(conv, req.proc, req.turns, req.fingerprint)
             if held is not None:
@@ -133,23 +146,26 @@ class PoolServer:
         """One turn on `m`: forward its output, then keep it (if the worker asks and it ended clean)
         or kill it."""
         pool = self.pool
-        header = Header(how=how, reason=why, session_id=m.session_id, pid=m.proc.pid, proc=m.id)
+        pending, m.pending = (m.pending, {}) if how == "held" else ({}, {})  # the worker answers them now
+        header = Header(how=how, reason=why, session_id=m.session_id, pid=m.proc.pid, proc=m.id, pending=pending)
         if not conn.write(header.to_wire()):
             pool.discard(m, "disconnect")
             return
-        m.proc.send(decode(req.line) or {})
-        asked: list[KeepRequest] = []   # the worker's last word: a keep request, or none (it hung up)
+        if req.line:  # a held step's input is the worker's answers to `pending`, sent after the header
+            m.proc.send(decode(req.line) or {})
+        asked: list[KeepRequest | HoldRequest] = []   # the worker's last word, or none (it hung up)
         done = threading.Event()
 
         def from_worker() -> None:
             while (msg := conn.read()) is not None:
                 ours = parse_pool_line(msg)
-                if isinstance(ours, KeepRequest):
+                if isinstance(ours, (KeepRequest, HoldRequest)):
                     asked.append(ours)
                     break
                 if ours is None:
                     m.proc.send(msg)   # control responses and interrupts for the CLI
             done.set()
+            m.proc.events.put(WAKE)
         threading.Thread(target=from_worker, daemon=True).start()
         last = time.monotonic()
         result: dict[str, Any] | None = None
@@ -158,6 +174,12 @@ class PoolServer:
             if done.is_set() and not asked:
                 pool.discard(m, "disconnect")
                 return
+            if asked and isinstance(asked[0], HoldRequest):
+                not_held = pool.hold(m, req.conv, req.fingerprint, asked[0].wait_s)
+                conn.write(KeepReply(kept=not not_held, reason=not_held, proc=m.id, turns=m.turns).to_wire())
+                return
+            if ev is WAKE:
+                continue
             if ev is None:
                 if time.monotonic() - last > pool.limits.watchdog:
                     log.warning("pool: a CLI printed nothing for %.0f s; killing it", pool.limits.watchdog)
@@ -173,10 +195,12 @@ class PoolServer:
             last = time.monotonic()
             if ev.get("type") == "result":
                 result = ev = m.per_turn(ev)
+            elif ev.get("type") == "control_request":
+                _note_pending(m, ev)
             conn.write(ev)
         done.wait(timeout=30)
         clean = not result.get("is_error") and result.get("subtype") == "success"
-        if asked and clean and not self.stopping:
+        if asked and isinstance(asked[0], KeepRequest) and clean and not self.stopping:
             not_kept = pool.keep(m, req.conv, req.fingerprint)
             conn.write(KeepReply(kept=not not_kept, reason=not_kept, proc=m.id, turns=m.turns).to_wire())
         else:
@@ -220,6 +244,14 @@ class PoolServer:
     def stop(self) -> None:
         self.stopping = True
         self.pool.shutdown()
+
+
+def _note_pending(m: Managed, ev: dict[str, Any]) -> None:
+    """A permission request for one of the client's functions: what a held process waits on."""
+    req = ev.get("request") or {}
+    if req.get("subtype") == "can_use_tool" and str(req.get("tool_name") or "").startswith(TOOL_PREFIX):
+        m.pending[str(req.get("tool_use_id") or "")] = {"request_id": ev.get("request_id"),
+                                                         "input": req.get("input") or {}}
 
 
 def main() -> int:

@@ -30,10 +30,11 @@ class Tally(Protocol):
 
 class ProcessSource:
     def __init__(self, path: Path, enabled: bool, host: str, host_env: dict[str, str], default_model: str,
-                 tally: Tally | None = None) -> None:
+                 tally: Tally | None = None, tool_wait_s: float = 0.0) -> None:
         self.client = PoolClient(path, enabled)
         self.host, self.host_env, self.default_model = host, host_env, default_model
         self.tally = tally
+        self.tool_wait_s = tool_wait_s   # > 0: client tool steps are held warm for this long
 
     @property
     def enabled(self) -> bool:
@@ -45,7 +46,8 @@ class ProcessSource:
         one the pool may keep afterwards), or (None, why) when this worker must spawn the CLI itself."""
         if not self.enabled:
             return None, ""
-        r = route(desc, plan, spec.env, account, self.host, self.host_env, self.default_model)
+        r = route(desc, plan, spec.env, account, self.host, self.host_env, self.default_model,
+                  hold_tools=self.tool_wait_s > 0)
         if not r.pooled:
             self._count(r.why)
             return None, r.why
@@ -56,7 +58,26 @@ class ProcessSource:
                           temp_dir=spec.temp_dir),
             controls=spare_controls(desc) if r.want == "spare" else [], flavour=r.flavour,
             proc=r.warm.proc if r.warm else "", turns=r.warm.turns if r.warm else 0)
+        if r.want == "held":
+            request.line = ""  # the worker answers the held process's permission requests itself
         return self.client.run(request)
+
+    def holds(self, proc: CliLike) -> bool:
+        """Whether a run on `proc` may pause at the client's tool calls and be held warm."""
+        return isinstance(proc, PooledProcess) and self.tool_wait_s > 0
+
+    def hold(self, proc: CliLike) -> str | None:
+        """The turn paused at the client's tool calls: keep its process waiting for the results; the
+        marker for the conversation's record, or None (the next step then resumes from the transcript)."""
+        if not self.holds(proc):
+            return None
+        assert isinstance(proc, PooledProcess)
+        try:
+            held = proc.hold(self.tool_wait_s)
+        except Exception as exc:  # never fail the answer over it: the next step resumes instead
+            log.warning("could not hold the process for its tool results: %s", exc)
+            return None
+        return str(WarmMarker(self.host, *held)) if held else None
 
     def keep(self, proc: CliLike) -> str | None:
         """After a clean turn on a pool process: keep it for the conversation's next turn; the marker for
