@@ -12,6 +12,7 @@ refusal text anywhere.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -32,7 +33,22 @@ def loop_relay(request: Any, relay_factory: Any, relay: Any) -> Any:
 
 def served(srv: Any) -> str:
     """How the pool served the relay's latest request ("held", "cold: …", "local: …")."""
-    return requests.get(srv.url + "/v1/usage/recent?limit=1", timeout=10).json()["data"][0]["pool"]
+    return latest_record(srv)["pool"]
+
+
+def latest_record(srv: Any) -> dict[str, Any]:
+    """The relay's latest request record. A stream's record is written just after its last event: wait
+    for a record newer than the last one read."""
+    from harness import wait_until
+
+    latest: list[dict[str, Any]] = []
+
+    def newer() -> bool:
+        latest[:] = requests.get(srv.url + "/v1/usage/recent?limit=1", timeout=10).json()["data"][:1]
+        return bool(latest) and latest[0]["id"] != getattr(srv, "last_record", None)
+    wait_until(newer, timeout=10, interval=0.05)
+    srv.last_record = latest[0]["id"]
+    return latest[0]
 
 
 def step_served(srv: Any, k: int, ways: list[str]) -> None:
@@ -163,3 +179,114 @@ def test_messages_loop_keeps_every_result(loop_relay: Any, mock_api: Any, stream
                                                       "content": f"out-{k}-{j}"} for j, b in enumerate(uses)]})
     assert m.stop_reason == "end_turn"
     check(mock_api, tag, calls, steps)
+
+
+def _chat_steps(srv: Any, tag: str, msgs: list[dict[str, Any]], calls: list[list[str]], upto: int,
+                between: Any = None) -> Any:
+    """Chat steps until the model answers or `upto` steps were made; `between(k)` runs before step k > 0."""
+    msg = None
+    with openai_client(srv.url) as c:
+        for k in range(upto):
+            if k and between:
+                between(k)
+            msg = c.chat.completions.create(model="sonnet", tools=[WEATHER], messages=msgs,
+                                            extra_headers={"X-Session-Id": tag}).choices[0].message
+            if not msg.tool_calls:
+                break
+            calls.append([tc.id for tc in msg.tool_calls])
+            msgs.append({"role": "assistant", "content": msg.content,
+                         "tool_calls": [tc.model_dump(exclude_none=True) for tc in msg.tool_calls]})
+            msgs += [{"role": "tool", "tool_call_id": tc.id, "content": f"out-{len(calls) - 1}-{j}"}
+                     for j, tc in enumerate(msg.tool_calls)]
+    return msg
+
+
+def _held(srv: Any) -> list[dict[str, Any]]:
+    return requests.get(srv.url + "/stats", timeout=10).json()["pool"].get("held") or []
+
+
+def test_a_result_that_never_comes_frees_the_process(relay_factory: Any, mock_api: Any) -> None:
+    """The client never sends the results: after tool_wait_s the held process is ended (nothing left
+    running), and when the client comes back after all, the step resumes with the exact history."""
+    import psutil
+    from harness import wait_until
+
+    srv = relay_factory(dict(POOL_ON, RELAY_TOOL_WAIT_S="2"))
+    tag = f"expire-{uuid.uuid4().hex[:8]}"
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": f"{tag} do the task {_marker(False, 3)}"}]
+    calls: list[list[str]] = []
+    _chat_steps(srv, tag, msgs, calls, 1)
+    (held,) = _held(srv)
+    assert psutil.pid_exists(held["pid"]) and held["calls"] == 1
+    assert wait_until(lambda: not _held(srv), timeout=30, interval=0.3)
+    assert wait_until(lambda: not psutil.pid_exists(held["pid"]), timeout=10, interval=0.2)
+    assert requests.get(srv.url + "/stats", timeout=10).json()["pool"]["killed"].get("tool_wait") == 1
+    msg = _chat_steps(srv, tag, msgs, calls, 5)  # the client comes back late after all
+    def recent() -> list[dict[str, Any]]:
+        return requests.get(srv.url + "/v1/usage/recent?limit=4", timeout=10).json()["data"]
+    assert wait_until(lambda: len(recent()) == 4, timeout=10, interval=0.05)  # the step, then 3 after the expiry
+    ways = [w["pool"] for w in recent()][::-1][1:]
+    # the three requests after the expiry: the one that resumed, then the steps held again
+    assert ways[0].startswith("cold: ") and "resumed: held: not held on this host" in ways[0], ways
+    assert ways[1:] == ["held", "held"], ways
+    assert msg.content.startswith("Tool said:")
+    check(mock_api, tag, calls, 3)
+
+
+def test_a_killed_holder_resumes_with_the_exact_history(relay_factory: Any, mock_api: Any) -> None:
+    """The held process dies (OOM killer, an operator) between steps: the next step resumes from the
+    transcript with every earlier call and result, and later steps are held again."""
+    import psutil
+
+    srv = relay_factory(POOL_ON)
+    tag = f"killed-{uuid.uuid4().hex[:8]}"
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": f"{tag} do the task {_marker(True, 4)}"}]
+    calls: list[list[str]] = []
+    ways: list[str] = []
+
+    def kill_holder(k: int) -> None:
+        ways.append(served(srv))
+        if k == 2:
+            time.sleep(0.5)  # while it waits for the client (the CLI writes its transcript ~60 ms after asking)
+            for h in _held(srv):
+                p = psutil.Process(h["pid"])
+                p.kill()
+                p.wait(10)
+    msg = _chat_steps(srv, tag, msgs, calls, 6, kill_holder)
+    ways.append(served(srv))
+    assert ways[1] == "held" and ways[2].startswith("cold: ") and "resumed: held: " in ways[2], ways
+    assert ways[3:] and set(ways[3:]) == {"held"}, ways
+    assert msg.content.startswith("Tool said:")
+    check(mock_api, tag, calls, 4)
+
+
+def test_held_steps_are_taken_by_whichever_worker_gets_the_results(relay_factory: Any, mock_api: Any) -> None:
+    """gunicorn gives each request to any of its workers, and a worker may die: the held process lives in
+    the host's pool server, so a step whose results reach another worker goes on in it. Here the worker
+    that made the calls is SIGKILLed after each step, so every next step lands on another one."""
+    import os
+    import signal
+
+    import psutil
+    from harness import wait_until
+
+    srv = relay_factory(POOL_ON)
+    tag = f"workers-{uuid.uuid4().hex[:8]}"
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": f"{tag} do the task {_marker(True, 3)}"}]
+    calls: list[list[str]] = []
+    seen: list[tuple[int, str]] = []
+
+    def kill_worker(k: int) -> None:
+        rec = latest_record(srv)
+        seen.append((rec["worker"], rec["pool"]))
+        os.kill(rec["worker"], signal.SIGKILL)
+        wait_until(lambda: not psutil.pid_exists(rec["worker"]) or
+                   psutil.Process(rec["worker"]).status() == psutil.STATUS_ZOMBIE, timeout=10, interval=0.1)
+        assert len(_held(srv)) == 1  # the worker's death left the held process alone
+    msg = _chat_steps(srv, tag, msgs, calls, 5, kill_worker)
+    rec = latest_record(srv)
+    seen.append((rec["worker"], rec["pool"]))
+    assert [p for _, p in seen[1:]] == ["held"] * 3, seen
+    assert len({w for w, _ in seen}) == 4, seen  # four steps, four workers
+    assert msg.content.startswith("Tool said:")
+    check(mock_api, tag, calls, 3)

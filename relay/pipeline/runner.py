@@ -52,7 +52,16 @@ def _start_on_account(f: Flight, plan: Plan) -> None:
         f.plan = plan
         try:
             _spawn(f, plan)
-            _prime(f)
+            try:
+                _prime(f)
+            except RelayError as err:
+                if f.pool_use != "held" or err.code != "cli_crashed":
+                    raise
+                # the held process died as it was taken (killed, out of memory): resume from the transcript
+                log.warning("%s: the held process exited; resuming from the transcript", f.ctx.request_id)
+                end_run(f)
+                _spawn(f, plan)
+                _prime(f)
             return
         except SessionMissing:
             if attempt or not plan.resume:
@@ -73,6 +82,7 @@ def _spawn(f: Flight, plan: Plan) -> None:
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
     if _continue_held(f, plan, desc, spec, limits):
         return
+    held_miss, f.pool_use = f.pool_use, ""  # why a held step could not go on in its process
     if plan.resume and plan.cli_session and not agent and (plan.resume_at or f.req.system_may_change):
         system = desc.prompt.system_text if desc.prompt.system_flag == "--system-prompt-file" else None
         path = transcript(env, Path(cwd), plan.cli_session)
@@ -84,6 +94,8 @@ def _spawn(f: Flight, plan: Plan) -> None:
             plan.cli_session = proc.session_id
     elif relay.pool.enabled:
         f.pool_use = f"local: {why}"
+    if held_miss:
+        f.pool_use = f"{f.pool_use}; {held_miss}" if f.pool_use else held_miss
     hold = bool(desc.client_tools) and proc is not None and relay.pool.holds(proc)
     f.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc, hold_tools=hold)
     relay.active[f.cid] = f.run
