@@ -18,6 +18,7 @@ from mock_anthropic import all_text
 
 from relay.cli.pool.client import PoolClient
 from relay.cli.pool.protocol import SERVER_MODULE, ColdSpec, RunRequest, socket_path
+from relay.cli.pool.sizing import auto_max_warm
 
 KEY_A, KEY_B = "sk-warm-key-a", "sk-warm-key-b"
 POOL_ON = {"RELAY_POOL__ENABLED": "true"}  # the config default; the rest of the suite runs without
@@ -252,6 +253,35 @@ def test_recycling_after_max_turns_and_lru_cap(strict: Any) -> None:
         converse(c, strict, "strict-lru-2", ["SL2"])
         st = pool(strict)
         assert len(st["warm"]) == 1 and st["killed"].get("lru", 0) >= 1
+
+
+def test_the_auto_cap_is_sized_from_memory_and_shown_with_its_basis(warm: Any) -> None:
+    assert spare_ready(warm)  # the first ready spare is measured, and the cap recomputed with it
+    st = pool(warm)
+    basis = st["max_warm_basis"]
+    assert basis["basis"] == "auto" and basis["measured"] is True, basis
+    assert basis["mem_available_mb"] > 0 and 20 < basis["per_process_mb"] < 600, basis
+    assert st["max_warm"] == auto_max_warm(basis["mem_available_mb"], basis["per_process_mb"]) >= 1
+    health = requests.get(warm.url + "/health", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=10).json()
+    assert health["pool"]["max_warm"] == st["max_warm"] and health["pool"]["max_warm_basis"] == basis
+
+
+def test_a_follow_up_whose_process_was_evicted_says_why(strict: Any) -> None:
+    """max_warm 1: a second conversation's process evicts the first's (LRU); the first's next turn is a
+    miss counted as the eviction, not as "not held on this host"."""
+    with openai_client(strict.url) as c:
+        assert spare_ready(strict)
+        a1 = [{"role": "user", "content": "EV1 first conversation"}]
+        answer = chat(c, a1, "evict-a").choices[0].message.content
+        assert spare_ready(strict)
+        converse(c, strict, "evict-b", ["EV2 second conversation"])
+        chat(c, a1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "EV3 again"}], "evict-a")
+        assert record(strict)["pool"] == "cold: evicted: lru"
+    st = pool(strict)
+    assert st["misses"].get("evicted: lru", 0) >= 1 and st["killed"].get("lru", 0) >= 1
+    assert st["max_warm"] == 1 and st["max_warm_basis"] == {"basis": "config"}
+    health = requests.get(strict.url + "/health", timeout=10).json()["pool"]
+    assert health["max_warm_basis"] == {"basis": "config"} and health["misses"].get("evicted: lru", 0) >= 1
 
 
 def test_watchdog_kills_a_run_that_stops_printing(strict: Any) -> None:
