@@ -65,7 +65,7 @@ def converse(c: Any, srv: Any, sid: str, texts: list[str], **kw: Any) -> list[di
 
 @pytest.fixture(scope="module")
 def warm(relay_factory: Any) -> Any:
-    """A relay with the pool at its defaults: 2 workers, 1 spare, 4 warm processes."""
+    """A relay with the pool at its defaults: 2 workers, 1 spare, max_warm "auto"."""
     keys = f'[{{"name": "a", "key": "{KEY_A}", "admin": true}}, {{"name": "b", "key": "{KEY_B}"}}]'
     return relay_factory({"RELAY_AUTH__ENABLED": "true", "RELAY_AUTH__API_KEYS": keys, **POOL_ON})
 
