@@ -470,6 +470,6 @@ def test_rss_and_age_limits_recycle_processes(relay_factory: Any) -> None:
     srv = relay_factory({"RELAY_POOL__MAX_RSS_MB": "1", "RELAY_POOL__MAX_AGE_S": "8", **POOL_ON})
     with openai_client(srv.url) as c:
         recs = converse(c, srv, "limits-1", ["LIM1", "LIM2"])
-    assert recs[1]["pool"] == "cold: no warm process"  # above max_rss_mb after turn 1: not kept
+    assert recs[1]["pool"] == "cold: evicted: max_rss"  # above max_rss_mb after turn 1: not kept, and said so
     assert pool(srv)["killed"].get("max_rss", 0) >= 1
     assert wait_until(lambda: pool(srv)["killed"].get("max_age", 0) >= 1, timeout=60)  # spares age out too
