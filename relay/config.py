@@ -129,6 +129,14 @@ def _check_thresholds(value: Any) -> str | None:
     return None if ok else "must be fractions between 0 and 1, e.g. [0.8, 0.95]"
 
 
+def _auto_or_count(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and 0 <= value <= 1000):
+        return None
+    return "must be \"auto\" or an integer between 0 and 1000"
+
+
+_auto_or_count.__doc__ = "`\"auto\"` or 0 to 1000"
+
 _POS = _between(0.001, 1e9)
 _POS.__doc__ = "more than 0"
 _NONNEG = _between(0, 1e12)
@@ -252,8 +260,10 @@ SCHEMA: dict[str, Field] = {
                           "conversations' processes alive (see docs/warm-pool.md)."),
     "pool.spares": Field(int, 1, "Spare CLI processes kept ready for new conversations (each about 90-135 MB private).",
                          _between(0, 64)),
-    "pool.max_warm": Field(int, 4, "Conversations' processes kept alive between turns (each about 90-135 MB private, "
-                           "growing with turns); least recently used goes first.", _between(0, 1000)),
+    "pool.max_warm": Field((int, str), "auto", "Conversations' processes kept alive between turns (each about 90-135 MB "
+                           "private, growing with turns); least recently used goes first. \"auto\": the pool server "
+                           "sizes it at start to a third of MemAvailable over one process's measured private memory "
+                           "(1 to 64; see docs/warm-pool.md); an integer sets it.", _auto_or_count),
     "pool.idle_ttl_s": Field(float, 600.0, "A warm process unused for this long is ended.", _POS),
     "pool.max_turns": Field(int, 100, "Recycle a warm process after this many turns.", _between(1, 10**6)),
     "pool.max_age_s": Field(float, 3600.0, "Recycle a spare or warm process after this age (seconds).", _POS),
@@ -317,7 +327,9 @@ def _coerce(key: str, raw: Any, from_env: bool) -> Any:
         try:
             value = json.loads(raw)
         except ValueError:
-            raise ConfigError(f"config: {key} must be {_name(field.kind)}, got {raw!r}") from None
+            if not (isinstance(field.kind, tuple) and str in field.kind):
+                raise ConfigError(f"config: {key} must be {_name(field.kind)}, got {raw!r}") from None
+            value = raw.strip()  # a word for a setting that also takes one (pool.max_warm: auto)
     if field.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) and field.kind is not bool:
@@ -328,8 +340,10 @@ def _coerce(key: str, raw: Any, from_env: bool) -> Any:
 
 
 def _name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(_name(k) for k in kind)
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            list: "a list", dict: "an object"}.get(kind, str(kind))  # type: ignore[call-overload,arg-type]
+            list: "a list", dict: "an object"}.get(kind, str(kind))
 
 
 def _normalise(values: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from mock_anthropic import all_text
 
 from relay.cli.pool.client import PoolClient
 from relay.cli.pool.protocol import SERVER_MODULE, ColdSpec, RunRequest, socket_path
+from relay.cli.pool.sizing import auto_max_warm
 
 KEY_A, KEY_B = "sk-warm-key-a", "sk-warm-key-b"
 POOL_ON = {"RELAY_POOL__ENABLED": "true"}  # the config default; the rest of the suite runs without
@@ -64,7 +65,7 @@ def converse(c: Any, srv: Any, sid: str, texts: list[str], **kw: Any) -> list[di
 
 @pytest.fixture(scope="module")
 def warm(relay_factory: Any) -> Any:
-    """A relay with the pool at its defaults: 2 workers, 1 spare, 4 warm processes."""
+    """A relay with the pool at its defaults: 2 workers, 1 spare, max_warm "auto"."""
     keys = f'[{{"name": "a", "key": "{KEY_A}", "admin": true}}, {{"name": "b", "key": "{KEY_B}"}}]'
     return relay_factory({"RELAY_AUTH__ENABLED": "true", "RELAY_AUTH__API_KEYS": keys, **POOL_ON})
 
@@ -254,6 +255,35 @@ def test_recycling_after_max_turns_and_lru_cap(strict: Any) -> None:
         assert len(st["warm"]) == 1 and st["killed"].get("lru", 0) >= 1
 
 
+def test_the_auto_cap_is_sized_from_memory_and_shown_with_its_basis(warm: Any) -> None:
+    assert spare_ready(warm)  # the first ready spare is measured, and the cap recomputed with it
+    st = pool(warm)
+    basis = st["max_warm_basis"]
+    assert basis["basis"] == "auto" and basis["measured"] is True, basis
+    assert basis["mem_available_mb"] > 0 and 20 < basis["per_process_mb"] < 600, basis
+    assert st["max_warm"] == auto_max_warm(basis["mem_available_mb"], basis["per_process_mb"]) >= 1
+    health = requests.get(warm.url + "/health", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=10).json()
+    assert health["pool"]["max_warm"] == st["max_warm"] and health["pool"]["max_warm_basis"] == basis
+
+
+def test_a_follow_up_whose_process_was_evicted_says_why(strict: Any) -> None:
+    """max_warm 1: a second conversation's process evicts the first's (LRU); the first's next turn is a
+    miss counted as the eviction, not as "not held on this host"."""
+    with openai_client(strict.url) as c:
+        assert spare_ready(strict)
+        a1 = [{"role": "user", "content": "EV1 first conversation"}]
+        answer = chat(c, a1, "evict-a").choices[0].message.content
+        assert spare_ready(strict)
+        converse(c, strict, "evict-b", ["EV2 second conversation"])
+        chat(c, a1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "EV3 again"}], "evict-a")
+        assert record(strict)["pool"] == "cold: evicted: lru"
+    st = pool(strict)
+    assert st["misses"].get("evicted: lru", 0) >= 1 and st["killed"].get("lru", 0) >= 1
+    assert st["max_warm"] == 1 and st["max_warm_basis"] == {"basis": "config"}
+    health = requests.get(strict.url + "/health", timeout=10).json()["pool"]
+    assert health["max_warm_basis"] == {"basis": "config"} and health["misses"].get("evicted: lru", 0) >= 1
+
+
 def test_watchdog_kills_a_run_that_stops_printing(strict: Any) -> None:
     with openai_client(strict.url) as c:
         assert spare_ready(strict)
@@ -440,6 +470,6 @@ def test_rss_and_age_limits_recycle_processes(relay_factory: Any) -> None:
     srv = relay_factory({"RELAY_POOL__MAX_RSS_MB": "1", "RELAY_POOL__MAX_AGE_S": "8", **POOL_ON})
     with openai_client(srv.url) as c:
         recs = converse(c, srv, "limits-1", ["LIM1", "LIM2"])
-    assert recs[1]["pool"] == "cold: no warm process"  # above max_rss_mb after turn 1: not kept
+    assert recs[1]["pool"] == "cold: evicted: max_rss"  # above max_rss_mb after turn 1: not kept, and said so
     assert pool(srv)["killed"].get("max_rss", 0) >= 1
     assert wait_until(lambda: pool(srv)["killed"].get("max_age", 0) >= 1, timeout=60)  # spares age out too

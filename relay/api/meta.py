@@ -69,7 +69,8 @@ def _pool_summary(relay: Relay) -> dict[str, Any]:
     if not st.get("enabled") or not st.get("ok"):
         return st
     return {"enabled": True, "ok": True, "spares_ready": st["spares"]["ready"], "spares_target": st["spares"]["target"],
-            "warm": len(st["warm"]), "max_warm": st["max_warm"], "busy": st["busy"], "problem": st.get("problem")}
+            "warm": len(st["warm"]), "max_warm": st["max_warm"], "max_warm_basis": st.get("max_warm_basis"),
+            "busy": st["busy"], "misses": st.get("misses") or {}, "problem": st.get("problem")}
 
 
 @bp.get("/v1/accounts")

@@ -10,6 +10,10 @@ from ...core.run_description import RunDescription
 from ..invocation import CACHE_ENV, MODEL_ALIASES
 from .protocol import WarmMarker
 
+# why a follow-up whose record names no warm process runs cold (the pool may know it evicted one)
+NO_WARM, PENDING_TOOLS = "no warm process", "pending tool calls"
+UNMARKED = (NO_WARM, PENDING_TOOLS)
+
 
 @dataclass(frozen=True)
 class Route:
@@ -55,4 +59,4 @@ def route(desc: RunDescription, plan: Plan, env: dict[str, str], account: str | 
         if marker is not None and marker.host == host:
             return Route(pooled=True, want="warm", warm=marker)
         return Route(pooled=True, why="held by another host")
-    return Route(pooled=True, why="pending tool calls" if plan.resume_at else "no warm process")
+    return Route(pooled=True, why=PENDING_TOOLS if plan.resume_at else NO_WARM)

@@ -27,6 +27,9 @@ import psutil
 from ...config import Settings
 from ..invocation import spare_argv
 from ..process import EOF, CliProcess, RunSpec
+from .evictions import Evictions
+from .memory import private_mb
+from .sizing import WarmCap
 
 log = logging.getLogger("relay.pool")
 
@@ -47,8 +50,9 @@ class PoolLimits:
     watchdog: float = 130.0    # a run whose CLI prints nothing for this long is killed
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PoolLimits:
-        return cls(spares=settings["pool.spares"], max_warm=settings["pool.max_warm"],
+    def from_settings(cls, settings: Settings, max_warm: int) -> PoolLimits:
+        """The limits of the settings, with the warm cap the pool server chose (`pool.max_warm` may be "auto")."""
+        return cls(spares=settings["pool.spares"], max_warm=max_warm,
                    idle_ttl=settings["pool.idle_ttl_s"], max_turns=settings["pool.max_turns"],
                    max_age=settings["pool.max_age_s"], max_rss_mb=settings["pool.max_rss_mb"],
                    watchdog=max(settings["first_token_timeout_s"], settings["idle_timeout_s"]) + 10)
@@ -144,13 +148,44 @@ class Managed:
                 "rss_mb": round(self.rss_mb(), 1)}
 
 
+def control(m: Managed, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
+    """Send one control request and wait for its answer; None unless it succeeded."""
+    rid = "pool-" + uuid.uuid4().hex[:8]
+    m.proc.send({"type": "control_request", "request_id": rid, "request": request})
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = m.proc.next_event(deadline - time.monotonic())
+        if ev is None or ev is EOF or ev.get("type") == "result":  # a refused `initialize` ends in a result
+            return None
+        if ev.get("type") == "control_response" and (ev.get("response") or {}).get("request_id") == rid:
+            resp = ev["response"]
+            return resp if resp.get("subtype") == "success" else None
+
+
+def recycle_reason(m: Managed, lim: PoolLimits, identity: Any) -> str:
+    """Why a process must go now rather than serve another turn, or ""."""
+    if not m.alive:
+        return "exited"
+    if m.turns >= lim.max_turns:
+        return "max_turns"
+    if time.monotonic() - m.born >= lim.max_age:
+        return "max_age"
+    if lim.max_rss_mb and m.rss_mb() >= lim.max_rss_mb:
+        return "max_rss"
+    if m.identity != identity:
+        return "cli_changed"
+    return ""
+
+
 class WarmPool:
     """Spares and warm processes of one host. Every method runs on the pool server's one OS thread
     (gevent), which also spawns every CLI, so PR_SET_PDEATHSIG ties them to the server's life."""
 
     def __init__(self, limits: PoolLimits, cli_path: str, env: dict[str, str], cwd: str, model: str,
-                 identity: Any, tmp_root: str = "") -> None:
+                 identity: Any, tmp_root: str = "", cap: WarmCap | None = None) -> None:
         self.limits = limits
+        self.cap = cap or WarmCap(limits.max_warm, "config")   # how limits.max_warm was chosen
+        self.evictions = Evictions()       # why each conversation's process went, for its next miss
         self.tmp_root = tmp_root
         self.flavour: dict[str, str] = {}  # the prompt-caching environment new conversations last asked for
         self.cli_path, self.env, self.cwd, self.model = cli_path, env, cwd, model
@@ -190,7 +225,7 @@ class WarmPool:
 
     def probe(self, m: Managed, timeout: float = 60.0) -> bool:
         """Wait until the spare answers `mcp_status` (nothing is printed before the first input)."""
-        reply = self.control(m, {"subtype": "mcp_status"}, timeout)
+        reply = control(m, {"subtype": "mcp_status"}, timeout)
         if m not in self.spares:   # discarded meanwhile (shutdown, CLI changed)
             return False
         if reply is None:
@@ -199,7 +234,15 @@ class WarmPool:
             return False
         m.ready = True
         self.spawn_failures = 0
+        self._measure(m)
         return True
+
+    def _measure(self, m: Managed) -> None:
+        """An auto cap is recomputed once, with the private memory of the first ready process."""
+        if self.cap.wants_measure:
+            self.cap = self.cap.measure(private_mb(m.proc.pid))
+            self.limits.max_warm = self.cap.max_warm
+            log.info("pool: max_warm auto: %d (%.0f MB private per process)", self.cap.max_warm, self.cap.per_process_mb)
 
     def _failed(self, problem: str) -> None:
         self.spawn_failures += 1
@@ -220,25 +263,11 @@ class WarmPool:
                 return m, ""
         return None, "no spare ready" if self.limits.spares else "spares off"
 
-    @staticmethod
-    def control(m: Managed, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
-        """Send one control request and wait for its answer; None unless it succeeded."""
-        rid = "pool-" + uuid.uuid4().hex[:8]
-        m.proc.send({"type": "control_request", "request_id": rid, "request": request})
-        deadline = time.monotonic() + timeout
-        while True:
-            ev = m.proc.next_event(deadline - time.monotonic())
-            if ev is None or ev is EOF or ev.get("type") == "result":  # a refused `initialize` ends in a result
-                return None
-            if ev.get("type") == "control_response" and (ev.get("response") or {}).get("request_id") == rid:
-                resp = ev["response"]
-                return resp if resp.get("subtype") == "success" else None
-
     # -- warm processes --------------------------------------------------------------------------
     def take_warm(self, conv: str, proc_id: str, turns: int, fingerprint: str) -> tuple[Managed | None, str]:
         m = self.warm.pop(conv, None)
         if m is None:
-            return None, "not held on this host"
+            return None, self.evictions.explain(conv, "not held on this host")
         why = ""
         if m.id != proc_id or m.turns != turns:
             why = "stale (a turn ran elsewhere)"
@@ -250,6 +279,7 @@ class WarmPool:
             why = "cli or login changed"
         if why:
             self.discard(m, "stale" if why.startswith("stale") else why.replace(" ", "_"))
+            self.evictions.forget(conv)   # this miss says why
             return None, why
         self.busy.add(m)
         return m, ""
@@ -273,16 +303,19 @@ class WarmPool:
         self.busy.discard(m)
         m.turns += 1
         m.last_used = time.monotonic()
-        why = self._recycle_reason(m)
+        why = recycle_reason(m, self.limits, self.identity)
         if not why and self.limits.max_warm <= 0:
             why = "warm_off"
         if why:
             self.discard(m, why)
+            self.evictions.note(conv, why)
             return why
         self.drop_conversation(conv, "replaced")
         self._make_room()
         m.conv, m.fingerprint = conv, fingerprint
         self.warm[conv] = m
+        self.evictions.forget(conv)
+        self._measure(m)   # spares off: the first kept process is measured instead
         return ""
 
     def _make_room(self) -> None:
@@ -304,6 +337,7 @@ class WarmPool:
                else "nothing_pending" if not m.pending else "")
         if why:
             self.discard(m, why)
+            self.evictions.note(conv, why)
             return why
         self.drop_conversation(conv, "replaced")
         old = self.held.pop(conv, None)
@@ -314,6 +348,7 @@ class WarmPool:
         m.last_used = time.monotonic()
         m.hold_until = m.last_used + wait_s
         self.held[conv] = m
+        self.evictions.forget(conv)
         return ""
 
     def take_held(self, conv: str, proc_id: str, fingerprint: str) -> tuple[Managed | None, str]:
@@ -321,28 +356,15 @@ class WarmPool:
         printed nothing since, and must lose nothing)."""
         m = self.held.pop(conv, None)
         if m is None:
-            return None, "not held on this host"
+            return None, self.evictions.explain(conv, "not held on this host")
         why = ("stale (a turn ran elsewhere)" if m.id != proc_id else "settings changed"
                if m.fingerprint != fingerprint else "exited" if not m.alive else "")
         if why:
             self.discard(m, "stale" if why.startswith("stale") else why.replace(" ", "_"))
+            self.evictions.forget(conv)   # this miss says why
             return None, why
         self.busy.add(m)
         return m, ""
-
-    def _recycle_reason(self, m: Managed) -> str:
-        lim = self.limits
-        if not m.alive:
-            return "exited"
-        if m.turns >= lim.max_turns:
-            return "max_turns"
-        if time.monotonic() - m.born >= lim.max_age:
-            return "max_age"
-        if lim.max_rss_mb and m.rss_mb() >= lim.max_rss_mb:
-            return "max_rss"
-        if m.identity != self.identity:
-            return "cli_changed"
-        return ""
 
     def discard(self, m: Managed, why: str) -> None:
         self.busy.discard(m)
@@ -352,6 +374,8 @@ class WarmPool:
             del self.warm[m.conv]
         if m.conv and self.held.get(m.conv) is m:
             del self.held[m.conv]
+        if m.conv:
+            self.evictions.note(m.conv, why)
         self.killed[why] += 1
         m.proc.kill()
 
@@ -382,7 +406,7 @@ class WarmPool:
             if now - m.last_used >= self.limits.idle_ttl:
                 self.discard(m, "idle_ttl")
             else:
-                why = self._recycle_reason(m)
+                why = recycle_reason(m, self.limits, self.identity)
                 if why:
                     self.discard(m, why)
 
@@ -396,5 +420,5 @@ class WarmPool:
                 "warm": [m.stats() for m in self.warm.values()], "busy": len(self.busy),
                 "held": [dict(m.stats(), calls=len(m.pending), waits_s=round(m.hold_until - time.monotonic(), 1))
                          for m in self.held.values()],
-                "max_warm": self.limits.max_warm, "hits": dict(self.hits), "misses": dict(self.misses),
+                "max_warm": self.limits.max_warm, "max_warm_basis": self.cap.stats(), "hits": dict(self.hits), "misses": dict(self.misses),
                 "killed": dict(self.killed), "problem": self.last_problem or None, "pid": os.getpid()}

@@ -31,7 +31,9 @@ from ...core.run_description import prompt_cache  # noqa: E402
 from ..invocation import cache_env  # noqa: E402
 from ..process import EOF, CliProcess, RunSpec  # noqa: E402
 from ..setup import CliSetup  # noqa: E402
-from .processes import Managed, PoolLimits, WarmPool, identity_probe  # noqa: E402
+from .memory import mem_available_mb  # noqa: E402
+from .policy import UNMARKED  # noqa: E402
+from .processes import Managed, PoolLimits, WarmPool, control, identity_probe  # noqa: E402
 from .protocol import (  # noqa: E402
     Channel,
     EndOfRun,
@@ -48,6 +50,7 @@ from .protocol import (  # noqa: E402
     socket_path,
     stats_reply,
 )
+from .sizing import WarmCap  # noqa: E402
 
 log = logging.getLogger("relay.pool")
 WAKE = object()   # put among a CLI's events: the worker's last word arrived, look at it now
@@ -105,6 +108,8 @@ class PoolServer:
             if spare is not None:
                 why = "a control request failed"
                 pool.discard(spare, "control_failed")
+        if req.want is None and why in UNMARKED:  # the record named no process: was one evicted here?
+            why = pool.evictions.explain(conv, why)
         pool.drop_conversation(conv, "replaced")
         cold = req.cold
         proc = CliProcess(RunSpec(argv=cold.argv, env=cold.env or self.env, cwd=cold.cwd, stdin=b"",
@@ -116,7 +121,7 @@ class PoolServer:
         for ctl in req.controls:
             if ctl.get("subtype") == "set_model" and ctl.get("model") == m.model:
                 continue  # already spawned with it
-            if self.pool.control(m, ctl) is None:
+            if control(m, ctl) is None:
                 log.warning("pool: a spare refused %s; the run goes cold", ctl.get("subtype"))
                 return False
         return True
@@ -199,8 +204,13 @@ class PoolServer:
                 _note_pending(m, ev)
             conn.write(ev)
         done.wait(timeout=30)
+        self._after_result(conn, req, m, result, bool(asked) and isinstance(asked[0], KeepRequest))
+
+    def _after_result(self, conn: Channel, req: RunRequest, m: Managed, result: dict[str, Any], asked: bool) -> None:
+        """Keep `m` for the conversation's next turn when the worker asked and the turn ended clean."""
+        pool = self.pool
         clean = not result.get("is_error") and result.get("subtype") == "success"
-        if asked and isinstance(asked[0], KeepRequest) and clean and not self.stopping:
+        if asked and clean and not self.stopping:
             not_kept = pool.keep(m, req.conv, req.fingerprint)
             conn.write(KeepReply(kept=not not_kept, reason=not_kept, proc=m.id, turns=m.turns).to_wire())
         else:
@@ -267,8 +277,10 @@ def main() -> int:
     cli_path = str(info.get("path") or settings["claude_bin"])
     if not info.get("ok"):
         log.warning("pool: %s; spares wait until it is fixed", info.get("problem"))
-    pool = WarmPool(PoolLimits.from_settings(settings), cli_path, cli.env, str(cli.cwd), settings["default_model"],
-                    identity_probe(cli_path, cli.env), str(cli.tmp_dir))
+    cap = WarmCap.from_setting(settings["pool.max_warm"], mem_available_mb())
+    log.info("pool: max_warm %d (%s)", cap.max_warm, cap.stats())
+    pool = WarmPool(PoolLimits.from_settings(settings, cap.max_warm), cli_path, cli.env, str(cli.cwd),
+                    settings["default_model"], identity_probe(cli_path, cli.env), str(cli.tmp_dir), cap)
     # the first spares get the prompt caching of a short prompt (the common case); then they follow demand
     pool.flavour = cache_env(prompt_cache(settings["cache.ttl"], settings["cache.min_tokens"], 0,
                                           settings["system_prompt_mode"]))
