@@ -6,11 +6,16 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 
 import psutil
 import pytest
 import requests
-from harness import ROOT, free_port, openai_client, wait_until
+from harness import ROOT, anthropic_client, free_port, openai_client, wait_until
+from mock_anthropic import all_text
+
+from relay.core.prompt import HISTORY_INTRO
 
 
 def cli_pids(srv):
@@ -97,10 +102,19 @@ def nginx_bin():
     return found
 
 
-def nginx_conf(tmp, port, upstream_port):
-    """deploy/nginx.conf with the test's ports, wrapped in a minimal main config."""
+SERVER_LINE = "    server 127.0.0.1:3456 max_fails=3 fail_timeout=10s;\n"
+HASH_LINE = "    hash $relay_affinity consistent;\n"
+
+
+def nginx_conf(tmp, port, *upstream_ports, hashing=True):
+    """deploy/nginx.conf with the test's ports (one upstream server line each), wrapped in a minimal
+    main config; `hashing=False` drops the `hash` line, leaving nginx's round-robin."""
     site = (ROOT / "deploy" / "nginx.conf").read_text()
-    site = site.replace("server 127.0.0.1:3456", f"server 127.0.0.1:{upstream_port}").replace("listen 80;", f"listen 127.0.0.1:{port};")
+    assert SERVER_LINE in site and HASH_LINE in site
+    site = site.replace(SERVER_LINE, "".join(SERVER_LINE.replace("3456", str(p)) for p in upstream_ports))
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    if not hashing:
+        site = site.replace(HASH_LINE, "")
     main = f"""
 daemon off;
 pid {tmp}/nginx.pid;
@@ -113,9 +127,23 @@ http {{
     fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
     {site}
 }}"""
-    path = tmp / "nginx.conf"
+    path = tmp / ("nginx.conf" if hashing else "nginx-rr.conf")
     path.write_text(main)
     return path
+
+
+@contextmanager
+def nginx_in_front(nginx_bin, tmp, *upstream_ports, hashing=True):
+    """A real nginx with the shipped site config in front of these relays; yields its base URL."""
+    port = free_port()
+    conf = nginx_conf(tmp, port, *upstream_ports, hashing=hashing)
+    proc = subprocess.Popen([nginx_bin, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: _up(f"http://127.0.0.1:{port}/health"), 10), proc.stderr
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_streams_arrive_chunk_by_chunk_through_nginx(relay, nginx_bin, tmp_path):
@@ -169,3 +197,104 @@ def test_several_hosts_share_redis_and_conversations_move_between_them(relay_fac
     assert codes == [400, 400, 400, 429]
     assert requests.get(b.url + "/v1/usage").json()["total"]["requests"] == requests.get(
         a.url + "/v1/usage").json()["total"]["requests"] >= 4
+
+
+# -- several hosts behind one nginx: a conversation comes back to the host that holds its warm process --
+
+POOL_ON = {"RELAY_POOL__ENABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def two_hosts(relay_factory, redis_server):
+    """Two relay hosts (2 gevent workers and a warm pool each) on one Redis, as host-a and host-b."""
+    db = redis_server.fresh_db()
+    hosts = {name: relay_factory(dict(POOL_ON, RELAY_HOST_ID=name), redis_url=db) for name in ("host-a", "host-b")}
+    for srv in hosts.values():
+        assert wait_until(lambda s=srv: _pool(s)["spares"]["ready"] >= 1, 60, 0.2)
+    return hosts
+
+
+def _pool(srv):
+    return requests.get(srv.url + "/stats", timeout=10).json()["pool"]
+
+
+def _last_record(hosts):
+    """The newest request record (statistics are shared: any host answers) and the host whose worker
+    served it."""
+    rec = requests.get(next(iter(hosts.values())).url + "/v1/usage/recent?limit=1", timeout=10).json()["data"][0]
+    served = [name for name, srv in hosts.items() if rec["worker"] in srv.worker_pids()]
+    assert len(served) == 1, (rec, served)
+    return served[0], rec["pool"]
+
+
+def _warm_hits(hosts):
+    return {name: _pool(srv)["hits"].get("warm", 0) for name, srv in hosts.items()}
+
+
+@pytest.mark.slow
+def test_a_named_chat_conversation_keeps_its_host_and_its_warm_process(two_hosts, nginx_bin, tmp_path, mock_api):
+    tag = uuid.uuid4().hex[:6]
+    hits_before = _warm_hits(two_hosts)
+    turns, msgs = [], []
+    with nginx_in_front(nginx_bin, tmp_path, *(s.port for s in two_hosts.values())) as url:
+        for i in range(4):
+            msgs.append({"role": "user", "content": f"NA{i}-{tag} question {i}"})
+            # a new connection and another API key each turn: only X-Session-Id can keep it on one host
+            with openai_client(url, api_key=f"sk-turn-{i}-{tag}") as c:
+                r = c.chat.completions.create(model="sonnet", messages=msgs, extra_headers={"X-Session-Id": f"na-{tag}"})
+            msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+            turns.append(_last_record(two_hosts))
+    hosts = {h for h, _ in turns}
+    assert len(hosts) == 1, turns
+    assert [how for _, how in turns] == ["spare", "warm", "warm", "warm"], turns
+    host = hosts.pop()
+    hits = _warm_hits(two_hosts)
+    assert hits[host] - hits_before[host] == 3 and all(hits[h] == hits_before[h] for h in hits if h != host), hits
+    last = mock_api.bodies(f"NA3-{tag}")[-1]
+    assert HISTORY_INTRO.strip() not in all_text(last)  # the warm process had the history: nothing replayed
+    print(f"chat turns (host, pool): {turns}")
+
+
+@pytest.mark.slow
+def test_a_claude_code_session_keeps_its_host(two_hosts, nginx_bin, tmp_path, mock_api):
+    session, tag = str(uuid.uuid4()), uuid.uuid4().hex[:6]
+    user_id = json.dumps({"device_id": "d" * 64, "account_uuid": "", "session_id": session})
+    system = "You are an agent working with the user toward their goals. (test prompt)"
+    turns, msgs = [], []
+    with nginx_in_front(nginx_bin, tmp_path, *(s.port for s in two_hosts.values())) as url:
+        for i in range(4):
+            msgs.append({"role": "user", "content": f"CA{i}-{tag} step {i}"})
+            with anthropic_client(url, api_key=f"sk-cc-{i}-{tag}") as c:  # x-api-key changes: the session counts
+                r = c.messages.create(model="sonnet", max_tokens=64, system=system, messages=msgs,
+                                      metadata={"user_id": user_id}, extra_headers={"X-Claude-Code-Session-Id": session})
+            msgs.append({"role": "assistant", "content": r.content[0].text})
+            turns.append(_last_record(two_hosts))
+    assert len({h for h, _ in turns}) == 1, turns
+    assert all(how == "warm" for _, how in turns[1:]), turns
+    last = mock_api.bodies(f"CA3-{tag}")[-1]
+    assert HISTORY_INTRO.strip() not in all_text(last)
+    print(f"Claude Code turns (host, pool): {turns}")
+
+
+@pytest.mark.slow
+def test_without_hashing_a_conversation_moves_between_hosts_and_keeps_its_history(two_hosts, nginx_bin, tmp_path,
+                                                                                mock_api):
+    tag = uuid.uuid4().hex[:6]
+    turns, msgs = [], []
+    with nginx_in_front(nginx_bin, tmp_path, *(s.port for s in two_hosts.values()), hashing=False) as url:
+        for i in range(4):
+            msgs.append({"role": "user", "content": f"RR{i}-{tag} question {i}"})
+            with openai_client(url) as c:
+                r = c.chat.completions.create(model="sonnet", messages=msgs, extra_headers={"X-Session-Id": f"rr-{tag}"})
+            answer = r.choices[0].message.content
+            assert answer.endswith(f"RR{i}-{tag} question {i}")  # never an error
+            msgs.append({"role": "assistant", "content": answer})
+            turns.append(_last_record(two_hosts))
+    print(f"round-robin turns (host, pool): {turns}")
+    assert len({h for h, _ in turns}) == 2, turns  # round-robin really moved it
+    last = mock_api.bodies(f"RR3-{tag}")[-1]
+    print(json.dumps(last["messages"], indent=1)[:4000])
+    text = all_text(last)
+    said = [m["content"] for m in msgs[:-1]]  # every earlier turn, user and assistant, then the new question
+    at = [text.find(t) for t in said]
+    assert -1 not in at and at == sorted(at), at
