@@ -122,7 +122,8 @@ error_log {tmp}/error.log warn;
 worker_processes 1;
 events {{ worker_connections 256; }}
 http {{
-    access_log {tmp}/access.log;
+    log_format affinity '$upstream_addr "$relay_affinity" $request_uri';
+    access_log {tmp}/access.log affinity;
     client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
     {site}
@@ -164,6 +165,23 @@ def test_streams_arrive_chunk_by_chunk_through_nginx(relay, nginx_bin, tmp_path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_affinity_key_is_the_claude_code_session_then_x_session_id_then_the_api_key(relay, nginx_bin, tmp_path):
+    cases = [  # headers -> the value nginx hashes on
+        ({"X-Claude-Code-Session-Id": "cc-1", "X-Session-Id": "s-1", "Authorization": "Bearer k"}, "cc-1"),
+        ({"X-Session-Id": "s-1", "Authorization": "Bearer k", "x-api-key": "ak"}, "s-1"),
+        ({"Authorization": "Bearer k", "x-api-key": "ak"}, "Bearer k"),
+        ({"x-api-key": "ak"}, "ak"),
+        ({}, ""),
+    ]
+    with nginx_in_front(nginx_bin, tmp_path, relay.port) as url:
+        for i, (headers, _) in enumerate(cases):
+            requests.get(f"{url}/v1/models?case={i}", headers=headers, timeout=10)
+        log = lambda: (tmp_path / "access.log").read_text()  # noqa: E731
+        assert wait_until(lambda: f"case={len(cases) - 1}" in log(), 5)
+    got = {line.rsplit("case=", 1)[1]: line.split('"')[1] for line in log().splitlines() if "case=" in line}
+    assert got == {str(i): want for i, (_, want) in enumerate(cases)}
 
 
 def _up(url):
@@ -246,7 +264,7 @@ def test_a_named_chat_conversation_keeps_its_host_and_its_warm_process(two_hosts
             turns.append(_last_record(two_hosts))
     hosts = {h for h, _ in turns}
     assert len(hosts) == 1, turns
-    assert [how for _, how in turns] == ["spare", "warm", "warm", "warm"], turns
+    assert [how for _, how in turns[1:]] == ["warm", "warm", "warm"], turns  # the first: a spare, or cold
     host = hosts.pop()
     hits = _warm_hits(two_hosts)
     assert hits[host] - hits_before[host] == 3 and all(hits[h] == hits_before[h] for h in hits if h != host), hits
