@@ -6,11 +6,16 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 
 import psutil
 import pytest
 import requests
-from harness import ROOT, free_port, openai_client, wait_until
+from harness import ROOT, anthropic_client, free_port, openai_client, wait_until
+from mock_anthropic import all_text
+
+from relay.core.prompt import HISTORY_INTRO
 
 
 def cli_pids(srv):
@@ -97,10 +102,19 @@ def nginx_bin():
     return found
 
 
-def nginx_conf(tmp, port, upstream_port):
-    """deploy/nginx.conf with the test's ports, wrapped in a minimal main config."""
+SERVER_LINE = "    server 127.0.0.1:3456 max_fails=3 fail_timeout=10s;\n"
+HASH_LINE = "    hash $relay_affinity consistent;\n"
+
+
+def nginx_conf(tmp, port, *upstream_ports, hashing=True):
+    """deploy/nginx.conf with the test's ports (one upstream server line each), wrapped in a minimal
+    main config; `hashing=False` drops the `hash` line, leaving nginx's round-robin."""
     site = (ROOT / "deploy" / "nginx.conf").read_text()
-    site = site.replace("server 127.0.0.1:3456", f"server 127.0.0.1:{upstream_port}").replace("listen 80;", f"listen 127.0.0.1:{port};")
+    assert SERVER_LINE in site and HASH_LINE in site
+    site = site.replace(SERVER_LINE, "".join(SERVER_LINE.replace("3456", str(p)) for p in upstream_ports))
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    if not hashing:
+        site = site.replace(HASH_LINE, "")
     main = f"""
 daemon off;
 pid {tmp}/nginx.pid;
@@ -108,14 +122,29 @@ error_log {tmp}/error.log warn;
 worker_processes 1;
 events {{ worker_connections 256; }}
 http {{
-    access_log {tmp}/access.log;
+    log_format affinity '$upstream_addr "$relay_affinity" $request_uri';
+    access_log {tmp}/access.log affinity;
     client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
     {site}
 }}"""
-    path = tmp / "nginx.conf"
+    path = tmp / ("nginx.conf" if hashing else "nginx-rr.conf")
     path.write_text(main)
     return path
+
+
+@contextmanager
+def nginx_in_front(nginx_bin, tmp, *upstream_ports, hashing=True):
+    """A real nginx with the shipped site config in front of these relays; yields its base URL."""
+    port = free_port()
+    conf = nginx_conf(tmp, port, *upstream_ports, hashing=hashing)
+    proc = subprocess.Popen([nginx_bin, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: _up(f"http://127.0.0.1:{port}/health"), 10), proc.stderr
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_streams_arrive_chunk_by_chunk_through_nginx(relay, nginx_bin, tmp_path):
@@ -136,6 +165,23 @@ def test_streams_arrive_chunk_by_chunk_through_nginx(relay, nginx_bin, tmp_path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_affinity_key_is_the_claude_code_session_then_x_session_id_then_the_api_key(relay, nginx_bin, tmp_path):
+    cases = [  # headers -> the value nginx hashes on
+        ({"X-Claude-Code-Session-Id": "cc-1", "X-Session-Id": "s-1", "Authorization": "Bearer k"}, "cc-1"),
+        ({"X-Session-Id": "s-1", "Authorization": "Bearer k", "x-api-key": "ak"}, "s-1"),
+        ({"Authorization": "Bearer k", "x-api-key": "ak"}, "Bearer k"),
+        ({"x-api-key": "ak"}, "ak"),
+        ({}, ""),
+    ]
+    with nginx_in_front(nginx_bin, tmp_path, relay.port) as url:
+        for i, (headers, _) in enumerate(cases):
+            requests.get(f"{url}/v1/models?case={i}", headers=headers, timeout=10)
+        log = lambda: (tmp_path / "access.log").read_text()  # noqa: E731
+        assert wait_until(lambda: f"case={len(cases) - 1}" in log(), 5)
+    got = {line.rsplit("case=", 1)[1]: line.split('"')[1] for line in log().splitlines() if "case=" in line}
+    assert got == {str(i): want for i, (_, want) in enumerate(cases)}
 
 
 def _up(url):
@@ -169,3 +215,109 @@ def test_several_hosts_share_redis_and_conversations_move_between_them(relay_fac
     assert codes == [400, 400, 400, 429]
     assert requests.get(b.url + "/v1/usage").json()["total"]["requests"] == requests.get(
         a.url + "/v1/usage").json()["total"]["requests"] >= 4
+
+
+# -- several hosts behind one nginx: a conversation comes back to the host that holds its warm process --
+
+POOL_ON = {"RELAY_POOL__ENABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def two_hosts(relay_factory, redis_server):
+    """Two relay hosts (2 gevent workers and a warm pool each) on one Redis, as host-a and host-b."""
+    db = redis_server.fresh_db()
+    hosts = {name: relay_factory(dict(POOL_ON, RELAY_HOST_ID=name), redis_url=db) for name in ("host-a", "host-b")}
+    for srv in hosts.values():
+        assert wait_until(lambda s=srv: _pool(s)["spares"]["ready"] >= 1, 60, 0.2)
+    return hosts
+
+
+def _pool(srv):
+    return requests.get(srv.url + "/stats", timeout=10).json()["pool"]
+
+
+def _last_record(hosts):
+    """The newest request record (statistics are shared: any host answers) and the host whose worker
+    served it."""
+    rec = requests.get(next(iter(hosts.values())).url + "/v1/usage/recent?limit=1", timeout=10).json()["data"][0]
+    served = [name for name, srv in hosts.items() if rec["worker"] in srv.worker_pids()]
+    assert len(served) == 1, (rec, served)
+    return served[0], rec["pool"]
+
+
+def _warm_hits(hosts):
+    return {name: _pool(srv)["hits"].get("warm", 0) for name, srv in hosts.items()}
+
+
+@pytest.mark.slow
+def test_a_named_chat_conversation_keeps_its_host_and_its_warm_process(two_hosts, nginx_bin, tmp_path, mock_api):
+    tag = uuid.uuid4().hex[:6]
+    hits_before = _warm_hits(two_hosts)
+    turns, msgs = [], []
+    with nginx_in_front(nginx_bin, tmp_path, *(s.port for s in two_hosts.values())) as url:
+        for i in range(4):
+            msgs.append({"role": "user", "content": f"NA{i}-{tag} question {i}"})
+            # a new connection and another API key each turn: only X-Session-Id can keep it on one host
+            with openai_client(url, api_key=f"sk-turn-{i}-{tag}") as c:
+                r = c.chat.completions.create(model="sonnet", messages=msgs, extra_headers={"X-Session-Id": f"na-{tag}"})
+            msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+            turns.append(_last_record(two_hosts))
+    hosts = {h for h, _ in turns}
+    assert len(hosts) == 1, turns
+    assert [how for _, how in turns[1:]] == ["warm", "warm", "warm"], turns  # the first: a spare, or cold
+    host = hosts.pop()
+    hits = _warm_hits(two_hosts)
+    assert hits[host] - hits_before[host] == 3 and all(hits[h] == hits_before[h] for h in hits if h != host), hits
+    last = mock_api.bodies(f"NA3-{tag}")[-1]
+    assert HISTORY_INTRO.strip() not in all_text(last)  # the warm process had the history: nothing replayed
+    print(f"chat turns (host, pool): {turns}")
+
+
+@pytest.mark.slow
+def test_a_claude_code_session_keeps_its_host(two_hosts, nginx_bin, tmp_path, mock_api):
+    session, tag = str(uuid.uuid4()), uuid.uuid4().hex[:6]
+    user_id = json.dumps({"device_id": "d" * 64, "account_uuid": "", "session_id": session})
+    system = "You are an agent working with the user toward their goals. (test prompt)"
+    turns, msgs = [], []
+    with nginx_in_front(nginx_bin, tmp_path, *(s.port for s in two_hosts.values())) as url:
+        for i in range(4):
+            msgs.append({"role": "user", "content": f"CA{i}-{tag} step {i}"})
+            with anthropic_client(url, api_key=f"sk-cc-{i}-{tag}") as c:  # x-api-key changes: the session counts
+                r = c.messages.create(model="sonnet", max_tokens=64, system=system, messages=msgs,
+                                      metadata={"user_id": user_id}, extra_headers={"X-Claude-Code-Session-Id": session})
+            msgs.append({"role": "assistant", "content": r.content[0].text})
+            turns.append(_last_record(two_hosts))
+    assert len({h for h, _ in turns}) == 1, turns
+    assert all(how == "warm" for _, how in turns[1:]), turns
+    last = mock_api.bodies(f"CA3-{tag}")[-1]
+    assert HISTORY_INTRO.strip() not in all_text(last)
+    print(f"Claude Code turns (host, pool): {turns}")
+
+
+@pytest.mark.slow
+def test_without_hashing_a_conversation_moves_between_hosts_and_keeps_its_history(two_hosts, nginx_bin, tmp_path,
+                                                                                mock_api):
+    tag = uuid.uuid4().hex[:6]
+    turns, msgs = [], []
+    with nginx_in_front(nginx_bin, tmp_path, *(s.port for s in two_hosts.values()), hashing=False) as url:
+        for i in range(4):
+            msgs.append({"role": "user", "content": f"RR{i}-{tag} question {i}"})
+            with openai_client(url) as c:
+                r = c.chat.completions.create(model="sonnet", messages=msgs, extra_headers={"X-Session-Id": f"rr-{tag}"})
+            answer = r.choices[0].message.content
+            assert answer.endswith(f"RR{i}-{tag} question {i}")  # never an error
+            msgs.append({"role": "assistant", "content": answer})
+            turns.append(_last_record(two_hosts))
+    print(f"round-robin turns (host, pool): {turns}")
+    assert all(a != b for (a, _), (b, _) in zip(turns, turns[1:])), turns  # round-robin moved every turn
+    last = mock_api.bodies(f"RR3-{tag}")[-1]
+    text = all_text(last)
+    said = [m["content"] for m in msgs[:-1]]  # every earlier turn, user and assistant, then the new question
+    at = [text.find(t) for t in said]
+    assert -1 not in at and at == sorted(at), at
+    if HISTORY_INTRO.strip() in text:  # issue 18, still open: the host without the CLI session flattens it
+        pytest.xfail("a host without the conversation's CLI session replays the history as one user text "
+                     "(docs/cli-observations.md §3: a transcript written from scratch would keep it structured)")
+    turns_seen = [m for m in last["messages"] if m["role"] in ("user", "assistant")]
+    assert [m["role"] for m in turns_seen] == ["user", "assistant"] * 3 + ["user"]
+    assert [t in all_text({"messages": [m]}) for t, m in zip(said, turns_seen)] == [True] * 7
