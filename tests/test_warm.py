@@ -227,11 +227,14 @@ def test_usage_is_exact_per_turn_over_ten_turns_on_one_process(warm: Any, ca: An
         assert not r["estimated"]
 
 
-def test_function_calling_and_agent_runs_stay_cold_and_say_so(warm: Any, ca: Any) -> None:
+def test_function_calling_runs_cold_in_the_pool_and_says_so(warm: Any, ca: Any) -> None:
+    """A spare declares no client functions: a new conversation with tools starts cold in the pool (which
+    can then hold its tool steps, tests/test_tool_loops.py) and says why."""
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     chat(ca, [{"role": "user", "content": "WT1 no call needed"}], "warm-tools-1", tools=tools)
-    assert record(warm, KEY_A)["pool"] == "local: function calling"
-    assert pool(warm)["misses"].get("function calling", 0) >= 1
+    why = "function calling (spares declare no client functions)"
+    assert record(warm, KEY_A)["pool"] == f"cold: {why}"
+    assert pool(warm)["misses"].get(why, 0) >= 1
 
 
 @pytest.fixture(scope="module")
