@@ -227,7 +227,7 @@ def test_a_result_that_never_comes_frees_the_process(relay_factory: Any, mock_ap
     assert wait_until(lambda: len(recent()) == 4, timeout=10, interval=0.05)  # the step, then 3 after the expiry
     ways = [w["pool"] for w in recent()][::-1][1:]
     # the three requests after the expiry: the one that resumed, then the steps held again
-    assert ways[0].startswith("cold: ") and "resumed: held: not held on this host" in ways[0], ways
+    assert ways[0].startswith("cold: ") and "resumed: held: evicted: tool_wait" in ways[0], ways
     assert ways[1:] == ["held", "held"], ways
     assert msg.content.startswith("Tool said:")
     check(mock_api, tag, calls, 3)
