@@ -103,23 +103,8 @@ def test_chat_loop_keeps_every_result(loop_relay: Any, mock_api: Any, parallel: 
     steps, tag = (3 if parallel else 5), f"chatloop-{uuid.uuid4().hex[:8]}"
     msgs: list[dict[str, Any]] = [{"role": "user", "content": f"{tag} do the task {_marker(parallel, steps)}"}]
     calls: list[list[str]] = []
-    with openai_client(relay.url) as c:
-        for k in range(steps + 1):
-            kw: dict[str, Any] = dict(model="sonnet", tools=[WEATHER], messages=msgs,
-                                      extra_headers={"X-Session-Id": tag})
-            if stream:
-                with c.chat.completions.stream(**kw) as s:
-                    msg = s.get_final_completion().choices[0].message
-            else:
-                msg = c.chat.completions.create(**kw).choices[0].message
-            step_served(relay, k, ways)
-            if not msg.tool_calls:
-                break
-            calls.append([tc.id for tc in msg.tool_calls])
-            msgs.append({"role": "assistant", "content": msg.content,
-                         "tool_calls": [tc.model_dump(exclude_none=True) for tc in msg.tool_calls]})
-            msgs += [{"role": "tool", "tool_call_id": tc.id, "content": f"out-{k}-{j}"}
-                     for j, tc in enumerate(msg.tool_calls)]
+    msg = _chat_steps(relay, tag, msgs, calls, steps + 1, stream=stream,
+                      after=lambda k: step_served(relay, k, ways))
     assert msg.content and msg.content.startswith("Tool said:")
     check(mock_api, tag, calls, steps)
 
@@ -182,15 +167,23 @@ def test_messages_loop_keeps_every_result(loop_relay: Any, mock_api: Any, stream
 
 
 def _chat_steps(srv: Any, tag: str, msgs: list[dict[str, Any]], calls: list[list[str]], upto: int,
-                between: Any = None) -> Any:
-    """Chat steps until the model answers or `upto` steps were made; `between(k)` runs before step k > 0."""
+                between: Any = None, stream: bool = False, after: Any = None) -> Any:
+    """Chat steps until the model answers or `upto` steps were made; `between(k)` runs before step k > 0,
+    `after(k)` after each step's answer. The client's result for call j of step k is "out-k-j"."""
     msg = None
     with openai_client(srv.url) as c:
         for k in range(upto):
             if k and between:
                 between(k)
-            msg = c.chat.completions.create(model="sonnet", tools=[WEATHER], messages=msgs,
-                                            extra_headers={"X-Session-Id": tag}).choices[0].message
+            kw: dict[str, Any] = dict(model="sonnet", tools=[WEATHER], messages=msgs,
+                                      extra_headers={"X-Session-Id": tag})
+            if stream:
+                with c.chat.completions.stream(**kw) as s:
+                    msg = s.get_final_completion().choices[0].message
+            else:
+                msg = c.chat.completions.create(**kw).choices[0].message
+            if after:
+                after(k)
             if not msg.tool_calls:
                 break
             calls.append([tc.id for tc in msg.tool_calls])

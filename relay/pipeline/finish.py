@@ -101,7 +101,7 @@ def _keep_warm(f: Flight, ok: bool) -> str | None:
     if not (ok and turn.done and f.plan and f.plan.conv_key):
         return None
     if turn.held:  # the turn paused at the client's calls: its process waits for their results
-        return f.relay.pool.hold(f.run.proc)
+        return f.relay.pool.hold(f.run.proc, f.run.pending)
     if turn.tool_calls or turn.interrupted_for_tools or turn.result.get("is_error"):
         return None
     return f.relay.pool.keep(f.run.proc)

@@ -91,10 +91,10 @@ class PooledProcess:
         """Ask the pool to keep the process for the conversation's next turn: its (id, turn count)."""
         return self._ask(KeepRequest().to_wire(), timeout)
 
-    def hold(self, wait_s: float, timeout: float = 10.0) -> tuple[str, int] | None:
+    def hold(self, wait_s: float, pending: dict[str, Any], timeout: float = 10.0) -> tuple[str, int] | None:
         """The turn paused at the client's tool calls: ask the pool to keep the process waiting for the
-        results (for up to `wait_s`): its (id, turn count)."""
-        return self._ask(HoldRequest(wait_s).to_wire(), timeout)
+        results (for up to `wait_s`), with the permission requests it waits on: its (id, turn count)."""
+        return self._ask(HoldRequest(wait_s, pending).to_wire(), timeout)
 
     def _ask(self, line: dict[str, Any], timeout: float) -> tuple[str, int] | None:
         if self._closed:

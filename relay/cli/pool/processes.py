@@ -277,9 +277,13 @@ class WarmPool:
             why = "exited"
         elif m.identity != self.identity:
             why = "cli or login changed"
+        return self._taken(m, conv, why)
+
+    def _taken(self, m: Managed, conv: str, why: str) -> tuple[Managed | None, str]:
+        """A conversation's process, taken for its next turn, or discarded and why (the miss says it)."""
         if why:
             self.discard(m, "stale" if why.startswith("stale") else why.replace(" ", "_"))
-            self.evictions.forget(conv)   # this miss says why
+            self.evictions.forget(conv)
             return None, why
         self.busy.add(m)
         return m, ""
@@ -359,12 +363,7 @@ class WarmPool:
             return None, self.evictions.explain(conv, "not held on this host")
         why = ("stale (a turn ran elsewhere)" if m.id != proc_id else "settings changed"
                if m.fingerprint != fingerprint else "exited" if not m.alive else "")
-        if why:
-            self.discard(m, "stale" if why.startswith("stale") else why.replace(" ", "_"))
-            self.evictions.forget(conv)   # this miss says why
-            return None, why
-        self.busy.add(m)
-        return m, ""
+        return self._taken(m, conv, why)
 
     def discard(self, m: Managed, why: str) -> None:
         self.busy.discard(m)

@@ -178,11 +178,13 @@ class KeepRequest:
 @dataclass
 class HoldRequest:
     """The turn paused at the client's tool calls: keep the process waiting (its permission requests
-    unanswered) for up to `wait_s`, for the request that brings the results."""
+    unanswered) for up to `wait_s`, for the request that brings the results. `pending` is what it waits
+    on (tool_use id -> {"request_id", "input"}), handed to that request in its Header."""
     wait_s: float
+    pending: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": POOL_TYPE, "op": "hold", "wait_s": self.wait_s}
+        return {"type": POOL_TYPE, "op": "hold", "wait_s": self.wait_s, "pending": self.pending}
 
 
 # -- server -> worker --------------------------------------------------------------------------------
@@ -250,8 +252,9 @@ def parse_pool_line(obj: dict[str, Any]) -> EndOfRun | KeepReply | KeepRequest |
     if obj.get("op") == "keep":
         return KeepRequest()
     if obj.get("op") == "hold":
-        wait = obj.get("wait_s")
-        return HoldRequest(float(wait) if isinstance(wait, (int, float)) else 0.0)
+        wait, pending = obj.get("wait_s"), obj.get("pending")
+        return HoldRequest(float(wait) if isinstance(wait, (int, float)) else 0.0,
+                           pending if isinstance(pending, dict) else {})
     return KeepReply(bool(obj.get("kept")), str(obj.get("reason") or ""), str(obj.get("proc") or ""),
                      int(obj.get("turns") or 0))
 

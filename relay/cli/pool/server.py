@@ -26,7 +26,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ...config import ConfigError, load_settings  # noqa: E402
-from ...core.events import TOOL_PREFIX  # noqa: E402
 from ...core.run_description import prompt_cache  # noqa: E402
 from ..invocation import cache_env  # noqa: E402
 from ..process import EOF, CliProcess, RunSpec  # noqa: E402
@@ -180,6 +179,7 @@ class PoolServer:
                 pool.discard(m, "disconnect")
                 return
             if asked and isinstance(asked[0], HoldRequest):
+                m.pending = asked[0].pending  # the worker saw the permission requests: what the taker answers
                 not_held = pool.hold(m, req.conv, req.fingerprint, asked[0].wait_s)
                 conn.write(KeepReply(kept=not not_held, reason=not_held, proc=m.id, turns=m.turns).to_wire())
                 return
@@ -200,8 +200,6 @@ class PoolServer:
             last = time.monotonic()
             if ev.get("type") == "result":
                 result = ev = m.per_turn(ev)
-            elif ev.get("type") == "control_request":
-                _note_pending(m, ev)
             conn.write(ev)
         done.wait(timeout=30)
         self._after_result(conn, req, m, result, bool(asked) and isinstance(asked[0], KeepRequest))
@@ -254,14 +252,6 @@ class PoolServer:
     def stop(self) -> None:
         self.stopping = True
         self.pool.shutdown()
-
-
-def _note_pending(m: Managed, ev: dict[str, Any]) -> None:
-    """A permission request for one of the client's functions: what a held process waits on."""
-    req = ev.get("request") or {}
-    if req.get("subtype") == "can_use_tool" and str(req.get("tool_name") or "").startswith(TOOL_PREFIX):
-        m.pending[str(req.get("tool_use_id") or "")] = {"request_id": ev.get("request_id"),
-                                                         "input": req.get("input") or {}}
 
 
 def main() -> int:

@@ -66,14 +66,14 @@ class ProcessSource:
         """Whether a run on `proc` may pause at the client's tool calls and be held warm."""
         return isinstance(proc, PooledProcess) and self.tool_wait_s > 0
 
-    def hold(self, proc: CliLike) -> str | None:
+    def hold(self, proc: CliLike, pending: dict[str, Any]) -> str | None:
         """The turn paused at the client's tool calls: keep its process waiting for the results; the
         marker for the conversation's record, or None (the next step then resumes from the transcript)."""
         if not self.holds(proc):
             return None
         assert isinstance(proc, PooledProcess)
         try:
-            held = proc.hold(self.tool_wait_s)
+            held = proc.hold(self.tool_wait_s, pending)
         except Exception as exc:  # never fail the answer over it: the next step resumes instead
             log.warning("could not hold the process for its tool results: %s", exc)
             return None
