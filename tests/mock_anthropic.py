@@ -426,7 +426,8 @@ class MockAnthropic:
                 if "thinking" in markers:
                     blocks.append({"type": "thinking", "thinking": "Let me think step by step about this.",
                                    "signature": "sig_mock_" + uuid.uuid4().hex[:8]})
-                last = (body.get("messages") or [{}])[-1]
+                # the CLI may end with a role "system" message (its model line and date, after a resume)
+                last = next((m for m in reversed(body.get("messages") or []) if m.get("role") != "system"), {})
                 answered_tool = (isinstance(last.get("content"), list) and any(
                     isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"])) \
                     or "<tool_result" in text  # a relay without sessions replays results as text

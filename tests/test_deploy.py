@@ -315,9 +315,7 @@ def test_without_hashing_a_conversation_moves_between_hosts_and_keeps_its_histor
     said = [m["content"] for m in msgs[:-1]]  # every earlier turn, user and assistant, then the new question
     at = [text.find(t) for t in said]
     assert -1 not in at and at == sorted(at), at
-    if HISTORY_INTRO.strip() in text:  # issue 18, still open: the host without the CLI session flattens it
-        pytest.xfail("a host without the conversation's CLI session replays the history as one user text "
-                     "(docs/cli-observations.md §3: a transcript written from scratch would keep it structured)")
+    assert HISTORY_INTRO.strip() not in text  # the host without the CLI session wrote it from the history
     turns_seen = [m for m in last["messages"] if m["role"] in ("user", "assistant")]
     assert [m["role"] for m in turns_seen] == ["user", "assistant"] * 3 + ["user"]
     assert [t in all_text({"messages": [m]}) for t, m in zip(said, turns_seen)] == [True] * 7

@@ -52,8 +52,10 @@ def test_stateless_function_call_items(client, mock_api):
         {"type": "function_call", "call_id": "call_abc", "name": "get_weather", "arguments": '{"city":"Oslo"}'},
         {"type": "function_call_output", "call_id": "call_abc", "output": "rs4 cold"}])
     assert r.output_text.startswith("Tool said:")
-    text = all_text(mock_api.bodies("rs4 cold")[-1])
-    assert '<tool_call id="call_abc" name="get_weather">{"city":"Oslo"}</tool_call>' in text
+    said = [m for m in mock_api.bodies("rs4 cold")[-1]["messages"] if m["role"] != "system"]
+    assert said[1]["content"] == [{"type": "tool_use", "id": "call_abc", "name": "mcp__client__get_weather",
+                                   "input": {"city": "Oslo"}}]  # the items as real tool blocks, not text
+    assert [(b["tool_use_id"], b["content"][0]["text"]) for b in said[2]["content"]] == [("call_abc", "rs4 cold")]
 
 
 def test_streaming_events_parse_strictly(client):

@@ -89,9 +89,11 @@ def test_a_stateless_function_call_output_with_parts_keeps_the_image(client, moc
          "output": [{"type": "input_text", "text": "up4 see image"},
                     {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}"}]}])
     body = mock_api.bodies("up4 see image")[-1]
-    images = [b for m in body["messages"] if isinstance(m["content"], list) for b in m["content"]
-              if b.get("type") == "image"]
-    assert images and images[0]["source"]["data"] == PNG
+    said = [m for m in body["messages"] if m["role"] != "system"]
+    assert [b["type"] for b in said[1]["content"]] == ["tool_use"] and said[1]["content"][0]["id"] == "call_up4"
+    (result,) = said[2]["content"]  # the output, with its image, is the call's own tool_result
+    assert result["type"] == "tool_result" and result["tool_use_id"] == "call_up4"
+    assert [b["type"] for b in result["content"]] == ["text", "image"] and result["content"][1]["source"]["data"] == PNG
 
 
 def test_responses_clients_sending_the_full_history_resume_the_cli_session(relay, client, mock_api):

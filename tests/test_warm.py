@@ -17,6 +17,7 @@ from harness import openai_client, wait_until
 from mock_anthropic import all_text
 
 from relay.cli.pool.client import PoolClient
+from relay.cli.pool.policy import WRITTEN
 from relay.cli.pool.protocol import SERVER_MODULE, ColdSpec, RunRequest, socket_path
 from relay.cli.pool.sizing import auto_max_warm
 
@@ -138,7 +139,8 @@ def test_changed_model_or_edited_history_never_reuses_the_process(warm: Any, ca:
     assert spare_ready(warm)
     chat(ca, [{"role": "user", "content": "WC1 EDITED"}, {"role": "assistant", "content": a},
               {"role": "user", "content": "WC3 after edit"}], sid)
-    assert record(warm, KEY_A)["pool"] == "spare"  # a fresh session: the old process was replaced
+    # a fresh session, written from the client's history (which a spare cannot load): the old process goes
+    assert record(warm, KEY_A)["pool"] == f"cold: {WRITTEN}"
     assert "WC2 with opus" not in all_text(mock_api.bodies("WC3 after edit")[-1])
     assert pool(warm)["killed"].get("replaced", 0) >= 1
 
@@ -151,9 +153,9 @@ def test_processes_are_never_shared_between_keys(warm: Any, mock_api: Any) -> No
         # the same session header and history under another key: another conversation, another process
         chat(b, [{"role": "user", "content": "WK1 secret of key A"}, {"role": "assistant", "content": ans},
                  {"role": "user", "content": "WK2 from key B"}], "warm-shared-id")
-        assert record(warm, KEY_B)["pool"] == "spare"
+        assert record(warm, KEY_B)["pool"] == f"cold: {WRITTEN}"
         roles = [m["role"] for m in mock_api.bodies("WK2 from key B")[-1]["messages"] if m["role"] != "system"]
-        assert roles == ["user"]  # the history as a transcript: a fresh session
+        assert roles == ["user", "assistant", "user"]  # B's own history, written for a fresh session
         # and another conversation of key A does not get A's first process either
         chat(a, [{"role": "user", "content": "WK3 other conversation"}], "warm-other-conv")
         assert record(warm, KEY_A)["pool"] in ("spare", "cold: no spare ready")
@@ -213,7 +215,7 @@ def test_an_error_turn_is_not_kept(warm: Any, ca: Any) -> None:
     assert spare_ready(warm)
     chat(ca, [{"role": "user", "content": "WE1 first"}, {"role": "assistant", "content": a},
               {"role": "user", "content": "WE3 again"}], sid)
-    assert record(warm, KEY_A)["pool"] == "spare"  # the failed turn forgot the session: a fresh start
+    assert record(warm, KEY_A)["pool"] == f"cold: {WRITTEN}"  # the failed turn forgot the session: a fresh start
 
 
 def test_usage_is_exact_per_turn_over_ten_turns_on_one_process(warm: Any, ca: Any) -> None:

@@ -43,7 +43,7 @@ def session_args(session: SessionUse) -> list[str]:
     if not session.session_id:
         return ["--no-session-persistence"]
     if session.resume:
-        args = ["--resume=" + session.session_id]
+        args = ["--resume=" + session.session_id] + ([] if session.persist else ["--no-session-persistence"])
         return args + (["--resume-session-at", session.resume_at] if session.resume_at else [])
     return ["--session-id", session.session_id]
 

@@ -1,5 +1,6 @@
-"""The CLI's session transcripts on disk: where they live, how expired ones are removed, and how the
-refusals the CLI records for an interrupted tool step are taken out before the step is resumed."""
+"""The CLI's session transcripts on disk: where they live, how expired ones are removed, how the
+refusals the CLI records for an interrupted tool step are taken out before the step is resumed, and
+how a transcript written from a client's history is put where the CLI resumes it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings
+from ..core.history import BLANK_ENVIRONMENT
 from ..core.upstream import SessionMissing
 
 log = logging.getLogger("relay.cli")
@@ -99,11 +102,12 @@ def refusals_to_drop(records: list[dict[str, Any]]) -> set[int]:
 
 
 def repair_transcript(path: Path, drop_refusals: bool, system_prompt: str | None = None,
-                      resume_at: str | None = None) -> int:
-    """Before a resume: take out the refusal records (see `refusals_to_drop`), and give the session the
+                      resume_at: str | None = None, blank_environment: bool = False) -> int:
+    """Before a resume: take out the refusal records (see `refusals_to_drop`), give the session the
     request's system prompt (a resumed CLI keeps the one in the transcript's `prompt_snapshot` records,
-    whatever `--system-prompt-file` says: observed with 2.1.330). Atomic; returns how many records
-    changed. Runs under the conversation's lock, so no CLI writes the file meanwhile. A `resume_at` record
+    whatever `--system-prompt-file` says: observed with 2.1.330), and with `blank_environment` blank the
+    text of its environment records (the relay host's folders and OS: a resumed CLI replays the stored
+    text). Atomic; returns how many records changed. Runs under the conversation's lock, so no CLI writes the file meanwhile. A `resume_at` record
     the file lacks (the CLI was killed before it wrote the tool-call message) is `SessionMissing`."""
     try:
         text = path.read_text()
@@ -121,14 +125,19 @@ def repair_transcript(path: Path, drop_refusals: bool, system_prompt: str | None
         records.append(rec if isinstance(rec, dict) else {})
     drop = refusals_to_drop(records) if drop_refusals else set()
     changed = 0
-    if system_prompt is not None:
-        for i, rec in enumerate(records):
-            snap = rec.get("attachment") if rec.get("type") == "attachment" else None
-            if isinstance(snap, dict) and snap.get("type") == "prompt_snapshot" and i not in drop \
-                    and snap.get("systemPrompt") != [system_prompt]:
-                snap["systemPrompt"] = [system_prompt]
-                lines[i] = json.dumps(rec, ensure_ascii=False)
-                changed += 1
+    for i, rec in enumerate(records):
+        snap = rec.get("attachment") if rec.get("type") == "attachment" else None
+        if not isinstance(snap, dict) or i in drop:
+            continue
+        if system_prompt is not None and snap.get("type") == "prompt_snapshot" \
+                and snap.get("systemPrompt") != [system_prompt]:
+            snap["systemPrompt"] = [system_prompt]
+        elif blank_environment and snap.get("type") == "environment" and rec.get("rendered") != BLANK_ENVIRONMENT:
+            rec["rendered"] = BLANK_ENVIRONMENT
+        else:
+            continue
+        lines[i] = json.dumps(rec, ensure_ascii=False)
+        changed += 1
     if not drop and not changed:
         return 0
     tmp = path.with_suffix(".jsonl.relay-tmp")
@@ -141,3 +150,42 @@ def transcript(env: dict[str, str], cwd: Path, session_id: str) -> Path:
     """The transcript file of one CLI session run in `cwd` with this environment's config dir."""
     config_dir = Path(env.get("CLAUDE_CONFIG_DIR") or "~/.claude").expanduser()
     return session_dir(config_dir, cwd.resolve()) / f"{session_id}.jsonl"
+
+
+def write_transcript(path: Path, records: list[dict[str, Any]]) -> None:
+    """Put a transcript written from a client's history (`core.history`) where the CLI resumes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.relay-tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def live_environment(directory: Path, cwd: Path, newest: int = 8) -> dict[str, Any]:
+    """The environment snapshot the CLI records for runs in `cwd`: read from the CLI's own newest
+    transcripts in `directory` (a written transcript must carry exactly the live one, or the CLI adds an
+    "# Environment update" naming the host), else worked out the way the CLI 2.1.330 does it."""
+    try:
+        files = sorted(directory.glob("*.jsonl"), key=lambda f: f.stat().st_mtime, reverse=True)[:newest]
+    except OSError:
+        files = []
+    for f in files:
+        try:
+            with f.open() as lines:
+                for n, line in enumerate(lines):
+                    if n > 20:
+                        break
+                    if '"environment"' not in line:
+                        continue
+                    rec = json.loads(line)
+                    snap = (rec.get("attachment") or {}).get("snapshot")
+                    if rec.get("type") == "attachment" and isinstance(snap, dict) \
+                            and snap.get("workingDirectory") == str(cwd):
+                        return snap
+        except (OSError, ValueError, AttributeError):
+            continue
+    shell = os.environ.get("SHELL") or "unknown"
+    uname = os.uname()
+    return {"workingDirectory": str(cwd), "isWorktree": False, "isGitRepo": False,
+            "additionalWorkingDirectories": [], "platform": sys.platform,
+            "shell": "zsh" if "zsh" in shell else "bash" if "bash" in shell else shell,
+            "osVersion": f"{uname.sysname} {uname.release}"}

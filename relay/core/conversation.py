@@ -80,3 +80,5 @@ class Plan:
     pending_calls: list[str] = field(default_factory=list)  # tool_use ids that await the client's results
     warm: str | None = None             # "host|process|turns" of the pool process holding this session
     account: str | None = None          # the Claude account whose config dir holds the CLI session
+    persist: bool = True                # False: the CLI session is resumed for this turn only (sessions off)
+    written: bool = False               # the session was written from the client's history (core.history)

@@ -21,6 +21,7 @@ class SessionUse:
     session_id: str | None = None    # None: no persistence at all
     resume: bool = False             # resume `session_id` rather than create it
     resume_at: str | None = None     # cut the resumed session back to this message uuid
+    persist: bool = True             # False: resume `session_id` but record nothing (sessions off)
 
 
 @dataclass
@@ -58,15 +59,20 @@ def prompt_cache(ttl: str, min_tokens: int, estimate: int, system_prompt_mode: s
     return ttl
 
 
-def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent | None,
-             cache: str = "auto") -> RunDescription:
-    system = req.system
+def system_of(req: ChatRequest) -> str:
+    """The run's system text: the client's, plus what the CLI cannot enforce about its tools."""
     instruction = req.tools.instruction() if req.tools.active else ""
     if instruction:
-        system = f"{system}\n\n{instruction}" if system else instruction
+        return f"{req.system}\n\n{instruction}" if req.system else instruction
+    return req.system
+
+
+def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent | None,
+             cache: str = "auto") -> RunDescription:
+    system = system_of(req)
     prompt = build_prompt(system, plan.send, system_prompt_mode, plan.first_turn,
                           plan.pending_calls if plan.resume else None)
-    session = SessionUse(plan.cli_session, plan.resume, plan.resume_at if plan.resume else None)
+    session = SessionUse(plan.cli_session, plan.resume, plan.resume_at if plan.resume else None, plan.persist)
     return RunDescription(model=req.cli_model, prompt=prompt, session=session,
                           effort=effort_level(req.reasoning_effort) if req.reasoning_effort else None,
                           json_schema=req.json_schema, client_tools=req.tools.tools if req.tools.active else [],

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 from ..cli.agent import conversation_dirs
 from ..cli.invocation import build_spec
 from ..cli.process import RunSpec
 from ..cli.run import DisconnectWatcher, Limits, Run
-from ..cli.session_files import repair_transcript, transcript
+from ..cli.session_files import live_environment, repair_transcript, transcript, write_transcript
 from ..core.conversation import Plan
+from ..core.history import write_history
 from ..core.prompt import held_results
-from ..core.run_description import RunDescription, describe, prompt_cache
+from ..core.run_description import RunDescription, describe, prompt_cache, system_of
 from ..core.upstream import SessionMissing, classify, is_account_error
 from ..errors import RelayError
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
@@ -73,20 +75,27 @@ def _start_on_account(f: Flight, plan: Plan) -> None:
 
 def _spawn(f: Flight, plan: Plan) -> None:
     cfg, relay, agent = f.cfg, f.relay, f.ctx.agent
-    cache = prompt_cache(cfg["cache.ttl"], cfg["cache.min_tokens"], f.req.prompt_estimate, cfg["system_prompt_mode"])
-    desc = describe(f.req, plan, cfg["system_prompt_mode"], agent, cache)
+    mode = cfg["system_prompt_mode"]
     # keys never share agent folders: the conversation id is scoped to the caller's key
     cwd, state = conversation_dirs(agent, f"{f.ctx.scope}\x00{f.conv}") if agent else (relay.cli_cwd, None)
     env = relay.account_envs.get(f.account or "", relay.cli_env)  # the chosen account's login
+    written = None if agent or plan.resume else _write_history(f, plan, env, Path(cwd))
+    cache = prompt_cache(cfg["cache.ttl"], cfg["cache.min_tokens"], f.req.prompt_estimate, mode)
+    desc = describe(f.req, plan, mode, agent, cache)
     spec = build_spec(desc, relay.cli_path(), env, str(cwd), relay.tmp_dir, str(state) if state else None)
+    if written is not None and not plan.persist:  # sessions off: the transcript lives for this run only
+        spec.closers.append(lambda: written.unlink(missing_ok=True))
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
     if _continue_held(f, plan, desc, spec, limits):
         return
     held_miss, f.pool_use = f.pool_use, ""  # why a held step could not go on in its process
-    if plan.resume and plan.cli_session and not agent and (plan.resume_at or f.req.system_may_change):
+    # the client's prompt replaces the CLI's, and so its view of the host; never under a warm process
+    # that may take this turn (it holds the transcript as it was)
+    blank_env = mode == "replace" and not plan.warm
+    if plan.resume and plan.cli_session and not agent and not plan.written:
         system = desc.prompt.system_text if desc.prompt.system_flag == "--system-prompt-file" else None
         path = transcript(env, Path(cwd), plan.cli_session)
-        _repair(f, path, plan.resume_at, system if f.req.system_may_change else None)
+        _repair(f, path, plan.resume_at, system if f.req.system_may_change else None, blank_env)
     proc, why = relay.pool.acquire(desc, plan, spec, f.account)
     if proc is not None:
         f.pool_use = proc.how + (f": {proc.reason}" if proc.reason else "")
@@ -127,12 +136,44 @@ def _continue_held(f: Flight, plan: Plan, desc: RunDescription, spec: RunSpec, l
     return True
 
 
-def _repair(f: Flight, path: Path, resume_at: str | None, system: str | None) -> None:
+def _write_history(f: Flight, plan: Plan, env: dict[str, str], cwd: Path) -> Path | None:
+    """A conversation whose CLI session is gone (another host or account, a vanished or rewritten
+    history) or that has none (sessions off): write the client's structured history as a CLI transcript
+    and resume it, so the model sees every turn, tool call and result as the client sent them. Returns
+    the transcript; None when the history is one message or cannot be written (it is then flattened)."""
+    if len(plan.send) < 2:
+        return None
+    mode, cwd = f.cfg["system_prompt_mode"], cwd.resolve()
+    sid = plan.cli_session or str(uuid.uuid4())
+    path = transcript(env, cwd, sid)
+    environment = live_environment(path.parent, cwd) if mode == "replace" else None
+    try:
+        written = write_history(plan.send, f.req.tools.active, environment,
+                                system_of(f.req) if mode == "embed" else "")
+    except RelayError:  # a part the CLI could not take back (checked again, with the client's error, later)
+        return None
+    if written is None:
+        return None
+    try:
+        write_transcript(path, written.records)
+    except OSError as exc:
+        log.warning("%s: could not write the transcript %s: %s", f.ctx.request_id, path, exc)
+        return None
+    log.info("%s: %d messages resumed from a transcript written from the client's history", f.ctx.request_id,
+             len(plan.send) - len(written.tail))
+    plan.persist, plan.cli_session = plan.cli_session is not None, sid
+    plan.resume, plan.written, plan.first_turn = True, True, False
+    plan.send, plan.resume_at, plan.pending_calls = written.tail, written.resume_at, written.pending_calls
+    return path
+
+
+def _repair(f: Flight, path: Path, resume_at: str | None, system: str | None, blank_env: bool) -> None:
     """Before a resumed step: the CLI's record of each interrupted tool step ("the user rejected this tool
     use") leaves the transcript, so the model sees every real result the client sent; a client whose
-    system prompt changed (Claude Code) gets the new one applied."""
+    system prompt changed (Claude Code) gets the new one applied; in `replace` mode the environment text
+    (the relay host's folders and OS) is blanked."""
     try:
-        changed = repair_transcript(path, bool(resume_at), system, resume_at)
+        changed = repair_transcript(path, bool(resume_at), system, resume_at, blank_env)
     except OSError as exc:  # the resume still works: earlier steps would read as refused, or the old prompt stay
         log.warning("%s: could not repair the transcript %s: %s", f.ctx.request_id, path.name, exc)
         return

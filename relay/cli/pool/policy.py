@@ -12,6 +12,7 @@ from .protocol import WarmMarker
 
 # why a follow-up whose record names no warm process runs cold (the pool may know it evicted one)
 NO_WARM, PENDING_TOOLS = "no warm process", "pending tool calls"
+WRITTEN = "history written from the client's messages"  # a spare cannot load a transcript: it runs cold
 UNMARKED = (NO_WARM, PENDING_TOOLS)
 
 
@@ -34,6 +35,8 @@ def route(desc: RunDescription, plan: Plan, env: dict[str, str], account: str | 
              else "sessions off" if not plan.conv_key or not plan.cli_session else "")
     if local:  # agent runs stay cold (own working directory, sandboxing)
         return Route(pooled=False, why=local)
+    if plan.written:
+        return Route(pooled=True, why=WRITTEN)
     new = plan.first_turn and not plan.resume
     if plan.resume_at and plan.warm and desc.client_tools:
         marker = WarmMarker.parse(plan.warm)
