@@ -316,6 +316,7 @@ def test_without_hashing_a_conversation_moves_between_hosts_and_keeps_its_histor
     at = [text.find(t) for t in said]
     assert -1 not in at and at == sorted(at), at
     assert HISTORY_INTRO.strip() not in text  # the host without the CLI session wrote it from the history
+    assert "Primary working directory" not in text  # ... and told the model nothing about itself
     turns_seen = [m for m in last["messages"] if m["role"] in ("user", "assistant")]
     assert [m["role"] for m in turns_seen] == ["user", "assistant"] * 3 + ["user"]
     assert [t in all_text({"messages": [m]}) for t, m in zip(said, turns_seen)] == [True] * 7

@@ -195,6 +195,25 @@ def test_a_rewritten_history_is_written_not_flattened(relay: Any, mock_api: Any)
     no_relay_host(relay, body)
 
 
+def test_a_resumed_session_no_longer_names_the_relay_host(relay: Any, mock_api: Any) -> None:
+    """The CLI's own transcript: its first turn told the model the relay's folder and OS (the CLI offers no
+    switch for that on a subscription); from the next cold resume on, that text is blank."""
+    tag = uuid.uuid4().hex[:8]
+    sid = {"X-Session-Id": f"env-{tag}"}
+    msgs = [{"role": "user", "content": f"{tag} one"}]
+    with openai_client(relay.url) as c:
+        for k in ("two", "three"):
+            r = c.chat.completions.create(model="sonnet", extra_headers=sid, messages=msgs)
+            msgs += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": f"{tag} {k}"}]
+        c.chat.completions.create(model="sonnet", extra_headers=sid, messages=msgs)
+    assert "Primary working directory" in json.dumps(mock_api.bodies(f"{tag} one")[0])  # the first turn: the CLI's
+    for n, k in enumerate(("two", "three"), start=1):
+        body = mock_api.bodies(f"{tag} {k}")[0]  # the request that brought it
+        assert [m["role"] for m in turns(body)] == ["user", "assistant"] * n + ["user"]  # resumed, not replayed
+        no_relay_host(relay, body)
+
+
 # -- the pure writer ---------------------------------------------------------------------------------
 
 def _msgs(*items: dict[str, Any]) -> list[dict[str, Any]]:
