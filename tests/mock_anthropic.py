@@ -11,6 +11,7 @@ Markers (any number, anywhere in the last user message):
   MOCK:delay=<seconds>                  wait before answering at all
   MOCK:slow=<ms>                        pause between text deltas
   MOCK:pause=<seconds>                  go silent after the first text delta
+  MOCK:think=<seconds>                  after message_start, silent that long (a model thinking), then answer
   MOCK:break_stream                     break the SSE stream after one delta; the non-stream retry fails
   MOCK:words=<n>                        answer with n words, one delta each
   MOCK:thinking                         a thinking block before the answer
@@ -372,6 +373,8 @@ class MockAnthropic:
                     return
                 slow = float(markers.get("slow") or 0) / 1000.0
                 self._event("ping", {"type": "ping"})
+                if "think" in markers:
+                    time.sleep(float(markers["think"]))
                 if "break_stream" in markers or "pause" in markers:
                     self._event("content_block_start", {"type": "content_block_start", "index": 0,
                                                         "content_block": {"type": "text", "text": ""}})

@@ -427,6 +427,18 @@ def test_silence_is_filled_with_ping_events(relay_factory):
     assert kinds[-1] == "message_stop"
 
 
+def test_a_silent_model_before_its_first_block_is_covered_by_pings(relay_factory):
+    """Claude Code's stall watchdog: a model that thinks a while before its first block (a long tool-less
+    wait) must not look like a dead stream."""
+    srv = relay_factory({"RELAY_KEEPALIVE_S": "0.2"})
+    events = post_stream(srv, {"model": "sonnet", "max_tokens": 10,
+                               "messages": [{"role": "user", "content": "ms33 MOCK:words=2 MOCK:think=1.5"}]})
+    kinds = [k for k, _ in events]
+    before_content = kinds[kinds.index("message_start"):kinds.index("content_block_start")]
+    assert before_content.count("ping") >= 3, kinds
+    assert kinds[-1] == "message_stop"
+
+
 # -- sessions and JSON output --------------------------------------------------------------------------
 def test_a_conversation_resumes_and_metadata_user_id_keeps_sessions_apart(relay, ac, mock_api):
     def turn(user_id, messages):
