@@ -256,11 +256,16 @@ class WarmPool:
     def take_spare(self, flavour: dict[str, str]) -> tuple[Managed | None, str]:
         """A ready spare spawned with this prompt-caching environment; spares follow what was asked last."""
         self.flavour = dict(flavour)
-        for m in self.spares:
-            if m.ready and m.identity == self.identity and m.flavour == flavour and m.drain():
-                self.spares.remove(m)
-                self.busy.add(m)
+        for m in list(self.spares):
+            if not (m.ready and m.identity == self.identity and m.flavour == flavour) or m not in self.spares:
+                continue
+            # claimed before `drain`, which may yield to another request's greenlet that would take the
+            # same spare (the pool server once logged "list.remove(x): x not in list" doing it after)
+            self.spares.remove(m)
+            self.busy.add(m)
+            if m.drain():
                 return m, ""
+            self.discard(m, "exited")
         return None, "no spare ready" if self.limits.spares else "spares off"
 
     # -- warm processes --------------------------------------------------------------------------
