@@ -1,7 +1,8 @@
 """gunicorn settings for the relay: gevent workers, bind, and the private Redis.
 
 Never imports the app: each gevent worker patches itself first, then loads `wsgi:app`.
-Only `relay.config` and `relay.cli.pool.protocol` (standard library only) are read here, in the master.
+Only `relay.config`, `relay.cli.leftovers` and `relay.cli.pool.protocol` (standard library only) are read
+here, in the master.
 """
 
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from relay.cli.leftovers import sweep_run_folders
 from relay.cli.pool.protocol import SERVER_MODULE, socket_path
 from relay.config import ConfigError, load_settings
 
@@ -89,6 +91,9 @@ def _shutdown_redis(sock: Path, timeout: float = 10.0) -> bool:
 def on_starting(server):
     """Without REDIS_URL, start a private Redis on a unix socket under var/, persisting to disk."""
     global _redis_proc
+    swept = sweep_run_folders(_settings.path("var_dir") / "tmp")  # left by runs killed with their process
+    if swept:
+        server.log.info("removed %d run folders left by processes that are gone", swept)
     if _settings["redis_url"]:
         _start_pool(server)
         return

@@ -1,5 +1,5 @@
-"""Housekeeping: expired CLI session files (a janitor thread, one worker at a time) and forgetting
-conversations with their stored Responses, transcripts and agent folders."""
+"""Housekeeping: expired CLI session files and what crashed runs left (a janitor thread, one worker at a
+time), and forgetting conversations with their stored Responses, transcripts and agent folders."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from .cli.agent import remove_all_dirs, remove_conversation_dirs
 from .cli.agent import resolve as resolve_agent
+from .cli.leftovers import sweep_partial_transcripts, sweep_run_folders
 from .cli.session_files import expire_session_files, remove_session_files, session_dir
 from .core.conversation import client_ids
 from .runtime import Relay
@@ -31,7 +32,12 @@ def expire_cli_sessions(relay: Relay) -> int:
         return 0
     keep = {c["cli_session_id"] for c in relay.sessions.list_all() if c.get("cli_session_id")}
     ttl = relay.settings["sessions.ttl_hours"] * 3600
-    return sum(expire_session_files(folder, ttl, keep) for folder in session_folders(relay))
+    folders = session_folders(relay)
+    # what crashed runs left: folders whose worker or pool server died, half-written transcripts
+    leftovers = sweep_run_folders(relay.tmp_dir) + sweep_partial_transcripts(folders)
+    if leftovers:
+        log.info("removed %d files and folders left by crashed runs", leftovers)
+    return sum(expire_session_files(folder, ttl, keep) for folder in folders)
 
 
 def forget_conversations(relay: Relay, conv_id: str | None, scope: str | None, purge_files: bool,

@@ -20,6 +20,7 @@ from ..core.run_description import RunDescription, SessionUse
 from ..errors import Unavailable
 from . import sandbox
 from .credproxy import CredProxy, find_credential, unix_socket_ok
+from .leftovers import folder_prefix
 from .process import RunSpec
 
 MCP_SERVER_MODULE = "relay.cli.mcp_server"
@@ -98,7 +99,7 @@ def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: st
     """The whole invocation of one run; its temp folder is removed when the run ends. An agent run
     (`desc.agent`, with its conversation's folder `cwd` and CLI state folder `agent_state`) is
     wrapped in its sandbox and gets its own credential proxy."""
-    tmp = tempfile.mkdtemp(prefix="run-", dir=tmp_root)
+    tmp = tempfile.mkdtemp(prefix=folder_prefix("run"), dir=tmp_root)  # swept if this worker dies
     if desc.agent:
         cli_path = os.path.realpath(cli_path)  # bound into the sandbox at that path
     argv = base_argv(cli_path, desc.model, ",".join(desc.builtin_tools)) + session_args(desc.session)

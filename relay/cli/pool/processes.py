@@ -26,6 +26,7 @@ import psutil
 
 from ...config import Settings
 from ..invocation import spare_argv
+from ..leftovers import folder_prefix
 from ..process import EOF, CliProcess, RunSpec
 from .evictions import Evictions
 from .memory import private_mb
@@ -206,7 +207,7 @@ class WarmPool:
     def spawn_spare(self) -> Managed | None:
         sid = str(uuid.uuid4())
         # like every run, its own CLAUDE_CODE_TMPDIR, removed with the process
-        tmp = tempfile.mkdtemp(prefix="spare-", dir=self.tmp_root) if self.tmp_root else None
+        tmp = tempfile.mkdtemp(prefix=folder_prefix("spare"), dir=self.tmp_root) if self.tmp_root else None
         env = dict(self.env, **self.flavour)
         if tmp:
             os.mkdir(os.path.join(tmp, "cli"), 0o700)
