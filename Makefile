@@ -6,8 +6,9 @@ CLI_VERSION := 2.1.330
 CLI_DIR := .cli
 CLI := $(CLI_DIR)/node_modules/.bin/claude
 # Test files run in parallel processes (each with its own Redis, mock API and relays): most of a test's
-# time is spent waiting on CLI starts and timeouts, so 3 processes fit 2 cores.
-PYTEST_WORKERS ?= 3
+# time is spent waiting on CLI starts, mock delays and timeouts (a run with 3 processes took as long with
+# five other test runs beside it as alone), so 4 processes fit 2 cores.
+PYTEST_WORKERS ?= 4
 
 .PHONY: run test bench lint check clean
 
