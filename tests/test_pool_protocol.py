@@ -50,7 +50,7 @@ def a_run_request(**kw: Any) -> RunRequest:
         want="warm", why="", conv="relay:conv:s:x", model="sonnet", fingerprint="fp:acct", line='{"type":"user"}',
         cold=ColdSpec(argv=["claude", "-p"], cwd="/srv/cwd", env={"A": "1"}, session_id="sid", temp_dir="/tmp/run-1"),
         controls=[{"subtype": "set_model", "model": "opus"}], flavour={"CLAUDE_CODE_PROMPT_CACHE_TTL": "1h"},
-        proc="abc123", turns=3)
+        proc="abc123", turns=3, held_fingerprint="hfp:acct")
     fields.update(kw)
     return RunRequest(**fields)
 
@@ -60,7 +60,8 @@ def test_a_run_request_round_trips_with_its_version() -> None:
     obj = wire(req.to_wire())
     assert obj["op"] == "run" and obj["v"] == PROTOCOL_VERSION
     assert parse_request(obj) == req
-    cold = a_run_request(want=None, cold=ColdSpec([], "/", {}), controls=[], flavour={}, proc="", turns=0)
+    cold = a_run_request(want=None, cold=ColdSpec([], "/", {}), controls=[], flavour={}, proc="", turns=0,
+                         held_fingerprint="")
     assert parse_request(wire(cold.to_wire())) == cold
 
 
@@ -239,3 +240,18 @@ def test_the_policy_keeps_tool_and_sessionless_runs_local() -> None:
     assert route(plain, first, env, None, "h", env, "sonnet").want == "spare"
     assert route(plain, first, dict(env, CLAUDE_CONFIG_DIR="/other"), "b", "h", env, "sonnet").why.startswith(
         "account b")
+
+
+def test_a_held_step_of_claude_code_goes_on_when_only_its_system_prompt_changed() -> None:
+    """The rest of a held turn is matched without the system prompt only for a client that rewrites it
+    mid-task (Claude Code); a warm process (a new turn) always needs the same prompt."""
+    from relay.cli.invocation import settings_fingerprint
+
+    def desc(system: str, may_change: bool, model: str = "sonnet") -> RunDescription:
+        return RunDescription(model=model, prompt=Prompt(system, "--system-prompt-file", []),
+                              client_tools=[{"name": "f"}], system_may_change=may_change)
+    old, new = desc("base", True), desc("base\n\nThe user hasn't heard from you in a while.", True)
+    assert settings_fingerprint(old, held=True) == settings_fingerprint(new, held=True)
+    assert settings_fingerprint(old) != settings_fingerprint(new)
+    assert settings_fingerprint(desc("base", False), held=True) != settings_fingerprint(desc("other", False), held=True)
+    assert settings_fingerprint(old, held=True) != settings_fingerprint(desc("base", True, "opus"), held=True)

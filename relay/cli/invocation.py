@@ -197,11 +197,17 @@ def spare_controls(desc: RunDescription) -> list[dict[str, object]]:
     return reqs
 
 
-def settings_fingerprint(desc: RunDescription) -> str:
+def settings_fingerprint(desc: RunDescription, held: bool = False) -> str:
     """What a process was configured with beyond its session: a warm process serves a later turn only
     with the same model, system prompt, effort, schema and client functions (its MCP server declares them
-    at spawn; changing them mid-session pollutes it)."""
+    at spawn; changing them mid-session pollutes it).
+
+    `held`: what the rest of a held turn must share with the step that made the calls. The CLI reads its
+    system prompt once a turn, so a client that rewrites it mid-task (Claude Code: its silent-turn reminder
+    comes as a role "system" message, read as part of the system prompt) goes on in the held process; the
+    new prompt applies from the next turn (the process keeps the fingerprint it was configured with)."""
     p = desc.prompt
-    raw = json.dumps([desc.model, p.system_flag, p.system_text, desc.effort, desc.json_schema, desc.prompt_cache,
+    system = None if held and desc.system_may_change else p.system_text
+    raw = json.dumps([desc.model, p.system_flag, system, desc.effort, desc.json_schema, desc.prompt_cache,
                       desc.client_tools], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]

@@ -34,6 +34,7 @@ class RunDescription:
     client_tools: list[dict[str, Any]] = field(default_factory=list)   # served by the relay's MCP server
     agent: Agent | None = None                   # the CLI's own tools, for agent keys
     prompt_cache: str = "auto"                   # Anthropic prompt caching: "auto", "5m", "1h" or "off"
+    system_may_change: bool = False              # the client rewrites its system prompt mid-task (Claude Code)
 
     @property
     def builtin_tools(self) -> tuple[str, ...]:
@@ -76,4 +77,4 @@ def describe(req: ChatRequest, plan: Plan, system_prompt_mode: str, agent: Agent
     return RunDescription(model=req.cli_model, prompt=prompt, session=session,
                           effort=effort_level(req.reasoning_effort) if req.reasoning_effort else None,
                           json_schema=req.json_schema, client_tools=req.tools.tools if req.tools.active else [],
-                          agent=agent, prompt_cache=cache)
+                          agent=agent, prompt_cache=cache, system_may_change=req.system_may_change)

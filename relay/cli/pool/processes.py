@@ -90,6 +90,7 @@ class Managed:
         self.ready = False
         self.conv: str | None = None
         self.fingerprint: str | None = None
+        self.held_fingerprint: str | None = None  # what the rest of a held turn must share (settings_fingerprint)
         self.turns = 0
         self.identity: tuple[Any, ...] = ()
         self.flavour: dict[str, str] = {}  # prompt-caching environment a spare was spawned with
@@ -339,7 +340,7 @@ class WarmPool:
             self.discard(group.pop(lru), "lru" if group is self.warm else "lru_held")
 
     # -- held tool steps -------------------------------------------------------------------------
-    def hold(self, m: Managed, conv: str, fingerprint: str, wait_s: float) -> str:
+    def hold(self, m: Managed, conv: str, fingerprint: str, held_fingerprint: str, wait_s: float) -> str:
         """The turn paused at the client's tool calls: `m` waits (its permission requests unanswered)
         until the results come or `wait_s` passes; returns why not, or ""."""
         self.busy.discard(m)
@@ -354,21 +355,22 @@ class WarmPool:
         if old is not None:
             self.discard(old, "replaced")
         self._make_room()
-        m.conv, m.fingerprint = conv, fingerprint
+        m.conv, m.fingerprint, m.held_fingerprint = conv, fingerprint, held_fingerprint
         m.last_used = time.monotonic()
         m.hold_until = m.last_used + wait_s
         self.held[conv] = m
         self.evictions.forget(conv)
         return ""
 
-    def take_held(self, conv: str, proc_id: str, fingerprint: str) -> tuple[Managed | None, str]:
+    def take_held(self, conv: str, proc_id: str, held_fingerprint: str) -> tuple[Managed | None, str]:
         """The conversation's held process for the request that brings the results (not drained: it
-        printed nothing since, and must lose nothing)."""
+        printed nothing since, and must lose nothing). Its settings are matched by `held_fingerprint`:
+        a system prompt the client rewrote mid-turn (Claude Code) does not end the turn's process."""
         m = self.held.pop(conv, None)
         if m is None:
             return None, self.evictions.explain(conv, "not held on this host")
         why = ("stale (a turn ran elsewhere)" if m.id != proc_id else "settings changed"
-               if m.fingerprint != fingerprint else "exited" if not m.alive else "")
+               if m.held_fingerprint != held_fingerprint else "exited" if not m.alive else "")
         return self._taken(m, conv, why)
 
     def discard(self, m: Managed, why: str) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 
 # 1 was the unversioned protocol (relay/cli/pool_server.py). A server left running by `kill -HUP` with
 # workers of another version refuses them, or they hang up on it: either way they run the CLI cold.
-# 3 added held tool steps (want "held", HoldRequest, Header.pending).
-PROTOCOL_VERSION = 3
+# 3 added held tool steps (want "held", HoldRequest, Header.pending). 4 added RunRequest.held_fingerprint.
+PROTOCOL_VERSION = 4
 SERVER_MODULE = "relay.cli.pool.server"   # `python -m` it; gunicorn's master does
 POOL_TYPE = "pool"                        # the `type` of the pool's own lines among the CLI's events
 
@@ -129,6 +129,7 @@ class RunRequest:
     flavour: dict[str, str] = field(default_factory=dict)          # the prompt caching a spare must have
     proc: str = ""                   # the warm process the conversation's record names, and its turns
     turns: int = 0
+    held_fingerprint: str = ""       # what a held step must share with the step that made the calls
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": "run", "v": PROTOCOL_VERSION, **asdict(self)}
@@ -148,7 +149,7 @@ class RunRequest:
                                  temp_dir=str(cold["temp_dir"]) if cold.get("temp_dir") else None),
                    controls=[c for c in controls if isinstance(c, dict)] if isinstance(controls, list) else [],
                    flavour=_strs(obj.get("flavour")), proc=str(obj.get("proc") or ""),
-                   turns=int(obj.get("turns") or 0))
+                   turns=int(obj.get("turns") or 0), held_fingerprint=str(obj.get("held_fingerprint") or ""))
 
 
 @dataclass

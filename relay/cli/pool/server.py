@@ -90,7 +90,7 @@ class PoolServer:
         """The process for this run: (process, how, why the preferred one was not used)."""
         pool, conv, why = self.pool, req.conv, req.why
         if req.want == "held":  # never cold here: the worker repairs the transcript first, then resumes
-            held, why = pool.take_held(conv, req.proc, req.fingerprint)
+            held, why = pool.take_held(conv, req.proc, req.held_fingerprint)
             if held is None:
                 pool.misses[f"held: {why}"] += 1
                 raise HeldGone(f"held: {why}")
@@ -151,6 +151,8 @@ class PoolServer:
         or kill it."""
         pool = self.pool
         pending, m.pending = (m.pending, {}) if how == "held" else ({}, {})  # the worker answers them now
+        # a held process goes on with the settings it was configured with, whatever this step's request says
+        fps = (m.fingerprint or "", m.held_fingerprint or "") if how == "held" else (req.fingerprint, req.held_fingerprint)
         header = Header(how=how, reason=why, session_id=m.session_id, pid=m.proc.pid, proc=m.id, pending=pending)
         if not conn.write(header.to_wire()):
             pool.discard(m, "disconnect")
@@ -180,7 +182,7 @@ class PoolServer:
                 return
             if asked and isinstance(asked[0], HoldRequest):
                 m.pending = asked[0].pending  # the worker saw the permission requests: what the taker answers
-                not_held = pool.hold(m, req.conv, req.fingerprint, asked[0].wait_s)
+                not_held = pool.hold(m, req.conv, *fps, asked[0].wait_s)
                 conn.write(KeepReply(kept=not not_held, reason=not_held, proc=m.id, turns=m.turns).to_wire())
                 return
             if ev is WAKE:
@@ -202,14 +204,15 @@ class PoolServer:
                 result = ev = m.per_turn(ev)
             conn.write(ev)
         done.wait(timeout=30)
-        self._after_result(conn, req, m, result, bool(asked) and isinstance(asked[0], KeepRequest))
+        self._after_result(conn, req, m, result, bool(asked) and isinstance(asked[0], KeepRequest), fps[0])
 
-    def _after_result(self, conn: Channel, req: RunRequest, m: Managed, result: dict[str, Any], asked: bool) -> None:
+    def _after_result(self, conn: Channel, req: RunRequest, m: Managed, result: dict[str, Any], asked: bool,
+                      fingerprint: str) -> None:
         """Keep `m` for the conversation's next turn when the worker asked and the turn ended clean."""
         pool = self.pool
         clean = not result.get("is_error") and result.get("subtype") == "success"
         if asked and clean and not self.stopping:
-            not_kept = pool.keep(m, req.conv, req.fingerprint)
+            not_kept = pool.keep(m, req.conv, fingerprint)
             conn.write(KeepReply(kept=not not_kept, reason=not_kept, proc=m.id, turns=m.turns).to_wire())
         else:
             pool.discard(m, "not_kept" if clean else "error")

@@ -57,7 +57,8 @@ class ProcessSource:
             cold=ColdSpec(argv=spec.argv, cwd=spec.cwd, env=spec.env, session_id=plan.cli_session or "",
                           temp_dir=spec.temp_dir),
             controls=spare_controls(desc) if r.want == "spare" else [], flavour=r.flavour,
-            proc=r.warm.proc if r.warm else "", turns=r.warm.turns if r.warm else 0)
+            proc=r.warm.proc if r.warm else "", turns=r.warm.turns if r.warm else 0,
+            held_fingerprint=f"{settings_fingerprint(desc, held=True)}:{account or ''}")
         if r.want == "held":
             request.line = ""  # the worker answers the held process's permission requests itself
         return self.client.run(request)
