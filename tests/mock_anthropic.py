@@ -22,6 +22,9 @@ Markers (any number, anywhere in the last user message):
   MOCK:loop=<n>                         in the first user message with tool= or tools=: an agent loop that
                                         calls those tools again after each result until n steps were made
   MOCK:bash=<cmd_with_underscores>      the command of a Bash tool_use (underscores become spaces)
+  MOCK:bash_steps=<n>                   in the first user message: an agent loop of n Bash calls, one a step,
+                                        `echo step0` ... `echo step<n-1>`, then a text answer (Claude Code's
+                                        own Bash, or the relay's mcp__client__Bash)
   MOCK:write=<path>                     the file_path of a Write tool_use (content "written-by-agent")
   MOCK:read=<absolute path>             the file_path of a Read tool_use
   MOCK:structured                       call the StructuredOutput tool with MOCK_STRUCTURED_INPUT
@@ -441,7 +444,11 @@ class MockAnthropic:
                                re.finditer(r"MOCK:([a-z_]+)(?:=([^\s\]]+))?", _text_of(first.get("content"))))
                 steps = sum(1 for m in body.get("messages") or [] if m.get("role") == "assistant" and
                             isinstance(m.get("content"), list) and any(b.get("type") == "tool_use" for b in m["content"]))
-                if "loop" in looping and steps < int(looping["loop"]):
+                bash_cmd = None
+                if "bash_steps" in looping:
+                    if steps < int(looping["bash_steps"]):
+                        wanted, bash_cmd = ["Bash"], f"echo step{steps}"
+                elif "loop" in looping and steps < int(looping["loop"]):
                     wanted = [looping["tool"]] if "tool" in looping else looping.get("tools", "").split(",")
                     wanted = [w for w in wanted if w]
                 elif "structured" in markers and not answered_tool:
@@ -456,7 +463,7 @@ class MockAnthropic:
                     if name == "Write" and "write" in markers:
                         args = {"file_path": markers["write"], "content": "written-by-agent\n"}
                     if name == "Bash":  # MOCK:bash=sleep_30 runs "sleep 30"
-                        cmd = markers.get("bash", "echo_hi-from-bash").replace("_", " ")
+                        cmd = bash_cmd or markers.get("bash", "echo_hi-from-bash").replace("_", " ")
                         args = {"command": cmd, "description": "run a command"}
                     if name == "Read":  # MOCK:tool=Read MOCK:read=/abs/path
                         args = {"file_path": markers.get("read", "/dev/null")}
