@@ -42,7 +42,7 @@ import requests  # noqa: E402
 from common import BareCli, kill_tree, processes_under  # noqa: E402
 from harness import RedisServer, RelayServer, default_cli_bin, relay_env  # noqa: E402
 from mock_anthropic import MockAnthropic  # noqa: E402
-from report import markdown  # noqa: E402
+from report import footer, markdown  # noqa: E402
 from scenarios import bare_variant, conversation, latency, memory, models_rps, relay_variant  # noqa: E402
 from tools import BareHeld, ClaudeCodeClient, claude_code_loops, sdk_loops, tools_markdown  # noqa: E402
 from warm import many_followups, many_markdown, warm_bench, warm_markdown  # noqa: E402
@@ -241,6 +241,7 @@ def main() -> int:
         print("\n" + "\n".join(tools_markdown(res["tools"])))
     if "followups" in res:
         print("\n" + "\n".join(many_markdown(res["followups"])))
+    print("\n" + footer(res))
     log(f"figures written to {RESULTS.relative_to(ROOT)}")
     return 0
 

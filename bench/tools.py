@@ -459,6 +459,12 @@ def tools_markdown(t: dict[str, Any]) -> list[str]:
                 f"steps {_x(cc['held_steps']['ratio'])} ({_verdict(cc['held_steps']['ratio'])})."]
         if cc["not_held_at"]:
             out += ["", f"Steps the relay could not hold: {_served(cc['not_held_at'])}."]
+            if any("settings changed" in k for k in cc["not_held_at"]):
+                out.append("(Seen with 2.1.330: after a few tool steps Claude Code adds its own `system` message, "
+                           "\"The user hasn't heard from you in a while…\", to the conversation; the relay makes "
+                           "system messages part of the run's system prompt, so the held process no longer matches "
+                           "the request's settings and the step resumes from the transcript in a new CLI. "
+                           "CLAUDE_CODE_SILENT_TURN_REMINDER=0 in Claude Code's environment avoids it.)")
         out.append("")
     return out
 
