@@ -98,6 +98,10 @@ def markdown(res: dict[str, Any]) -> str:
                              f"{m['bytes_to_cli']:,}", "yes" if m["resumed"] else "no"])
         out += _table(["Turn N", "Mode", "TTFT", "Relay TTFT", "Total", "Bytes to CLI", "Resumed"], rows)
         out.append("")
-    out.append(f"Bench wall time: {res['wall_time_s']:.0f} s; 1-minute load average {env['loadavg_1m_at_start']} "
-               f"at the start, {env['loadavg_1m_at_end']} at the end.")
     return "\n".join(out)
+
+
+def footer(res: dict[str, Any]) -> str:
+    env = res["environment"]
+    return (f"Bench wall time: {res['wall_time_s']:.0f} s; 1-minute load average {env['loadavg_1m_at_start']} "
+            f"at the start, {env['loadavg_1m_at_end']} at the end.")

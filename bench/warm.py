@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import requests
-from common import MODEL, BareCli, kill_tree, pct, relay_stream, summary_ms, user_msg, wait_for
+from common import MODEL, BareCli, fetch_record, kill_tree, pct, relay_stream, summary_ms, user_msg, wait_for
 
 from relay.cli.invocation import spare_argv
 from relay.cli.process import _die_with_parent
@@ -219,3 +219,75 @@ def warm_markdown(w: dict[str, Any]) -> list[str]:
             f"{mem['count']} warm processes after turns {mem['turns']}.", "",
             f"Served: {w['served']}; pool counters: {w['pool']}."]
     return out
+
+
+def many_followups(relay: Any, bare: BareCli, conversations: int, rounds: int,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`conversations` live conversations on one relay with its pool defaults (max_warm "auto"): start
+    them back to back (as clients would: nobody waits for a spare), then send each a follow-up, round
+    robin, oldest first, `rounds` times. A bare cold CLI run after every second follow-up gives the
+    baseline in the same stretch of time."""
+    url = relay.url
+    health = requests.get(url + "/health", timeout=10).json().get("pool") or {}
+    convs: list[dict[str, Any]] = []
+    new_ttft: list[float] = []
+    new_how: list[str] = []
+    bare.run(f"Warm-up. {WORDS}")
+    for c in range(conversations):
+        sid = f"bench-many-{c}-{uuid.uuid4().hex[:6]}"
+        msgs = [user_msg(f"Conversation {c} of {conversations}: please answer briefly. {WORDS}")]
+        res = relay_stream(url, msgs, {"X-Session-Id": sid})
+        new_ttft.append(res["ttft"])
+        new_how.append(_how(fetch_record(url, res["request_id"])))
+        convs.append({"sid": sid, "msgs": msgs + [{"role": "assistant", "content": res["content"]}]})
+    follow: list[float] = []
+    how: list[str] = []
+    cold: list[float] = []
+    n = 0
+    for r in range(rounds):
+        for c, conv in enumerate(convs):  # oldest first
+            conv["msgs"].append(user_msg(f"Follow-up {r} to conversation {c}: and then? {WORDS}"))
+            res = relay_stream(url, conv["msgs"], {"X-Session-Id": conv["sid"]})
+            conv["msgs"].append({"role": "assistant", "content": res["content"]})
+            follow.append(res["ttft"])
+            how.append(_how(fetch_record(url, res["request_id"])))
+            n += 1
+            if n % 2 == 0:
+                cold.append(bare.run(f"Cold run {n}: please answer briefly. {WORDS}")["ttft"])
+        log(f"  {conversations} conversations: follow-up round {r + 1}/{rounds}")
+    st = pool_stats(url)
+    cold50, f50, f90 = pct(cold, 50), pct(follow, 50), pct(follow, 90)
+    return {"conversations": conversations, "rounds": rounds, "prompt_marker": WORDS,
+            "max_warm": health.get("max_warm"), "max_warm_basis": health.get("max_warm_basis"),
+            "new": summary_ms(new_ttft), "new_served": {x: new_how.count(x) for x in sorted(set(new_how))},
+            "followup": summary_ms(follow), "followup_p90_ms": round((f90 or 0) * 1000, 1),
+            "followup_served": {x: how.count(x) for x in sorted(set(how))},
+            "cold": summary_ms(cold),
+            "ratio_p50": round(f50 / cold50, 3) if f50 and cold50 else None,
+            "ratio_p90_vs_cold_p50": round(f90 / cold50, 3) if f90 and cold50 else None,
+            "warm_after": len(st.get("warm") or []), "pool": {k: st.get(k) for k in ("hits", "misses", "killed")}}
+
+
+def _how(rec: dict[str, Any]) -> str:
+    way = str(rec.get("pool") or "?")
+    return way if len(way) <= 90 else way[:87] + "..."
+
+
+def many_markdown(m: dict[str, Any]) -> list[str]:
+    f, c, nw = m["followup"], m["cold"], m["new"]
+    verdict = "meets" if m["ratio_p50"] is not None and m["ratio_p50"] <= 0.25 else "MISSES"
+    return [f"**Follow-ups with {m['conversations']} live conversations** (one relay, 2 gevent workers, pool defaults: "
+            f"max_warm {m['max_warm']} ({(m['max_warm_basis'] or {}).get('basis', '?')}), 1 spare; the "
+            f"{m['conversations']} conversations started back to back, then {m['rounds']} rounds of one follow-up "
+            "each, round robin, oldest first; a bare cold CLI run after every second follow-up; prompt with "
+            f"`{m['prompt_marker']}`; TTFT seen by the client):", "",
+            "| Path | n | TTFT p50 | TTFT p90 | min | max | p50 / cold p50 |", "|---|---|---|---|---|---|---|",
+            f"| bare cold `claude -p` | {c['n']} | {c['p50_ms']:.0f} ms | - | {c['min_ms']:.0f} ms | "
+            f"{c['max_ms']:.0f} ms | 1.00x |",
+            f"| relay: new conversation (back to back) | {nw['n']} | {nw['p50_ms']:.0f} ms | - | {nw['min_ms']:.0f} ms | "
+            f"{nw['max_ms']:.0f} ms | {nw['p50_ms'] / c['p50_ms']:.2f}x |",
+            f"| relay: follow-up | {f['n']} | {f['p50_ms']:.0f} ms | {m['followup_p90_ms']:.0f} ms | "
+            f"{f['min_ms']:.0f} ms | {f['max_ms']:.0f} ms | **{m['ratio_p50']:.2f}x** |", "",
+            f"Target: follow-up p50 ≤ 0.25x cold; measured **{m['ratio_p50']:.2f}x** ({verdict}), p90 "
+            f"{m['ratio_p90_vs_cold_p50']:.2f}x of cold p50. Follow-ups served: {m['followup_served']}; new "
+            f"conversations: {m['new_served']}; warm processes after: {m['warm_after']}; pool counters: {m['pool']}."]

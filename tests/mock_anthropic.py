@@ -21,7 +21,8 @@ Markers (any number, anywhere in the last user message):
   MOCK:tools=<n1>,<n2>                  parallel tool_use blocks
   MOCK:loop=<n>                         in the first user message with tool= or tools=: an agent loop that
                                         calls those tools again after each result until n steps were made
-  MOCK:bash=<cmd_with_underscores>      the command of a Bash tool_use (underscores become spaces)
+  MOCK:bash=<cmd_with_underscores>      the command of a Bash tool_use (underscores become spaces); in a loop
+                                        (from the first user message) `{step}` becomes the step number
   MOCK:bash_steps=<n>                   in the first user message: an agent loop of n Bash calls, one a step,
                                         `echo step0` ... `echo step<n-1>`, then a text answer (Claude Code's
                                         own Bash, or the relay's mcp__client__Bash)
@@ -204,6 +205,9 @@ class MockAnthropic:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body are separate writes: with Nagle's algorithm on, a keep-alive client's
+            # delayed ACK holds the body back ~40 ms on every request after a connection's first
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
@@ -462,8 +466,9 @@ class MockAnthropic:
                     args: dict = {"city": f"City{j}"} if name != "StructuredOutput" else mock.structured_input
                     if name == "Write" and "write" in markers:
                         args = {"file_path": markers["write"], "content": "written-by-agent\n"}
-                    if name == "Bash":  # MOCK:bash=sleep_30 runs "sleep 30"
-                        cmd = bash_cmd or markers.get("bash", "echo_hi-from-bash").replace("_", " ")
+                    if name == "Bash":  # MOCK:bash=sleep_30 runs "sleep 30"; a loop's: MOCK:bash=echo_step{step}
+                        cmd = bash_cmd or (markers.get("bash") or looping.get("bash") or "echo_hi-from-bash").replace("_", " ")
+                        cmd = cmd.replace("{step}", str(steps))
                         args = {"command": cmd, "description": "run a command"}
                     if name == "Read":  # MOCK:tool=Read MOCK:read=/abs/path
                         args = {"file_path": markers.get("read", "/dev/null")}
