@@ -144,7 +144,7 @@ def relayed_task(request: Any, relay_factory: Any, relay: Any, mock_api: Any, cl
     def records() -> list[dict[str, Any]]:
         data = requests.get(srv.url + "/v1/usage/recent?limit=100", timeout=10).json()["data"]
         return [x for x in data if _epoch(x["timestamp"]) >= run["t0"]][::-1]  # oldest first
-    wait_until(lambda: len(records()) >= STEPS + 1, timeout=10)
+    wait_until(lambda: len(records()) >= STEPS + 1, timeout=30)
     time.sleep(0.3)  # a late record would show up here
     run.update(mode=request.param, srv=srv, records=records(), requests=_model_requests(mock_api, tag))
     run["conversations"] = requests.get(srv.url + "/v1/sessions", timeout=10).json()["data"]
@@ -210,11 +210,16 @@ def test_claude_code_runs_a_tool_task_through_the_relay_as_straight_at_the_api(
         assert REMINDER in last_system  # each resumed step runs with the client's latest system prompt
 
 
-@pytest.mark.xfail(reason="relay-host environment section: being removed", strict=False)
-def test_relayed_requests_do_not_name_the_relay_host(relayed_task: dict[str, Any]) -> None:
-    """The model reads the client's environment, not the relay's CLI working folder or state dir."""
+def test_relayed_requests_do_not_name_the_relay_host(relayed_task: dict[str, Any], request: Any) -> None:
+    """The model reads the client's environment, not the relay's CLI working folder or state dir. The CLI
+    has no switch for its environment text on a subscription (docs/limits.md): a conversation's first
+    request carries it, and from the next cold resume on the relay blanks it. A held process goes on with
+    what it sent first, so with the pool every step of one task still carries it."""
     srv = relayed_task["srv"]
+    if relayed_task["mode"] == "held":
+        request.applymarker(pytest.mark.xfail(reason="a held process keeps its first request's environment "
+                                              "text (docs/limits.md)", strict=True))
     paths = {str(cli_cwd(srv)), str(srv.tmp / "state"), str((srv.tmp / "state").resolve())}
-    for r in relayed_task["requests"]:
+    for r in relayed_task["requests"][1:]:  # the first: the CLI's own, see above
         text = json.dumps(r["body"])
-        assert not [p for p in paths if p in text]
+        assert not [p for p in paths if p in text]  # (Claude Code sends its own "Primary working directory")
