@@ -115,7 +115,7 @@ def _check_webhooks(value: Any) -> str | None:
             return f"item {i}: the telegram format needs a chat_id"
         events = item.get("events")
         known = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected",
-                 "login_failing", "run_timeout")
+                 "login_failing", "run_timeout", "runaway_conversation")
         if events is not None and (not isinstance(events, list) or any(e not in known for e in events)):
             return f"item {i}: events must be a list of: {', '.join(known)}"
         unknown = set(item) - {"url", "format", "chat_id", "events", "timeout_s"}
@@ -254,6 +254,22 @@ SCHEMA: dict[str, Field] = {
     "alerts.max_attempts": Field(int, 10, "Deliveries of one alert tried before it is dropped.", _between(1, 100)),
     "alerts.retry_base_s": Field(float, 2.0, "First retry delay of a failed alert delivery (doubles each time, at most 10 min).",
                                  _between(0.01, 3600)),
+    "runaway.max_replays_in_a_row": Field(int, 5, "Turns in a row that may each replay a conversation's whole history "
+                                          "in a new CLI session instead of resuming it (a client whose history "
+                                          "changes every turn); the next is refused with 429 runaway_conversation "
+                                          "for runaway.cooldown_s and an alert goes out. 0 = no limit.",
+                                          _between(0, 1000)),
+    "runaway.burn_ratio": Field(float, 20.0, "A conversation whose turns in the last runaway.window_s burnt (the prompt "
+                                "tokens the CLI reported: input, cache writes and reads) at least "
+                                "runaway.burn_min_tokens and more than this many times what their histories explain "
+                                "(the sum of their prompt estimates) is refused like a replay loop. 0 = no limit.",
+                                _between(0, 10**6)),
+    "runaway.burn_min_tokens": Field(int, 200000, "A conversation that burnt fewer tokens than this in the window is "
+                                     "never stopped for its burn.", _between(0, 10**12)),
+    "runaway.cooldown_s": Field(float, 900.0, "How long a stopped conversation is refused (its Retry-After); then "
+                                "its counters start afresh.", _between(1, 7 * 86400)),
+    "runaway.window_s": Field(float, 3600.0, "The recent window a conversation's burn is summed over.",
+                              _between(1, 7 * 86400)),
     "metrics.scrape_token": Field(str, "", "A token Prometheus may send (Authorization: Bearer) to read /metrics "
                                   "instead of an admin key; empty = admin keys only."),
     "pool.enabled": Field(bool, True, "Warm CLI processes: one pool server per host keeps spares and "

@@ -11,7 +11,8 @@ Anthropic's (`{"type": "error", "error": {"type", "message"}}`) on the Messages 
     ├── Conflict (409)                                   conversation busy
     ├── RateLimited (429 requests/rate_limit_exceeded)   relay limits, upstream 429
     │   ├── SubscriptionLimited                         the subscription's own limit (cooldown)
-    │   └── QuotaExceeded (429 insufficient_quota)       tokens per day
+    │   ├── QuotaExceeded (429 insufficient_quota)       tokens per day
+    │   └── RunawayStopped (429 runaway_conversation)    a conversation replaying or burning far too much
     ├── UpstreamError (502)                              upstream 5xx, CLI crash, garbage output
     ├── Unavailable (503)                                CLI missing, login expired, overloaded, Redis down
     └── Timeout (504)                                    first-token / idle / total timeout
@@ -115,6 +116,14 @@ class SubscriptionLimited(RateLimited):
 class QuotaExceeded(RateLimited):
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class RunawayStopped(RateLimited):
+    """The runaway guard refuses this conversation until its cooldown ends; retrying sooner cannot help."""
+    code = "runaway_conversation"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after, headers={"x-should-retry": "false"})
 
 
 class UpstreamError(RelayError):

@@ -53,8 +53,10 @@ def forget_conversations(relay: Relay, conv_id: str | None, scope: str | None, p
             victims += relay.sessions.delete(alias, own_scope)
     for c in victims:
         relay.responses.delete_conversation(c["scope"], c["id"])
+        relay.runaways.forget(c["scope"], c["id"])  # a stopped conversation may start afresh
     if conv_id is None:
         relay.responses.delete_scope(scope)
+        relay.runaways.forget_all(scope)
     removed = 0
     if purge_files:
         ids = [c["cli_session_id"] for c in victims if c.get("cli_session_id")]

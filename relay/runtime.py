@@ -19,6 +19,7 @@ from .core import tokens
 from .core.models import ModelCatalog
 from .core.record import RequestRecord
 from .core.routing import AccountSpec
+from .core.runaway import Limits
 from .errors import Unavailable
 from .state.accounts import Accounts
 from .state.alerts import Alerts
@@ -29,6 +30,7 @@ from .state.leases import Leases
 from .state.metrics import MetricsStore, PoolTally
 from .state.quotas import Quotas
 from .state.responses import ResponseStore
+from .state.runaway import Runaways
 from .state.sessions import Sessions
 from .state.slots import RunSlots
 from .state.stats import Stats
@@ -61,6 +63,9 @@ class Relay:
         self.active: dict[str, Run] = {}
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self._redis)
         self.quotas = Quotas(self._redis, settings["rate_limit.max_tokens_per_day"])
+        self.runaways = Runaways(self._redis, Limits(settings["runaway.max_replays_in_a_row"],
+                                                     settings["runaway.burn_ratio"], settings["runaway.burn_min_tokens"],
+                                                     settings["runaway.cooldown_s"], settings["runaway.window_s"]))
         self.metrics = MetricsStore(self._redis)
         self.response_cache = ResponseCache(self._redis, settings["response_cache.ttl"],
                                             settings["response_cache.min_tokens"])

@@ -37,7 +37,8 @@ with `mock.set_account(token, ...)` (or `POST /_mock/accounts/<token>` with the 
 answered with that account's `anthropic-ratelimit-unified-*` headers (5-hour and weekly utilization,
 resets, overage), a 429 (status rejected) once its 5-hour window is exhausted (unless overage is
 allowed: then it answers and says overage is in use), a 401 for a broken login, or the 400
-"Third-party apps now draw from your extra usage" refusal. `mock.by_token(token)` lists its requests.
+"Third-party apps now draw from your extra usage" refusal. A window whose reset time has passed starts
+over, empty, as the API's do. `mock.by_token(token)` lists its requests.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ class Window:
     overage_disabled_reason: str = "out_of_credits"
     login_ok: bool = True             # False: 401 (a revoked or expired token)
     extra_usage_refusal: bool = False  # answer the 400 "Third-party apps now draw from your extra usage"
+
+    def roll(self, now: float) -> None:
+        """As the API does: a window whose reset time has passed starts over, empty."""
+        if self.five_hour_reset <= now:
+            self.five_hour, self.five_hour_reset = 0.0, int(now) + 5 * 3600
+        if self.seven_day_reset <= now:
+            self.seven_day, self.seven_day_reset = 0.0, int(now) + 7 * 86400
 
     def exhausted(self) -> bool:
         return self.five_hour >= 1.0 or self.seven_day >= 1.0
@@ -283,6 +291,8 @@ class MockAnthropic:
                 """The account behind this request's bearer token, and its rate-limit headers."""
                 with mock.lock:
                     win = mock.accounts.get(bearer(self.headers))
+                    if win is not None:
+                        win.roll(time.time())
                     return win, (win.headers() if win else {})
 
             def _messages(self, body: dict) -> None:

@@ -122,6 +122,7 @@ def stats() -> Any:
                                          "cache_creation_tokens", "total_tokens")},
         **relay.stats.latency(),
         "pool": relay.pool.stats(),
+        "runaway": relay.runaways.summary(),
         "accounts": {a["name"]: {"usable": a["usable"], "state": a["state"], "in_flight": a["in_flight"],
                                  "conversations": a["conversations"], "windows": a["windows"],
                                  "usage": per_account.get(a["name"], {})} for a in host_health.account_meter(relay)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
-          "run_timeout")
+          "run_timeout", "runaway_conversation")
 FORMATS = ("json", "slack", "telegram")
 
 

@@ -64,6 +64,11 @@ def conversation_id(header: str | None, user: str | None, system: str, messages:
     return "h:" + digest(system, [first])[:24]
 
 
+def named(conv_id: str) -> bool:
+    """Whether the client named the conversation (X-Session-Id, `user`), rather than the relay from its opening."""
+    return not conv_id.startswith("h:")
+
+
 @dataclass
 class Plan:
     """What one turn sends to the CLI and how it uses the CLI's session store."""

@@ -24,7 +24,7 @@ TOKEN_KINDS = (("input", "input_tokens"), ("output", "output_tokens"), ("cache_r
                ("cache_creation", "cache_creation_tokens"))
 CLI_FAILURES = {"cli_crashed": "crash", "first_token_timeout": "first_token_timeout",
                 "idle_timeout": "idle_timeout", "total_timeout": "total_timeout"}
-REJECTIONS = {"insufficient_quota": "quota"}  # any other refusal before a run: rate_limit
+REJECTIONS = {"insufficient_quota": "quota", "runaway_conversation": "runaway"}  # any other refusal: rate_limit
 
 # family -> (kind, label names, help); the store keeps one Redis hash per family
 COUNTERS: dict[str, tuple[str, tuple[str, ...], str]] = {

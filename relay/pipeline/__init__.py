@@ -3,7 +3,8 @@
     HTTP route (api/completions.py, through a core/formats Format)
       │
       ▼  Exchange.open()
-    admission ─ CLI usable · token quota · conversation lock → plan · key slot · host queue · account slot
+    admission ─ CLI usable · token quota · conversation lock → plan → runaway guard · key slot · host queue
+      │          · account slot
       │
     runner ──── describe → spec → a process (pool: spare / warm / cold, or spawned here)
       │          · fail over to another account · replay a vanished session   (until the API accepts)
@@ -11,7 +12,8 @@
     answer ──── the deltas a stream shows · one TurnView of the finished turn for every format
       │
       ▼  Exchange.settle() (before a stream's last event), Exchange.close(exc) (exactly once)
-    finish ──── keep warm · commit the conversation │ status · CLI exit · release leases · record · alerts
+    finish ──── keep warm · commit the conversation │ status · CLI exit · runaway guard counts the turn ·
+                release leases · record · alerts
 
 Anything that fails in `open()` is an ordinary HTTP error: nothing has reached the client yet.
 """

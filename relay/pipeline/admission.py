@@ -1,7 +1,8 @@
 """Admission, the first stage: may this request run, and where. Also the state one request carries.
 
 In order: the CLI usable, the key's token quota, the conversation's lock (then its plan, read under
-the lock), the key's run slot, a host run slot (a fair queue), and the Claude account's slot.
+the lock, and the runaway guard), the key's run slot, a host run slot (a fair queue), and the Claude
+account's slot.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..errors import Conflict, RateLimited
 from ..runtime import Relay
 from ..state.apikeys import ApiKey
 from ..state.leases import Heartbeat, new_token
+from . import guard
 
 log = logging.getLogger("relay.pipeline")
 
@@ -94,6 +96,7 @@ def admit(f: Flight) -> Plan:
     if relay.sessions.enabled:  # lock first, then read the conversation's state under the lock
         _lock_conversation(f)
     plan = relay.sessions.plan(ctx.scope, f.conv, req.system, req.messages, req.cli_model, req.system_may_change)
+    guard.check(relay, ctx.scope, f.conv, plan, ctx.request_id)  # a runaway conversation takes no run slot
     f.member = relay.slots.member(f.member, ctx.scope)  # the queue's fairness reads the owner
     _take_run_slots(f)
     try:

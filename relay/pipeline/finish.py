@@ -1,5 +1,6 @@
 """The finish stage, run exactly once: the status, keep the process warm, commit the conversation
-(before a stream's last event, so the client's next request finds it), release, record, alert.
+(before a stream's last event, so the client's next request finds it), count the turn for the runaway
+guard, release, record, alert.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..core.formats.base import stored_answer
 from ..core.record import RequestRecord
 from ..core.request import text_of
 from ..errors import RelayError, Timeout
+from . import guard
 from .admission import Flight
 from .answer import model, raw_usage, view
 from .runner import end_run
@@ -62,6 +64,8 @@ def close(f: Flight, exc: BaseException | None) -> None:
     except Exception as e:  # never lose the stats record over a session update
         log.error("%s: session update failed: %s", f.ctx.request_id, e)
     finally:
+        if f.run and f.plan:  # counted before the lock goes: the conversation's next turn reads it
+            guard.record(f.relay, f.ctx.scope, f.conv, f.plan, raw_usage(f)[0], f.estimate, f.ctx.request_id)
         _release(f)
         if isinstance(exc, Timeout):
             f.relay.alerts.emit("run_timeout", f.account, f"A run on account {f.account} timed out "
