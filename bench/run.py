@@ -16,7 +16,8 @@ Run with `make bench`. Knobs: BENCH_SECTIONS (default "latency,rps,conversation,
 BENCH_WARM_RUNS (rounds of the warm comparison, default 20), BENCH_RUNS (runs per latency variant, default 20), BENCH_STREAMS (10),
 BENCH_CONVERSATIONS (3), BENCH_REPLAY_REPEATS (3), BENCH_RPS_SECONDS (5), BENCH_TURNS (2,10,30),
 BENCH_TOOL_ROUNDS (SDK tool loops per variant, 10), BENCH_TOOL_STEPS (tool calls per loop, 6),
-BENCH_CC_ROUNDS (Claude Code runs each way, 6), BENCH_LIVE_CONVERSATIONS (16), BENCH_FOLLOWUP_ROUNDS (2).
+BENCH_CC_ROUNDS (Claude Code runs each way, 6), BENCH_MODEL_MS (the mock's time per answer in the model-time
+tool loops, 1000; 0 skips them), BENCH_MODEL_ROUNDS (2), BENCH_LIVE_CONVERSATIONS (16), BENCH_FOLLOWUP_ROUNDS (2).
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ from harness import RedisServer, RelayServer, default_cli_bin, relay_env  # noqa
 from mock_anthropic import MockAnthropic  # noqa: E402
 from report import footer, markdown  # noqa: E402
 from scenarios import bare_variant, conversation, latency, memory, models_rps, relay_variant  # noqa: E402
-from tools import BareHeld, ClaudeCodeClient, claude_code_loops, sdk_loops, tools_markdown  # noqa: E402
+from tools import (  # noqa: E402
+    BareHeld,
+    ClaudeCodeClient,
+    claude_code_loops,
+    model_time_loops,
+    sdk_loops,
+    tools_markdown,
+)
 from warm import many_followups, many_markdown, warm_bench, warm_markdown  # noqa: E402
 
 RESULTS = BENCH / "results.json"
@@ -162,6 +170,9 @@ def tools_section(servers: Servers, res: dict[str, Any]) -> None:
     note_cli(res, relay)
     bare = BareHeld(relay.env, servers.cli_bin, relay.tmp / "bare-held")
     res["tools"] = {"sdk": sdk_loops(relay.url, servers.mock, rounds, steps, bare, log=log)}
+    model_ms, model_rounds = env_int("BENCH_MODEL_MS", 1000), env_int("BENCH_MODEL_ROUNDS", 2)
+    if model_ms and model_rounds:
+        res["tools"]["model_time"] = model_time_loops(relay.url, servers.mock, model_rounds, steps, model_ms, log=log)
     client = ClaudeCodeClient(servers.cli_bin, servers.tmp / "claude-code-client")
     res["tools"]["claude_code"] = claude_code_loops(relay.url, servers.mock, client, cc_rounds, steps, log=log)
     servers.stop_relay(relay)

@@ -54,7 +54,11 @@ WEATHER = {"name": "get_weather", "description": "Current weather for a city",
 
 
 def _task(tag: str, steps: int) -> str:
-    return f"{tag} check the weather, step by step MOCK:loop={steps} MOCK:tool=get_weather"
+    model = f" MOCK:model_ms={MODEL_MS[0]}" if MODEL_MS[0] else ""
+    return f"{tag} check the weather, step by step MOCK:loop={steps} MOCK:tool=get_weather{model}"
+
+
+MODEL_MS = [0]  # the mock's time per answer in `model_time_loops` (0: it answers at once)
 
 
 # -- one loop per client ---------------------------------------------------------------------------
@@ -313,6 +317,40 @@ def sdk_loops(relay_url: str, mock: Any, rounds: int, steps: int, bare: BareHeld
     return out
 
 
+def model_time_loops(relay_url: str, mock: Any, rounds: int, steps: int, model_ms: int,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The same loops with a mock that takes `model_ms` per answer, as a model does: the ratio a client sees
+    against a real API is the relay's fixed cost per step over the model's time, not over a 1 ms mock."""
+    MODEL_MS[0] = model_ms
+    try:
+        variants = {"chat_relay": lambda tag: chat_relay(relay_url, tag, steps),
+                    "messages_relay": lambda tag: messages_loop(relay_url, tag, steps),
+                    "direct": lambda tag: messages_loop(mock.url, tag, steps)}
+        loops: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in variants}
+        names = list(variants)
+        for i in range(rounds):
+            shift = i % len(names)
+            for n in names[shift:] + names[:shift]:
+                tag = f"toolm-{n}-{i}-{uuid.uuid4().hex[:6]}"
+                loop = variants[n](tag)
+                if n.endswith("_relay"):
+                    attach_records(relay_url, loop)
+                loops[n].append(loop)
+            log(f"  tool steps with a {model_ms} ms model: {i + 1}/{rounds} rounds")
+    finally:
+        MODEL_MS[0] = 0
+    direct_later = [s["s"] for lp in loops["direct"] for s in lp[1:]]
+    out: dict[str, Any] = {"rounds": rounds, "steps": steps, "model_ms": model_ms}
+    for api in ("chat", "messages"):
+        rl = loops[f"{api}_relay"]
+        held = [s["s"] for lp in rl for s in lp[1:] if s.get("pool") == "held"]
+        out[api] = {"held_steps": _pair(held, direct_later),
+                    "per_step": _pair([sum(s["s"] for s in lp) / len(lp) for lp in rl],
+                                      [sum(s["s"] for s in lp) / len(lp) for lp in loops["direct"]]),
+                    "served_later": _count([_short(s["pool"]) for lp in rl for s in lp[1:]])}
+    return out
+
+
 def _short(way: str) -> str:
     """A request record's `pool` without the varying detail of a cold start's reason."""
     return way if len(way) <= 90 else way[:87] + "..."
@@ -385,8 +423,25 @@ def _verdict(ratio: float | None) -> str:
     return "meets the aim" if ratio <= AIM else "within the target" if ratio <= TARGET else "MISSES the target"
 
 
+def _model_time_markdown(m: dict[str, Any]) -> list[str]:
+    out = [f"**Tool steps with a model that takes {m['model_ms']} ms per answer** (the mock waits that long before "
+           f"each answer; {m['rounds']} loops per variant of {m['steps']} calls, interleaved; direct: the anthropic "
+           "SDK at the mock). Against a real API the relay's cost per step is added to the model's time:", "",
+           "| API | Step | Relay p50 | Direct p50 | Ratio relay / direct | Relay − direct | Verdict | Relay served |",
+           "|---|---|---|---|---|---|---|---|"]
+    for api, label in (("chat", "chat completions (openai SDK)"), ("messages", "Messages (anthropic SDK)")):
+        for key, step in (("held_steps", "later (held)"), ("per_step", "whole loop / requests")):
+            p = m[api][key]
+            served = _served(m[api]["served_later"]) if key == "held_steps" else ""
+            out.append(f"| {label} | {step} | {_f(p['relay_p50_ms'])} | {_f(p['direct_p50_ms'])} | "
+                       f"**{_x(p['ratio'])}** | {_f(p['extra_ms'])} | {_verdict(p['ratio'])} | {served} |")
+    return out + [""]
+
+
 def tools_markdown(t: dict[str, Any]) -> list[str]:
     out = []
+    if t.get("model_time"):
+        out += _model_time_markdown(t["model_time"])
     sdk = t.get("sdk")
     if sdk:
         out += [f"**Tool steps: relay vs. straight at the mock** ({sdk['rounds']} loops per variant, each "

@@ -11,6 +11,8 @@ Markers (any number, anywhere in the last user message):
   MOCK:delay=<seconds>                  wait before answering at all
   MOCK:slow=<ms>                        pause between text deltas
   MOCK:pause=<seconds>                  go silent after the first text delta
+  MOCK:model_ms=<ms>                    in the first user message: every request of the conversation waits
+                                        that long before answering (a model's time per step; make bench)
   MOCK:think=<seconds>                  after message_start, silent that long (a model thinking), then answer
   MOCK:break_stream                     break the SSE stream after one delta; the non-stream retry fails
   MOCK:words=<n>                        answer with n words, one delta each
@@ -318,6 +320,10 @@ class MockAnthropic:
                 )
                 if "delay" in markers:
                     time.sleep(float(markers["delay"]))
+                opening = next((m for m in body.get("messages") or [] if m.get("role") == "user"), {})
+                model_ms = re.search(r"MOCK:model_ms=(\d+)", _text_of(opening.get("content")))
+                if model_ms:
+                    time.sleep(int(model_ms.group(1)) / 1000)
                 if "error" in markers:
                     return self._error(markers["error"])
                 if "fail_first" in markers:
