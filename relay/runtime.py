@@ -116,7 +116,12 @@ class Relay:
             self._redis.ping()
             return {"ok": True}
         except Exception as exc:  # any Redis trouble is reported, never raised, by /health
-            return {"ok": False, "error": str(exc)}
+            cause = exc.__cause__ or exc
+            return {"ok": False, "error": str(cause), "down_since": self.redis_down_since()}
+
+    def redis_down_since(self) -> float | None:
+        """When this worker's Redis commands began to fail (None while they succeed)."""
+        return getattr(self._redis, "down_since", None)
 
     def record(self, rec: RequestRecord) -> None:
         """Count a finished request: stats, metrics, the key's quota. A Redis outage delays each write
