@@ -302,3 +302,112 @@ def test_a_killed_master_leaves_no_process_and_a_new_start_is_clean(tmp_path, mo
     for p in psutil.process_iter(["cmdline"]):  # whatever a failure above may have left
         if str(tmp_path) in " ".join(p.info["cmdline"] or []):
             p.kill()
+
+
+# -- the pieces on their own (fast) ----------------------------------------------------------------
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def _add(self, msg: str, *args: Any) -> None:
+        self.lines.append(msg % args if args else msg)
+
+    info = warning = error = exception = _add
+
+
+def test_the_supervisor_restarts_a_dead_helper_backs_off_when_it_crash_loops_and_stops_when_told(tmp_path):
+    from relay import supervise
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn() -> subprocess.Popen[bytes]:
+        started.append(subprocess.Popen(["sleep", "60"]))
+        return started[-1]
+    log = _Log()
+    sup = supervise.Supervisor(tmp_path / "helpers.json", log, interval=0.02)
+    sup.watch("pool", "the test helper", spawn(), spawn)
+    sup.start()
+    try:
+        for n in range(1, supervise.BURST + 1):  # quick restarts up to the burst
+            started[-1].kill()
+            assert wait_until(lambda n=n: len(started) == n + 1, timeout=5), log.lines
+        status = supervise.read_status(tmp_path)["helpers"]["pool"]
+        assert status["state"] == "up" and status["restarts"] == supervise.BURST
+        assert status["last_outage"]["exit"] == "killed by SIGKILL" and status["last_outage"]["downtime_s"] < 1
+        started[-1].kill()  # one more within the minute: it waits now
+        assert wait_until(lambda: supervise.read_status(tmp_path)["helpers"]["pool"]["state"] == "backoff", 5)
+        time.sleep(0.5)
+        assert len(started) == supervise.BURST + 1
+        assert any("crash-looping" in line for line in log.lines), log.lines
+        assert supervise.delay([time.time()] * supervise.BURST, time.time()) == supervise.FIRST_DELAY_S
+        assert supervise.delay([time.time()] * 20, time.time()) == supervise.MAX_DELAY_S
+        sup.stop()
+        sup.helpers["pool"].next_try = 0  # due now, but the master is shutting down
+        time.sleep(0.3)
+        assert len(started) == supervise.BURST + 1 and supervise.read_status(tmp_path)["stopping"] is True
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
+
+
+def test_a_status_file_of_another_master_is_ignored(tmp_path):
+    from relay import supervise
+
+    sup = supervise.Supervisor(tmp_path / supervise.STATUS_FILE, _Log())
+    sup.publish()
+    assert supervise.read_status(tmp_path, os.getpid())["helpers"] == {}
+    assert supervise.read_status(tmp_path, os.getpid() + 1) == {}
+    assert supervise.read_status(tmp_path / "nowhere") == {}
+
+
+def test_writes_delayed_by_an_outage_are_replayed_in_order_once(tmp_path):
+    from relay.errors import RedisUnavailable
+    from relay.state.backlog import Backlog
+
+    down, done = [True], []
+
+    def write(n: int) -> Any:
+        def go() -> None:
+            if down[0]:
+                raise RedisUnavailable("down")
+            done.append(n)
+        return go
+    b = Backlog(limit=3)
+    assert b.write("stats", write(1)) is False and b.write("stats", write(2)) is False
+    assert b.flush() == 0 and len(b) == 2
+    down[0] = False
+    assert b.write("stats", write(3)) is True  # the earlier ones go first
+    assert done == [1, 2, 3] and len(b) == 0 and b.flush() == 0
+    down[0] = True
+    for n in range(4, 9):
+        b.write("stats", write(n))
+    assert len(b) == 3 and b.dropped == 2  # bounded: the oldest go first
+    down[0] = False
+    b.stop()
+    assert done == [1, 2, 3, 6, 7, 8]
+
+
+def test_a_redis_outage_met_anywhere_becomes_the_relays_503(tmp_path):
+    import redis
+
+    from relay.errors import RedisUnavailable
+    from relay.state.connection import as_relay_error, connect
+
+    r = connect(f"unix://{tmp_path / 'nothing.sock'}")
+    with pytest.raises(RedisUnavailable) as err:
+        r.get("x")
+    assert err.value.status == 503 and err.value.code == "redis_unavailable" and err.value.retry_after
+    assert str(tmp_path) not in err.value.message  # the client is not told where Redis lives
+    assert r.down_since is not None
+    with pytest.raises(RedisUnavailable):
+        pipe = r.pipeline()
+        pipe.incr("x")
+        pipe.execute()
+    try:  # as flask-limiter meets it, on its own connection
+        raise RuntimeError("storage") from redis.ConnectionError("refused")
+    except RuntimeError as exc:
+        found = as_relay_error(exc)
+    assert isinstance(found, RedisUnavailable) and found.response_headers()["Retry-After"] == "2"
+    assert as_relay_error(ValueError("other")) is None
