@@ -28,9 +28,9 @@ def test_the_gunicorn_master_imports_only_the_config_the_pool_protocol_and_the_s
             "print(sorted(m for m in sys.modules if m == 'relay' or m.startswith('relay.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PATH": "/usr/bin:/bin", "RELAY_CONFIG": str(ROOT / "config.json")})
-    # the pool's wire format (its socket path and its module name) and the supervisor of the private Redis
-    # and the pool server: standard library only as well
-    assert out.stdout.strip() == ("['relay', 'relay.cli', 'relay.cli.pool', 'relay.cli.pool.protocol', 'relay.config', "
-                                  "'relay.supervise']")
+    # the sweep of dead runs' folders, the pool's wire format (its socket path and its module name) and the
+    # supervisor of the private Redis and the pool server: standard library only as well
+    assert out.stdout.strip() == ("['relay', 'relay.cli', 'relay.cli.leftovers', 'relay.cli.pool', "
+                                  "'relay.cli.pool.protocol', 'relay.config', 'relay.supervise']")
     for heavy in ("flask", "redis", "gevent"):
         assert heavy not in out.stdout
