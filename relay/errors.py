@@ -14,7 +14,9 @@ Anthropic's (`{"type": "error", "error": {"type", "message"}}`) on the Messages 
     │   ├── QuotaExceeded (429 insufficient_quota)       tokens per day
     │   └── RunawayStopped (429 runaway_conversation)    a conversation replaying or burning far too much
     ├── UpstreamError (502)                              upstream 5xx, CLI crash, garbage output
-    ├── Unavailable (503)                                CLI missing, login expired, overloaded, Redis down
+    │   └── PoolLost                                     the pool server died under the run (retried if it can be)
+    ├── Unavailable (503)                                CLI missing, login expired, overloaded
+    │   └── RedisUnavailable (503 redis_unavailable)     Redis unreachable (state/connection.py translates it)
     └── Timeout (504)                                    first-token / idle / total timeout
 """
 
@@ -132,10 +134,20 @@ class UpstreamError(RelayError):
     code = "upstream_error"
 
 
+class PoolLost(UpstreamError):
+    """The host's pool server died while it ran this CLI: nothing is wrong with the request itself."""
+    code = "pool_server_lost"
+
+
 class Unavailable(RelayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class RedisUnavailable(Unavailable):
+    """Redis is unreachable (down, restarting, loading its file): a short outage, worth retrying."""
+    code = "redis_unavailable"
 
 
 class Timeout(RelayError):

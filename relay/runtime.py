@@ -24,6 +24,7 @@ from .errors import Unavailable
 from .state.accounts import Accounts
 from .state.alerts import Alerts
 from .state.apikeys import KeyRing
+from .state.backlog import Backlog
 from .state.cache import ResponseCache
 from .state.connection import connect, host_id
 from .state.leases import Leases
@@ -60,6 +61,7 @@ class Relay:
         self._init_accounts(settings)
         self.stats = Stats(self._redis, settings.path("log_dir") / "stats.json", settings["max_requests_per_day"],
                            settings["stats.log_first_message"], settings["prices"])
+        self.backlog = Backlog()   # what a Redis outage delayed
         self.active: dict[str, Run] = {}
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self._redis)
         self.quotas = Quotas(self._redis, settings["rate_limit.max_tokens_per_day"])
@@ -114,28 +116,31 @@ class Relay:
             self._redis.ping()
             return {"ok": True}
         except Exception as exc:  # any Redis trouble is reported, never raised, by /health
-            return {"ok": False, "error": str(exc)}
+            cause = exc.__cause__ or exc
+            return {"ok": False, "error": str(cause), "down_since": self.redis_down_since()}
+
+    def redis_down_since(self) -> float | None:
+        """When this worker's Redis commands began to fail (None while they succeed)."""
+        return getattr(self._redis, "down_since", None)
 
     def record(self, rec: RequestRecord) -> None:
-        try:
-            self.stats.record(rec.as_dict())
-        except Exception as exc:  # stats must never break a response
-            log.error("stats: could not record %s: %s", rec.id, exc)
-        try:
-            self.metrics.record(rec)
-        except Exception as exc:  # nor must the metrics
-            log.error("metrics: could not record %s: %s", rec.id, exc)
+        """Count a finished request: stats, metrics, the key's quota. A Redis outage delays each write
+        (the backlog replays it once Redis is back); no other failure may break a response."""
+        writes = (("stats", lambda: self.stats.record(rec.as_dict())), ("metrics", lambda: self.metrics.record(rec)),
+                  ("quota", lambda: self.quotas.charge(rec.key or None, rec.tokens_spent)))
+        for what, write in writes:
+            try:
+                self.backlog.write(what, write)
+            except Exception as exc:  # never break a response over it
+                log.error("%s: could not record %s: %s", what, rec.id, exc)
         log.info("request %s key=%s model=%s stream=%s status=%s in=%s out=%s ms=%s", rec.request_id,
                  rec.key or "-", rec.model, rec.stream, rec.status, rec.input_tokens, rec.output_tokens,
                  rec.response_time_ms)
-        try:
-            self.quotas.charge(rec.key or None, rec.tokens_spent)
-        except Exception as e:
-            log.error("%s: could not charge %d tokens to the quota: %s", rec.request_id, rec.tokens_spent, e)
 
     def shutdown(self) -> None:
         for run in list(self.active.values()):
             run.cancel()
+        self.backlog.stop()
         self.stats.stop()
         self.alerts.stop()
 
@@ -144,6 +149,7 @@ class Relay:
             self.stats.restore_if_empty()
         except Exception as exc:  # Redis may be down at boot: /health shows it
             log.error("stats: restore skipped: %s", exc)
+        self.backlog.run()
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         self.alerts.run(tick=self.accounts.recoveries)
         tokens.warm()  # a burst of count_tokens right after start-up must not wait for it

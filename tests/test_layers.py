@@ -20,7 +20,8 @@ ALLOWED = {
     "runtime": {"core", "cli", "state"},
     "pipeline": {"core", "cli", "state", "runtime", "pipeline"},
     "housekeeping": {"core", "cli", "state", "runtime"},
-    "health": {"core", "state", "runtime"},
+    "health": {"core", "state", "runtime", "supervise"},
+    "supervise": set(),                  # the gunicorn master's: standard library only
     "api": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "health", "api"},
     "app": {"core", "cli", "state", "runtime", "pipeline", "housekeeping", "health", "api"},
     "__init__": {"app"},

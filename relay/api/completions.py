@@ -19,7 +19,7 @@ from flask import Response, g, jsonify, request, stream_with_context
 from ..core.formats.base import Format, Parsed, TurnView
 from ..core.messages import in_claude_code_session
 from ..core.record import RequestRecord
-from ..errors import RelayError
+from ..errors import RedisUnavailable, RelayError
 from ..pipeline import Exchange
 from ..state.cache import cache_key
 from .common import SSE_HEADERS, context, current_relay, key_id, read_json, record_rejection, refuse_early, vet
@@ -83,10 +83,13 @@ def serve(fmt: Format, io: RouteIO = NO_IO) -> Any:
     answer = fmt.complete(view, parsed)
     if io.keep:
         io.keep(parsed, ex, view, answer)
-    if cache_id:
-        cache.put(cache_id, answer)
-    if ex.token_budget is not None:
-        g.token_budget = relay.quotas.state(getattr(g, "api_key", None))  # after charging actual usage
+    try:  # the answer is whole: a Redis outage now must not turn it into an error
+        if cache_id:
+            cache.put(cache_id, answer)
+        if ex.token_budget is not None:
+            g.token_budget = relay.quotas.state(getattr(g, "api_key", None))  # after charging actual usage
+    except RedisUnavailable:
+        log.warning("%s: Redis unreachable after the answer: not cached, budget headers as admitted", g.request_id)
     return jsonify(answer)
 
 

@@ -1,7 +1,8 @@
 """Request hooks at the HTTP boundary: request ids, client address, CORS, API keys, headers, errors.
 
 Every error leaves here as an OpenAI error object, or in Anthropic's shape on the Messages API routes
-(and on /v1/models when the client sends `anthropic-version`); nothing else ever reaches a client.
+(and on /v1/models when the client sends `anthropic-version`); nothing else ever reaches a client. A Redis
+outage is a 503 `redis_unavailable` with Retry-After, wherever it is met.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 from ..errors import Forbidden, PayloadTooLarge, RelayError, Unauthorized, UnsupportedMediaType, not_found_route
 from ..runtime import Relay
 from ..state.apikeys import ApiKey, presented_key, require
+from ..state.connection import as_relay_error
 from .common import record_rejection
 from .ratelimit import add_headers, rate_limited_error
 
@@ -223,6 +225,9 @@ def install(app: Flask, relay: Relay) -> None:
 
     @app.errorhandler(Exception)
     def _crash(exc: Exception) -> Any:
+        down = as_relay_error(exc)  # flask-limiter's own Redis connection, outside the relay's client
+        if down is not None:
+            return _json_error(down)
         if isinstance(exc, HTTPException):
             err = RelayError(exc.description or exc.name)
             err.type, err.code, err.status = "invalid_request_error", exc.name.lower().replace(" ", "_"), exc.code or 400

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, g, jsonify, request
 
 from .. import health as host_health
-from ..errors import NotFound
+from ..errors import NotFound, RelayError
 from ..housekeeping import forget_conversations
 from ..runtime import Relay
 from ..state.apikeys import presented_key
@@ -28,7 +28,10 @@ def _sees_details() -> bool:
     relay = _relay()
     if relay.settings["auth.enabled"]:
         presented = presented_key(request.headers)
-        key = relay.keys.identify(presented) if presented else None
+        try:
+            key = relay.keys.identify(presented) if presented else None
+        except RelayError:  # Redis away: /health still answers, without the details
+            return False
         return key is not None and key.admin
     try:
         return ipaddress.ip_address(g.client_ip).is_loopback
@@ -50,16 +53,23 @@ def health() -> Any:
         if not any(a["usable"] for a in accounts):  # the relay as a whole cannot answer: say why
             account = host_health.account_summary(relay)
     ok = bool(cli.get("ok")) and red["ok"]
+    helper_view = host_health.helpers(relay)
+    down = host_health.outages(relay, helper_view, red["ok"])
+    if red.get("down_since"):
+        red["down_since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(red["down_since"]))
     if account.get("cooldown_until"):
         account["cooldown_until_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(account["cooldown_until"]))
         account["cooldown_remaining_s"] = round(account["cooldown_until"] - time.time())
-    body = {"status": "ok" if ok else "degraded", "host": relay.host, "account": account, "accounts": accounts,
-            "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
-            "redis": red, "active_runs": active, "worker_active_runs": len(relay.active),
+    # degraded: something is down (a pool server away still answers, from CLIs spawned by the workers);
+    # 503 only when requests cannot be answered (no CLI, no Redis)
+    body = {"status": "ok" if ok and not down else "degraded", "host": relay.host, "account": account,
+            "accounts": accounts, "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
+            "redis": red, "down": down, "helpers": helper_view, "delayed_records": len(relay.backlog),
+            "active_runs": active, "worker_active_runs": len(relay.active),
             "max_concurrent_runs": relay.settings["max_concurrent_runs"], "pool": _pool_summary(relay)}
-    if not _sees_details():  # anyone may ask whether the relay is up, not where it lives
+    if not _sees_details():  # anyone may ask whether the relay is up and what is down, not where it lives
         body = {"status": body["status"], "cli": {"ok": bool(cli.get("ok")), "version": cli.get("version")},
-                "redis": {"ok": red["ok"]}}
+                "redis": {"ok": red["ok"]}, "down": down}
     return jsonify(body), 200 if ok else 503
 
 

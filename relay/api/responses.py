@@ -12,7 +12,7 @@ from flask import Blueprint, jsonify
 
 from ..core.formats.base import Parsed, TurnView, stored_answer
 from ..core.formats.openai_responses import FORMAT
-from ..errors import NotFound
+from ..errors import NotFound, RedisUnavailable
 from ..pipeline import Exchange
 from .common import caller_scope, current_relay
 from .completions import RouteIO, serve
@@ -32,9 +32,15 @@ def _prior(body: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
 
 
 def _keep(parsed: Parsed, ex: Exchange, view: TurnView, answer: dict[str, Any]) -> None:
-    if parsed.body.get("store") is not False and not current_relay().responses.save(
-            caller_scope(), parsed.id, ex.conv, parsed.req.messages, stored_answer(view), answer, ex.conv):
-        answer["store"] = False  # over responses.max_stored_kb: answered, but not kept
+    if parsed.body.get("store") is False:
+        return
+    try:
+        kept = current_relay().responses.save(caller_scope(), parsed.id, ex.conv, parsed.req.messages,
+                                              stored_answer(view), answer, ex.conv)
+    except RedisUnavailable:  # the answer is whole: give it, unstored, rather than an error
+        kept = False
+    if not kept:
+        answer["store"] = False  # over responses.max_stored_kb (or Redis away): answered, but not kept
 
 
 IO = RouteIO(prior=_prior, keep=_keep)

@@ -46,6 +46,10 @@ class CliLike(Protocol):
     def close_stdin(self) -> None: ...
     def kill(self) -> None: ...
     def wait_exit(self, timeout: float = 5.0) -> int | None: ...
+    @property
+    def host_lost(self) -> bool:
+        """The process died because what held it went away (the pool server), not by its own fault."""
+        ...
 
 
 @dataclass
@@ -196,6 +200,10 @@ class CliProcess:
     @property
     def stderr_text(self) -> str:
         return self.stderr.decode("utf-8", "replace").strip()
+
+    @property
+    def host_lost(self) -> bool:
+        return False  # this worker is its host: if it dies, so does the request
 
     def kill(self) -> None:
         """End the CLI and every descendant within about a second; reap; remove temp files."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..core.events import TOOL_PREFIX, Delta, Turn
 from ..core.upstream import SessionMissing
-from ..errors import RelayError, Timeout, UpstreamError
+from ..errors import PoolLost, RelayError, Timeout, UpstreamError
 from .mcp_server import RESULT_KEY
 from .process import EOF, CliLike, CliProcess, RunSpec
 
@@ -160,6 +160,9 @@ class Run:
     def _crash(self) -> RelayError:
         if self.cancelled:
             return UpstreamError("The run was cancelled.", code="cancelled")
+        if self.proc.host_lost:
+            log.error("the pool server went away during the run (its CLI died with it)")
+            return PoolLost("The relay's pool server stopped during the run; retry the request.")
         rc = self.proc.wait_exit(2)
         err = self.proc.stderr_text
         if "No conversation found" in err:

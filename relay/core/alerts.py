@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
-          "run_timeout", "runaway_conversation")
+          "run_timeout", "runaway_conversation", "helper_down", "helper_restarted")
 FORMATS = ("json", "slack", "telegram")
 
 

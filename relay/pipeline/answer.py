@@ -12,9 +12,9 @@ from ..core.events import Delta
 from ..core.formats.base import StreamHead, TurnView, turn_view
 from ..core.models import display_model
 from ..core.tokens import count_text
-from ..errors import UpstreamError
+from ..errors import PoolLost, UpstreamError
 from .admission import Flight
-from .runner import classify_turn
+from .runner import classify_turn, retry_cold
 
 
 def model(f: Flight) -> str:
@@ -63,10 +63,17 @@ def view(f: Flight) -> TurnView:
 
 
 def complete(f: Flight) -> TurnView:
-    """Run the turn to its end; raises its error."""
+    """Run the turn to its end; raises its error. The client has nothing yet: a run whose pool server
+    died under it is run again here, once."""
     assert f.run
-    for _ in f.run.pump():
-        pass
+    try:
+        for _ in f.run.pump():
+            pass
+    except PoolLost:
+        retry_cold(f)
+        assert f.run
+        for _ in f.run.pump():
+            pass
     err = classify_turn(f)
     if err:
         raise err

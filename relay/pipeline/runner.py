@@ -1,5 +1,6 @@
 """The run stage: describe the CLI run, get a process (the host's pool, or spawned here), fail over
-to another account and retry a vanished session, all before the first byte reaches the client.
+to another account, retry a vanished session or a run whose pool server died, all before the first
+byte reaches the client.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..core.history import write_history
 from ..core.prompt import held_results
 from ..core.run_description import RunDescription, describe, prompt_cache, system_of
 from ..core.upstream import SessionMissing, classify, is_account_error
-from ..errors import RelayError
+from ..errors import PoolLost, RelayError
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
 
 log = logging.getLogger("relay.pipeline")
@@ -57,13 +58,17 @@ def _start_on_account(f: Flight, plan: Plan) -> None:
             try:
                 _prime(f)
             except RelayError as err:
-                if f.pool_use != "held" or err.code != "cli_crashed":
+                if f.pool_use == "held" and err.code in ("cli_crashed", PoolLost.code):
+                    # the held process died as it was taken (killed, out of memory, its pool server
+                    # gone): resume from the transcript
+                    log.warning("%s: the held process exited; resuming from the transcript", f.ctx.request_id)
+                    end_run(f)
+                    _spawn(f, plan)
+                    _prime(f)
+                elif isinstance(err, PoolLost):
+                    retry_cold(f)
+                else:
                     raise
-                # the held process died as it was taken (killed, out of memory): resume from the transcript
-                log.warning("%s: the held process exited; resuming from the transcript", f.ctx.request_id)
-                end_run(f)
-                _spawn(f, plan)
-                _prime(f)
             return
         except SessionMissing:
             if attempt or not plan.resume:
@@ -73,7 +78,23 @@ def _start_on_account(f: Flight, plan: Plan) -> None:
             plan = fresh_plan(f, plan, plan.account)
 
 
-def _spawn(f: Flight, plan: Plan) -> None:
+def retry_cold(f: Flight) -> None:
+    """The pool server died under a run that had sent the client nothing yet: run the turn again,
+    spawned by this worker, as a fresh session from the client's full history (the dead process may
+    have written part of the turn into its transcript)."""
+    assert f.plan is not None
+    log.warning("%s: the pool server went away during the run (%s); retrying it here", f.ctx.request_id,
+                f.pool_use or "pooled")
+    lost = f.pool_use
+    end_run(f)
+    f.run, f.buffer = None, []
+    f.plan = fresh_plan(f, f.plan, f.plan.account)
+    _spawn(f, f.plan, pooled=False)
+    f.pool_use = f"local: retried, the pool server went away ({lost})"
+    _prime(f)
+
+
+def _spawn(f: Flight, plan: Plan, pooled: bool = True) -> None:
     cfg, relay, agent = f.cfg, f.relay, f.ctx.agent
     mode = cfg["system_prompt_mode"]
     # keys never share agent folders: the conversation id is scoped to the caller's key
@@ -86,7 +107,7 @@ def _spawn(f: Flight, plan: Plan) -> None:
     if written is not None and not plan.persist:  # sessions off: the transcript lives for this run only
         spec.closers.append(lambda: written.unlink(missing_ok=True))
     limits = Limits(cfg["first_token_timeout_s"], cfg["idle_timeout_s"], cfg["total_timeout_s"], cfg["keepalive_s"])
-    if _continue_held(f, plan, desc, spec, limits):
+    if pooled and _continue_held(f, plan, desc, spec, limits):
         return
     held_miss, f.pool_use = f.pool_use, ""  # why a held step could not go on in its process
     # the client's prompt replaces the CLI's, and so its view of the host; never under a warm process
@@ -96,7 +117,7 @@ def _spawn(f: Flight, plan: Plan) -> None:
         system = desc.prompt.system_text if desc.prompt.system_flag == "--system-prompt-file" else None
         path = transcript(env, Path(cwd), plan.cli_session)
         _repair(f, path, plan.resume_at, system if f.req.system_may_change else None, blank_env)
-    proc, why = relay.pool.acquire(desc, plan, spec, f.account)
+    proc, why = relay.pool.acquire(desc, plan, spec, f.account) if pooled else (None, "")
     if proc is not None:
         f.pool_use = proc.how + (f": {proc.reason}" if proc.reason else "")
         if proc.how == "spare":  # a spare's session id was fixed at its spawn

@@ -55,20 +55,25 @@ class Alerts:
              details: dict[str, Any] | None = None) -> bool:
         """Queue an alert once per `alert_id` (across workers and hosts); True if this call queued it."""
         try:
-            if not self.r.set(SEEN + alert_id, self.host, nx=True, ex=max(1, ttl)):
-                return False
-            log.warning("alert %s: %s", event, text)
-            item = alert(event, account, text, alert_id, self.host,
-                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), details)
-            now = time.time()
-            for i, hook in enumerate(self.webhooks):
-                if wanted(hook, event):
-                    job = {"hook": i, "attempt": 0, "item": item}
-                    self.r.zadd(OUTBOX, {json.dumps(job, sort_keys=True): now})
-            return True
+            return self.offer(event, account, text, alert_id, ttl, details)
         except Exception as exc:  # an alert must never break the request that noticed it
             log.error("could not queue alert %s: %s", alert_id, exc)
             return False
+
+    def offer(self, event: str, account: str | None, text: str, alert_id: str, ttl: int = 8 * 86400,
+              details: dict[str, Any] | None = None) -> bool:
+        """`emit`, raising when Redis cannot take it (the caller may offer it again later)."""
+        if not self.r.set(SEEN + alert_id, self.host, nx=True, ex=max(1, ttl)):
+            return False
+        log.warning("alert %s: %s", event, text)
+        item = alert(event, account, text, alert_id, self.host, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     details)
+        now = time.time()
+        for i, hook in enumerate(self.webhooks):
+            if wanted(hook, event):
+                job = {"hook": i, "attempt": 0, "item": item}
+                self.r.zadd(OUTBOX, {json.dumps(job, sort_keys=True): now})
+        return True
 
     def deliver_due(self) -> int:
         """Deliver every due item this worker can claim; returns how many were delivered."""

@@ -22,7 +22,7 @@ import redis
 
 from ..config import ConfigError, load_settings
 from ..errors import Forbidden, Unauthorized
-from .connection import PREFIX
+from .connection import PREFIX, TROUBLE
 
 log = logging.getLogger("relay.auth")
 KEYS_HASH = PREFIX + "keys"
@@ -113,7 +113,7 @@ class KeyRing:
                 raw = self.r.hgetall(KEYS_HASH)
                 self._redis_keys = [ApiKey.parse(json.loads(v)) for v in raw.values()]
                 self._revoked = set(self.r.smembers(REVOKED))
-            except (redis.RedisError, ValueError, KeyError) as exc:
+            except (*TROUBLE, ValueError, KeyError) as exc:
                 log.warning("auth: cannot refresh keys from Redis: %s", exc)
 
     @property

@@ -13,9 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
-from .connection import PREFIX
+from .connection import PREFIX, TROUBLE
 
 log = logging.getLogger("relay.store")
 LEASE_TTL = 15.0          # seconds a lease survives without renewal
@@ -118,7 +116,7 @@ class Heartbeat:
             for kind, key, member in list(self.held):
                 try:
                     kept = self.leases.renew(kind, key, member)
-                except redis.RedisError as exc:  # pragma: no cover - logged, lease may lapse
+                except TROUBLE as exc:  # pragma: no cover - logged, lease may lapse
                     log.warning("lease renewal failed for %s: %s", key, exc)
                     continue
                 if not kept and self.on_lost and not self._stop.is_set():
@@ -135,7 +133,7 @@ class Heartbeat:
                     self.leases.release_slot(key, member)
                 else:
                     self.leases.release_lock(key, member)
-            except redis.RedisError as exc:
+            except TROUBLE as exc:
                 log.warning("lease release failed for %s: %s (it expires by itself)", key, exc)
 
     def release(self) -> None:
@@ -146,7 +144,7 @@ class Heartbeat:
                     self.leases.release_slot(key, member)
                 else:
                     self.leases.release_lock(key, member)
-            except redis.RedisError as exc:
+            except TROUBLE as exc:
                 log.warning("lease release failed for %s: %s (it expires by itself)", key, exc)
         self.held.clear()
 

@@ -52,6 +52,7 @@ class PooledProcess:
         self.stderr = ""
         self.rc: int | None = None
         self.kept = False
+        self.lost = False         # the pool server went away under the run (no end-of-run line)
         self._closed = False
 
     @property
@@ -62,17 +63,21 @@ class PooledProcess:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
+        ended = False
         try:
             while (obj := self.chan.read()) is not None:
                 msg = parse_pool_line(obj)
                 if msg is None:
                     self.events.put(obj)
                 elif isinstance(msg, EndOfRun):
-                    self.rc, self.stderr = msg.rc, msg.stderr
+                    self.rc, self.stderr, ended = msg.rc, msg.stderr, True
                     break
                 elif isinstance(msg, KeepReply):
                     self.replies.put(msg)
         finally:
+            if not ended and not self._closed:  # the server died (or hung up) before the run ended
+                self.lost = True
+                self.stderr = self.stderr or "the pool server went away during the run"
             self.events.put(EOF)
             self.replies.put(None)
 
@@ -118,6 +123,10 @@ class PooledProcess:
     @property
     def stderr_text(self) -> str:
         return self.stderr.strip()
+
+    @property
+    def host_lost(self) -> bool:
+        return self.lost
 
     def kill(self) -> None:
         """Hang up: the pool server kills the CLI unless `keep()` succeeded. Safe to call twice."""
