@@ -159,6 +159,10 @@ SCHEMA: dict[str, Field] = {
                                 _between(1, 3600)),
     "redis_url": Field(str, "", "Redis URL; empty means the private Redis that `make run` starts."),
     "claude_bin": Field(str, "claude", "Claude Code CLI executable (name on PATH or a path)."),
+    "cli_watch_s": Field(float, 30.0, "How often the relay looks at its claude binary (resolved path, mtime and size, "
+                         "version). When it changed, the new one is self-tested (`python -m relay check --conformance`) "
+                         "once per host before new spares use it; a failure is alerted and shown by /health. 0 = off.",
+                         _between(0, 86400)),
     "claude_config_dir": Field(str, "", "CLAUDE_CONFIG_DIR for the CLI; empty passes the relay's through."),
     "default_model": Field(str, "sonnet", "CLI model for names the relay does not recognise."),
     "extra_models": Field(list, [], "More model ids to list and accept: strings or {id, cli_model}.",

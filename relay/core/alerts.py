@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
-          "run_timeout", "runaway_conversation")
+          "run_timeout", "runaway_conversation", "cli_too_old", "cli_selftest_failed")
 FORMATS = ("json", "slack", "telegram")
 
 

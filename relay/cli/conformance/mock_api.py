@@ -210,7 +210,7 @@ class MockApi:
                 self._event("content_block_stop", {"type": "content_block_stop", "index": i})
 
             def _plan(self, body: dict[str, Any], text: str, markers: dict[str, str]) -> list[dict[str, Any]]:
-                last = next((m for m in reversed(body.get("messages") or []) if m.get("role") == "user"), {})
+                last: dict[str, Any] = next((m for m in reversed(body.get("messages") or []) if m.get("role") == "user"), {})
                 answered = isinstance(last.get("content"), list) and any(
                     isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"])
                 if "tool" in markers and not answered:
