@@ -148,6 +148,12 @@ class CliWatch:
         self._lock_fd = fd
         return True
 
+    def close(self) -> None:
+        """Give up the host's watch (another process takes it at its next tick)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def tick(self, now: float | None = None) -> Verdict | None:
         """One look, at most every `interval_s`; the new verdict when this call made one."""
         now = time.monotonic() if now is None else now

@@ -66,6 +66,8 @@ def stream_json(lane: Lane) -> str:
     """system/init, the API's stream events (message_start, text deltas), assistant, result with usage."""
     b = lane.bench
     o = lane.first = b.turn(b.describe("conformance ALPHA", lane.session))
+    assistant = o.of_type("assistant")
+    lane.first_uuid = str((assistant or [{}])[-1].get("uuid") or "")  # the later checks need it whatever fails here
     answered(o, "a plain turn")
     init = o.of_type("system", "init")
     expect(init, f"no `system` event with subtype `init` (the model and session id) {seen(o)}")
@@ -83,9 +85,7 @@ def stream_json(lane: Lane) -> str:
     relayed = "".join(d.text for d in o.deltas if d.kind == "text")
     expect(relayed == streamed and o.turn.text == streamed, f"the relay streamed {relayed!r} and folded the turn "
            f"into {o.turn.text!r}")
-    assistant = o.of_type("assistant")
     expect(assistant, f"no `assistant` event (tool calls and full texts are read from it) {seen(o)}")
-    lane.first_uuid = str(assistant[-1].get("uuid") or "")
     expect(lane.first_uuid, "the `assistant` event has no `uuid` (what --resume-session-at names)")
     blocks = (assistant[-1].get("message") or {}).get("content") or []
     expect(any(bl.get("type") == "text" for bl in blocks), "the `assistant` event holds no text block")
@@ -103,7 +103,7 @@ def stream_json(lane: Lane) -> str:
 def rate_limit_event(lane: Lane) -> str:
     """The subscription's windows as the relay's quota meter reads them (`core.routing.windows_of`)."""
     o = lane.first
-    expect(o is not None, "needs the plain turn of stream_json")
+    expect(o is not None, "cannot run: needs the plain turn of stream_json")
     assert o is not None
     events = o.of_type("rate_limit_event")
     expect(events, f"no `rate_limit_event` although the mock sent the unified rate-limit headers: the quota "
@@ -128,7 +128,7 @@ def rate_limit_event(lane: Lane) -> str:
 def resume(lane: Lane) -> str:
     """`--resume=<id>` continues the session: the API request holds the earlier turn."""
     b = lane.bench
-    expect(lane.first is not None, "needs the session of stream_json")
+    expect(lane.first is not None, "cannot run: needs the session of stream_json")
     o = b.turn(b.describe("conformance BETA", SessionUse(lane.session.session_id, resume=True)))
     answered(o, "a resumed turn")
     body = (b.mock.bodies("conformance BETA") or [{}])[-1]
@@ -142,7 +142,7 @@ def resume(lane: Lane) -> str:
 def resume_session_at(lane: Lane) -> str:
     """`--resume-session-at <uuid>` cuts the resumed session back to that message."""
     b = lane.bench
-    expect(lane.first_uuid, "needs the assistant uuid of stream_json")
+    expect(lane.first_uuid, "cannot run: the first turn of stream_json gave no assistant uuid")
     at = SessionUse(lane.session.session_id, resume=True, resume_at=lane.first_uuid)
     o = b.turn(b.describe("conformance GAMMA", at))
     answered(o, "a turn resumed at a message")
