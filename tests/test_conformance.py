@@ -211,7 +211,15 @@ def test_a_swapped_cli_is_self_tested_and_a_failing_one_alerts_while_warm_proces
         def health() -> dict[str, Any]:
             return requests.get(srv.url + "/health", timeout=10).json()
 
-        assert wait_until(lambda: (health()["cli"]["selftest"] or {}).get("status") == "baseline", 30)
+        def selftest() -> str | None:
+            return (health()["cli"]["selftest"] or {}).get("status")
+
+        assert wait_until(lambda: selftest() == "baseline", 30)
+        time.sleep(1.1)   # a new mtime even on a coarse clock
+        wrapper(claude, cli_bin, "cat -u")                                 # another CLI that behaves
+        assert wait_until(lambda: selftest() == "passed", 240, 0.5), srv.log()[-3000:]
+        assert "cli watch: self-test passed" in srv.log() and health()["status"] == "ok"
+        assert wait_until(lambda: "self-test passed; spares use it" in srv.log(), 10)   # the pool took it
         sid, msgs = "conformance-swap", [{"role": "user", "content": "swap turn one"}]
         with openai_client(srv.url) as c:
             first = c.chat.completions.create(model="sonnet", messages=msgs, extra_headers={"X-Session-Id": sid})
@@ -219,11 +227,10 @@ def test_a_swapped_cli_is_self_tested_and_a_failing_one_alerts_while_warm_proces
                      {"role": "user", "content": "swap turn two"}]
             assert wait_until(lambda: len(requests.get(srv.url + "/stats", timeout=10).json()["pool"]["warm"]) == 1, 20)
 
-            time.sleep(1.1)   # a new mtime even on a coarse clock
+            time.sleep(1.1)
             wrapper(claude, cli_bin, MISBEHAVING)
-            assert wait_until(lambda: "self-testing it before new spares" in srv.log(), 60)
-            assert wait_until(lambda: (health()["cli"]["selftest"] or {}).get("status") == "failed", 240, 0.5), \
-                srv.log()[-3000:]
+            assert wait_until(lambda: srv.log().count("self-testing it before new spares") == 2, 60)
+            assert wait_until(lambda: selftest() == "failed", 240, 0.5), srv.log()[-3000:]
             h = health()
             assert h["status"] == "degraded" and set(h["cli"]["selftest"]["failed"]) == {"stream_json",
                                                                                        "rate_limit_event"}
