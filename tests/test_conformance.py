@@ -24,7 +24,7 @@ from harness import ROOT, anthropic_client, free_port, openai_client, wait_until
 from test_accounts import Receiver
 
 from relay.cli.pool.processes import PoolLimits, WarmPool
-from relay.cli.watch import CliWatch, binary_stat, gate, read_verdict
+from relay.cli.watch import CliWatch, gate, read_verdict
 from relay.core.events import Turn
 from relay.core.upstream import classify
 from relay.errors import Unavailable
