@@ -50,7 +50,9 @@ def binary_stat(claude_bin: str) -> dict[str, Any] | None:
 
 
 def same_binary(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    return bool(a and b) and all(a.get(k) == b.get(k) for k in ("path", "mtime", "size"))  # type: ignore[union-attr]
+    if not a or not b:
+        return False
+    return all(a.get(k) == b.get(k) for k in ("path", "mtime", "size"))
 
 
 def read_verdict(var_dir: Path) -> Verdict | None:
@@ -162,8 +164,8 @@ class CliWatch:
         self._next = now + self.interval_s
         first, self._first = self._first, False
         ident = self.identity()
-        if ident is None:
-            return None  # no binary at all: the CLI probe already reports it (503 cli_unavailable)
+        if ident is None or ident["version"] is None:
+            return None  # no binary, or one that cannot say its version: the CLI probe reports it (503 cli_unavailable)
         old = self.verdict()
         if old is None:
             verdict = {"status": "baseline", "identity": ident, "at": time.time(),

@@ -62,11 +62,6 @@ class Report:
                 "seconds": round(self.seconds, 1), "summary": self.summary(),
                 "checks": [asdict(c) for c in self.checks]}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Report:
-        return cls(str(d.get("cli") or ""), d.get("version"), [CheckResult(**c) for c in d.get("checks") or []],
-                   d.get("problem"), float(d.get("seconds") or 0))
-
 
 def _lane(lab: Lab, name: str, checks: tuple[Any, ...]) -> list[CheckResult]:
     lane = Lane(lab.bench(name))
@@ -88,7 +83,7 @@ def run_conformance(claude_bin: str, host_env: dict[str, str], timeout: float = 
     t = time.monotonic()
     info = probe_cli(claude_bin, host_env)
     report = Report(str(info.get("path") or claude_bin), info.get("version"))
-    if info.get("version") is None:
+    if not info.get("ok"):  # missing, broken, or older than the relay accepts (MIN_VERSION)
         report.problem = str(info.get("problem"))
         return report
     with Lab(str(info["path"]), host_env, timeout) as lab, ThreadPoolExecutor(len(LANES)) as pool:

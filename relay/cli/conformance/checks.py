@@ -18,7 +18,8 @@ from ...core.run_description import SessionUse
 from ...core.tools import parse_tools
 from ...core.upstream import classify
 from ..invocation import spare_argv, spare_controls
-from .lab import MODEL, Bench, Outcome
+from ..pool.processes import Managed, control
+from .lab import MODEL, Bench, Outcome, RecordedProcess
 from .mock_api import USAGE, WINDOWS, all_text
 
 
@@ -205,15 +206,13 @@ SPARE_SYSTEM = "Conformance system prompt, set by initialize."
 def pool_controls(lane: Lane) -> str:
     """A spare configured by the pool's control requests (`spare_controls`): mcp_status, set_model,
     initialize with systemPrompt, apply_flag_settings; the API request then carries all three."""
-    from ..pool.processes import Managed, control
-
     b = lane.bench
     sid = str(uuid.uuid4())
     proc = b.spawn(spare_argv(b.lab.claude_bin, MODEL, sid))
     try:
         m = Managed(proc, sid, MODEL, "spare")
         expect(control(m, {"subtype": "mcp_status"}, b.lab.timeout) is not None,
-               f"a spare did not answer `mcp_status` (the pool's readiness probe) {seen(Outcome(Turn(), proc.seen, None, proc.stderr_text))}")
+               f"a spare did not answer `mcp_status` (the pool's readiness probe) {seen(spare_outcome(proc))}")
         desc = b.describe("conformance DELTA", system=SPARE_SYSTEM, model="haiku", effort="low")
         for ctl in spare_controls(desc):
             expect(control(m, ctl, b.lab.timeout) is not None, f"the control request {ctl['subtype']} was refused "
@@ -222,7 +221,7 @@ def pool_controls(lane: Lane) -> str:
         turn = Turn()
         while not turn.done:
             ev = proc.next_event(b.lab.timeout)
-            expect(isinstance(ev, dict), f"the spare's turn did not end {seen(Outcome(turn, proc.seen, None, proc.stderr_text))}")
+            expect(isinstance(ev, dict), f"the spare's turn did not end {seen(spare_outcome(proc))}")
             turn.feed(ev)
         expect(turn.text == reply("conformance DELTA"), f"the spare answered {turn.text!r}")
     finally:
@@ -235,6 +234,10 @@ def pool_controls(lane: Lane) -> str:
     expect(SPARE_SYSTEM in system, "after initialize with systemPrompt the API request's system lacks it")
     expect(effort == "low", f"after apply_flag_settings effortLevel low the request's effort is {effort!r}")
     return f"model {model}, system prompt and effort {effort} arrived"
+
+
+def spare_outcome(proc: RecordedProcess) -> Outcome:
+    return Outcome(Turn(), proc.seen, None, proc.stderr_text)
 
 
 def version_refusal(lane: Lane) -> str:
