@@ -13,7 +13,7 @@ import time
 from .config import ConfigError, load_settings
 
 
-def _check() -> int:
+def _check(conformance: bool = False, claude_bin: str | None = None, as_json: bool = False) -> int:
     from .cli.agent import check as check_agent
     from .cli.setup import CliSetup
 
@@ -23,6 +23,8 @@ def _check() -> int:
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
+    if conformance:
+        return _conformance(CliSetup.from_settings(settings), claude_bin, as_json)
     info = CliSetup.from_settings(settings).probe()  # the workers' own environment; no folders are made
     if info.get("too_old"):
         print(f"relay: claude_bin: {info['problem']}", file=sys.stderr)
@@ -33,6 +35,22 @@ def _check() -> int:
     else:
         print(f"relay: config {settings.source} OK; Claude Code CLI {info['version']} at {info['path']}")
     return 0
+
+
+def _conformance(cli: object, claude_bin: str | None, as_json: bool) -> int:
+    """`check --conformance`: the self-test of the CLI against a local mock API (no tokens spent)."""
+    from .cli.conformance import run_conformance
+    from .cli.setup import CliSetup
+
+    assert isinstance(cli, CliSetup)
+    report = run_conformance(claude_bin or cli.claude_bin, cli.env)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        for c in report.checks:
+            print(c.line())
+        print(f"relay: {report.summary()}", file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
 
 
 def _accounts(action: str) -> int:
@@ -101,7 +119,13 @@ def _snapshot() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check", help="validate config.json / environment and the Claude CLI")
+    check = sub.add_parser("check", help="validate config.json / environment and the Claude CLI")
+    check.add_argument("--conformance", action="store_true",
+                       help="also run the CLI the relay's way against a local mock API (no tokens spent) and "
+                            "check every behaviour the relay relies on; exit code 1 if one changed")
+    check.add_argument("--claude-bin", metavar="PATH",
+                       help="with --conformance: test this CLI instead of the configured claude_bin")
+    check.add_argument("--json", action="store_true", help="with --conformance: the report as one JSON line")
     keys = sub.add_parser("keys", help="manage API keys (stored as SHA-256 in the config file and Redis)")
     ksub = keys.add_subparsers(dest="action", required=True)
     add = ksub.add_parser("add", help="create a key; it is printed once")
@@ -129,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(markdown())
         return 0
     if args.cmd == "check":
-        return _check()
+        return _check(args.conformance, args.claude_bin, args.json)
     if args.cmd == "accounts":
         return _accounts(args.action)
     if args.cmd == "stats":

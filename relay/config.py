@@ -115,7 +115,8 @@ def _check_webhooks(value: Any) -> str | None:
             return f"item {i}: the telegram format needs a chat_id"
         events = item.get("events")
         known = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected",
-                 "login_failing", "run_timeout", "runaway_conversation", "helper_down", "helper_restarted")
+                 "login_failing", "run_timeout", "runaway_conversation", "helper_down", "helper_restarted",
+                 "cli_too_old", "cli_selftest_failed")
         if events is not None and (not isinstance(events, list) or any(e not in known for e in events)):
             return f"item {i}: events must be a list of: {', '.join(known)}"
         unknown = set(item) - {"url", "format", "chat_id", "events", "timeout_s"}
@@ -159,6 +160,10 @@ SCHEMA: dict[str, Field] = {
                                 _between(1, 3600)),
     "redis_url": Field(str, "", "Redis URL; empty means the private Redis that `make run` starts."),
     "claude_bin": Field(str, "claude", "Claude Code CLI executable (name on PATH or a path)."),
+    "cli_watch_s": Field(float, 30.0, "How often the relay looks at its claude binary (resolved path, mtime and size, "
+                         "version). When it changed, the new one is self-tested (`python -m relay check --conformance`) "
+                         "once per host before new spares use it; a failure is alerted and shown by /health. 0 = off.",
+                         _between(0, 86400)),
     "claude_config_dir": Field(str, "", "CLAUDE_CONFIG_DIR for the CLI; empty passes the relay's through."),
     "default_model": Field(str, "sonnet", "CLI model for names the relay does not recognise."),
     "extra_models": Field(list, [], "More model ids to list and accept: strings or {id, cli_model}.",

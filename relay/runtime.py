@@ -6,6 +6,7 @@ Created once per worker by `create_app`; the exchange and the routes reach every
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from .cli.pool.protocol import socket_path
 from .cli.pool.source import ProcessSource
 from .cli.run import Run
 from .cli.setup import CliSetup, account_envs
+from .cli.watch import CliWatch, Verdict, failure_alert
 from .config import ConfigError, Settings
 from .core import tokens
 from .core.models import ModelCatalog
@@ -80,6 +82,9 @@ class Relay:
         self._cli_checked = 0.0
         self.check_cli(force=True)
         check_agent(settings)
+        self._stopping = threading.Event()
+        self.cli_watch = CliWatch(settings["claude_bin"], self.cli_env, settings.path("var_dir"),
+                                  settings["cli_watch_s"], on_verdict=self._cli_verdict)
 
     # -- accounts (issue 12): each configured subscription with its own CLI environment --------------
     def _init_accounts(self, settings: Settings) -> None:
@@ -101,6 +106,12 @@ class Relay:
             if self._cli.get("too_old"):
                 raise ConfigError("claude_bin: " + str(self._cli["problem"]))
         return self._cli
+
+    def _cli_verdict(self, verdict: Verdict, old: Verdict | None) -> None:
+        """The watch self-tested a changed CLI: a failure is an operator alert (once per binary)."""
+        self._cli, self._cli_checked = self.cli.probe(), time.monotonic()  # /health names the new version
+        if verdict["status"] == "failed":
+            self.alerts.emit("cli_selftest_failed", None, *failure_alert(verdict, self.host))
 
     def cli_path(self) -> str:
         return str(self._cli.get("path") or self.settings["claude_bin"])
@@ -138,6 +149,7 @@ class Relay:
                  rec.response_time_ms)
 
     def shutdown(self) -> None:
+        self._stopping.set()
         for run in list(self.active.values()):
             run.cancel()
         self.backlog.stop()
@@ -152,4 +164,6 @@ class Relay:
         self.backlog.run()
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         self.alerts.run(tick=self.accounts.recoveries)
+        if self.cli_watch.enabled:
+            threading.Thread(target=self.cli_watch.run, args=(self._stopping.wait,), daemon=True).start()
         tokens.warm()  # a burst of count_tokens right after start-up must not wait for it

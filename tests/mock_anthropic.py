@@ -5,6 +5,8 @@ several gunicorn workers each get their own behaviour), and every request body i
 
 Markers (any number, anywhere in the last user message):
   MOCK:error=<status>[:<retry-after>]   answer with an HTTP error (401/403/404/429/500/529 ...)
+  MOCK:too_old=<version>                the API's refusal of an old CLI: 400 `claude_code_version_too_old`
+                                        asking for <version> or later
   MOCK:fail_first=<n>:<status>          the first n requests with this text get an HTTP error, then normal
   MOCK:subscription_limit               429 with the unified subscription headers (status rejected)
   MOCK:stall=<seconds>                  send headers + message_start, then go silent
@@ -326,6 +328,10 @@ class MockAnthropic:
                     time.sleep(int(model_ms.group(1)) / 1000)
                 if "error" in markers:
                     return self._error(markers["error"])
+                if "too_old" in markers:
+                    return self._json(400, {"type": "error", "error": {
+                        "type": "claude_code_version_too_old", "message": "This version of Claude Code is no longer "
+                        f"supported. Please update to version {markers['too_old'] or '9.9.9'} or later."}})
                 if "fail_first" in markers:
                     count, _, status = markers["fail_first"].partition(":")
                     with mock.lock:

@@ -52,7 +52,8 @@ def health() -> Any:
         accounts = host_health.account_meter(relay)
         if not any(a["usable"] for a in accounts):  # the relay as a whole cannot answer: say why
             account = host_health.account_summary(relay)
-    ok = bool(cli.get("ok")) and red["ok"]
+    selftest = _selftest(relay)
+    ok = bool(cli.get("ok")) and red["ok"] and (selftest or {}).get("status") != "failed"
     helper_view = host_health.helpers(relay)
     down = host_health.outages(relay, helper_view, red["ok"])
     if red.get("down_since"):
@@ -61,16 +62,29 @@ def health() -> Any:
         account["cooldown_until_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(account["cooldown_until"]))
         account["cooldown_remaining_s"] = round(account["cooldown_until"] - time.time())
     # degraded: something is down (a pool server away still answers, from CLIs spawned by the workers);
-    # 503 only when requests cannot be answered (no CLI, no Redis)
+    # 503 only when requests cannot be answered (no CLI, no Redis) or the CLI failed its self-test
     body = {"status": "ok" if ok and not down else "degraded", "host": relay.host, "account": account,
-            "accounts": accounts, "cli": {k: cli.get(k) for k in ("ok", "path", "version", "problem")},
+            "accounts": accounts,
+            "cli": dict({k: cli.get(k) for k in ("ok", "path", "version", "problem")}, selftest=selftest),
             "redis": red, "down": down, "helpers": helper_view, "delayed_records": len(relay.backlog),
             "active_runs": active, "worker_active_runs": len(relay.active),
             "max_concurrent_runs": relay.settings["max_concurrent_runs"], "pool": _pool_summary(relay)}
     if not _sees_details():  # anyone may ask whether the relay is up and what is down, not where it lives
-        body = {"status": body["status"], "cli": {"ok": bool(cli.get("ok")), "version": cli.get("version")},
+        body = {"status": body["status"], "cli": {"ok": bool(cli.get("ok")), "version": cli.get("version"),
+                                                  "selftest": (selftest or {}).get("status")},
                 "redis": {"ok": red["ok"]}, "down": down}
     return jsonify(body), 200 if ok else 503
+
+
+def _selftest(relay: Relay) -> dict[str, Any] | None:
+    """The CLI watch's last verdict on this host's binary (see `python -m relay check --conformance`)."""
+    v = relay.cli_watch.verdict() if relay.cli_watch.enabled else None
+    if not v:
+        return None
+    ident = v.get("identity") or {}
+    return {"status": v.get("status"), "version": ident.get("version"), "path": ident.get("path"),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(v.get("at") or 0))),
+            "summary": v.get("summary"), "failed": v.get("failed") or []}
 
 
 def _pool_summary(relay: Relay) -> dict[str, Any]:

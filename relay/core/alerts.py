@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
-          "run_timeout", "runaway_conversation", "helper_down", "helper_restarted")
+          "run_timeout", "runaway_conversation", "helper_down", "helper_restarted", "cli_too_old",
+          "cli_selftest_failed")
 FORMATS = ("json", "slack", "telegram")
 
 

@@ -31,6 +31,15 @@ LEGACY_RESET = re.compile(r"usage limit reached\|(\d{9,})", re.I)
 # Anthropic's 400 for a subscription request it would bill as extra usage (CLI: "API Error: 400 Third-party
 # apps now draw from your extra usage, not your plan limits. ...")
 EXTRA_USAGE = re.compile(r"draw(?:s)? from (?:your )?extra usage", re.I)
+# Anthropic's refusal of a CLI release it no longer accepts (the CLI: "API Error: 400 This version of Claude
+# Code is no longer supported. Please update to version X or later.", with `api_error_type` in its result)
+VERSION_TOO_OLD = "claude_code_version_too_old"
+TOO_OLD_TEXT = re.compile(r"minimum (?:supported |required )?version|version of claude code is no longer supported|"
+                          r"claude code (?:version )?\S* ?is too old", re.I)
+NEEDED_VERSION = re.compile(r"(?:update to|upgrade to|at least|minimum (?:supported |required )?version(?: is)?:?)"
+                            r"\s*(?:version\s*)?v?(\d+\.\d+\.\d+)", re.I)
+TOO_OLD_HINT = ("Operator: update the Claude Code CLI on the relay host (npm install -g @anthropic-ai/claude-code@latest), "
+                "check it with `python -m relay check --conformance`, then restart the relay.")
 # errors that concern one account only: the run may move to another account before the first byte
 ACCOUNT_ERRORS = ("cli_login_required", "extra_usage_required", "upstream_forbidden")
 
@@ -85,6 +94,16 @@ def is_refusal(turn: Turn) -> bool:
         "appears to violate our Usage Policy" in text
 
 
+def needed_version(turn: Turn) -> tuple[bool, str | None]:
+    """Whether the API refused the CLI's version, and the version it asks for when it says."""
+    res = turn.result
+    text = " ".join([str(res.get("result") or "")] + [str(e) for e in res.get("errors") or []])
+    refused = VERSION_TOO_OLD in (res.get("api_error_type"), turn.error_kind) or VERSION_TOO_OLD in text \
+        or bool(TOO_OLD_TEXT.search(text))
+    m = NEEDED_VERSION.search(text) if refused else None
+    return refused, m.group(1) if m else None
+
+
 def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError | None:
     """None when the turn succeeded (or ended in a way that is still an answer)."""
     res = turn.result
@@ -98,6 +117,11 @@ def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError |
         return SessionMissing(text)
     if res.get("subtype") in ("error_max_turns", "error_max_budget_usd") or is_refusal(turn):
         return None  # an answer that stopped early: finish_reason says so
+    too_old, needed = needed_version(turn)
+    if too_old:
+        wanted = f"version {needed} or newer" if needed else "a newer version"
+        return Unavailable(f"Anthropic no longer accepts the relay's Claude Code CLI: it needs {wanted}. "
+                           f"{TOO_OLD_HINT} (CLI said: {text})", code="cli_too_old")
     if EXTRA_USAGE.search(text):
         return RateLimited(f"The Claude account would draw on extra usage (overage) for this request: {text}",
                            code="extra_usage_required", retry_after=default_retry_after)

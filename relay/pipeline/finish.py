@@ -71,6 +71,11 @@ def close(f: Flight, exc: BaseException | None) -> None:
             f.relay.alerts.emit("run_timeout", f.account, f"A run on account {f.account} timed out "
                                 f"({exc.code}): {exc.message}", f"timeout:{f.cid}",
                                 details={"request_id": f.ctx.request_id, "code": exc.code})
+        if isinstance(exc, RelayError) and exc.code == "cli_too_old":  # once per host and CLI version
+            version = f.relay.check_cli().get("version")
+            f.relay.alerts.emit("cli_too_old", f.account, f"Host {f.relay.host}: Anthropic refuses the relay's Claude "
+                                f"Code CLI {version}: {exc.message}", f"cli_too_old:{f.relay.host}:{version}",
+                                details={"version": version, "request_id": f.ctx.request_id})
         f.relay.record(record_of(f, exc))
 
 

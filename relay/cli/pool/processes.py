@@ -71,7 +71,7 @@ def identity_probe(cli_path: str, env: dict[str, str]) -> Callable[[], Any]:
         except OSError:
             return None
 
-    def probe() -> Any:
+    def probe() -> Any:  # (binary, its stat, the login's stat): [:2] is the CLI itself
         real = Path(os.path.realpath(cli_path))
         return (str(real), stat(real), stat(config_dir / ".credentials.json"))
     return probe
@@ -184,7 +184,8 @@ class WarmPool:
     (gevent), which also spawns every CLI, so PR_SET_PDEATHSIG ties them to the server's life."""
 
     def __init__(self, limits: PoolLimits, cli_path: str, env: dict[str, str], cwd: str, model: str,
-                 identity: Any, tmp_root: str = "", cap: WarmCap | None = None) -> None:
+                 identity: Any, tmp_root: str = "", cap: WarmCap | None = None,
+                 cli_gate: Callable[[], tuple[str, str]] | None = None) -> None:
         self.limits = limits
         self.cap = cap or WarmCap(limits.max_warm, "config")   # how limits.max_warm was chosen
         self.evictions = Evictions()       # why each conversation's process went, for its next miss
@@ -193,6 +194,9 @@ class WarmPool:
         self.cli_path, self.env, self.cwd, self.model = cli_path, env, cwd, model
         self.identity_of = identity        # () -> what identifies the CLI binary and the login now
         self.identity = identity()
+        # the CLI watch's verdict on the binary on disk (cli/watch.py `gate`): new processes only once it passed
+        self.cli_gate = cli_gate
+        self.cli_hold = ""                 # why spares wait for the CLI's self-test, or ""
         self.spares: list[Managed] = []
         self.warm: dict[str, Managed] = {}     # conversation key -> its idle warm process
         self.held: dict[str, Managed] = {}     # conversation key -> its process waiting for tool results
@@ -253,7 +257,22 @@ class WarmPool:
         log.warning("pool: %s", problem)
 
     def wants_spare(self) -> bool:
-        return len(self.spares) < self.limits.spares and time.monotonic() >= self._backoff_until
+        return len(self.spares) < self.limits.spares and time.monotonic() >= self._backoff_until \
+            and self.cli_usable()
+
+    def cli_usable(self) -> bool:
+        """Whether the binary on disk passed its self-test (or needs none); logs when that changes."""
+        if self.cli_gate is None:
+            return True
+        verdict, why = self.cli_gate()
+        hold = "" if verdict == "ok" else why
+        if hold != self.cli_hold:
+            if hold:
+                log.warning("pool: %s; new spares wait, warm processes of the old CLI keep serving", hold)
+            else:
+                log.info("pool: the CLI's self-test passed; spares use it")
+            self.cli_hold = hold
+        return not hold
 
     def take_spare(self, flavour: dict[str, str]) -> tuple[Managed | None, str]:
         """A ready spare spawned with this prompt-caching environment; spares follow what was asked last."""
@@ -391,7 +410,9 @@ class WarmPool:
         """Idle TTL, age, RSS and exits; spares and idle processes of a changed CLI or login."""
         now = time.monotonic()
         ident = self.identity_of()
-        if ident != self.identity:
+        # a new login is taken at once; a new binary only once it passed its self-test: until then (or
+        # after a failure) the processes of the old one keep serving
+        if ident != self.identity and (ident[:2] == self.identity[:2] or self.cli_usable()):
             log.info("pool: the CLI or its login changed; replacing spares and idle processes")
             self.identity = ident
             self._backoff_until = 0.0
@@ -428,4 +449,5 @@ class WarmPool:
                 "held": [dict(m.stats(), calls=len(m.pending), waits_s=round(m.hold_until - time.monotonic(), 1))
                          for m in self.held.values()],
                 "max_warm": self.limits.max_warm, "max_warm_basis": self.cap.stats(), "hits": dict(self.hits), "misses": dict(self.misses),
-                "killed": dict(self.killed), "problem": self.last_problem or None, "pid": os.getpid()}
+                "killed": dict(self.killed), "problem": self.cli_hold or self.last_problem or None,
+                "cli_hold": self.cli_hold or None, "pid": os.getpid()}

@@ -30,6 +30,7 @@ from ...core.run_description import prompt_cache  # noqa: E402
 from ..invocation import cache_env  # noqa: E402
 from ..process import EOF, CliProcess, RunSpec  # noqa: E402
 from ..setup import CliSetup  # noqa: E402
+from ..watch import gate  # noqa: E402
 from .memory import mem_available_mb  # noqa: E402
 from .policy import UNMARKED  # noqa: E402
 from .processes import Managed, PoolLimits, WarmPool, control, identity_probe  # noqa: E402
@@ -272,8 +273,10 @@ def main() -> int:
         log.warning("pool: %s; spares wait until it is fixed", info.get("problem"))
     cap = WarmCap.from_setting(settings["pool.max_warm"], mem_available_mb())
     log.info("pool: max_warm %d (%s)", cap.max_warm, cap.stats())
+    var_dir = settings.path("var_dir")
+    cli_gate = (lambda: gate(var_dir, cli_path)) if settings["cli_watch_s"] > 0 else None
     pool = WarmPool(PoolLimits.from_settings(settings, cap.max_warm), cli_path, cli.env, str(cli.cwd),
-                    settings["default_model"], identity_probe(cli_path, cli.env), str(cli.tmp_dir), cap)
+                    settings["default_model"], identity_probe(cli_path, cli.env), str(cli.tmp_dir), cap, cli_gate)
     # the first spares get the prompt caching of a short prompt (the common case); then they follow demand
     pool.flavour = cache_env(prompt_cache(settings["cache.ttl"], settings["cache.min_tokens"], 0,
                                           settings["system_prompt_mode"]))
