@@ -87,7 +87,7 @@ def test_runs_killed_with_their_worker_and_pool_server_leave_nothing(relay_facto
     for t in threads:
         t.join(60)
     # gunicorn starts new workers; their janitor sweeps what the dead ones and the dead pool server left
-    assert wait_until(lambda: not set(_folders(srv)) & set(before), 30, 0.2), _folders(srv)
+    assert wait_until(lambda: not set(_folders(srv)) & set(before), 60, 0.2), (_folders(srv), srv.log()[-4000:])
     assert all(psutil.pid_exists(_owner(p)) for p in _folders(srv))
     srv.stop()
     # a leftover from a process killed while the relay was down is gone at the next start

@@ -126,6 +126,14 @@ def is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
+def _allowed_origin(origins: list[str]) -> str | None:
+    """The Access-Control-Allow-Origin for this request's Origin, if CORS allows it."""
+    origin = request.headers.get("Origin")
+    if not origin or not origins:
+        return None
+    return "*" if "*" in origins else origin if origin in origins else None
+
+
 def install(app: Flask, relay: Relay) -> None:
     settings = relay.settings
     trusted = _networks(settings["trusted_proxies"])
@@ -133,12 +141,7 @@ def install(app: Flask, relay: Relay) -> None:
     hosts = {h.strip().lower().rstrip(".") for h in settings["allowed_hosts"]} | set(LOOPBACK_HOSTS)
     if settings["host"] not in ("0.0.0.0", "::", ""):
         hosts.add(settings["host"].lower() if ":" not in settings["host"] else f"[{settings['host'].lower()}]")
-
-    def allowed_origin() -> str | None:
-        origin = request.headers.get("Origin")
-        if not origin or not origins:
-            return None
-        return "*" if "*" in origins else origin if origin in origins else None
+    allowed_origin = lambda: _allowed_origin(origins)  # noqa: E731
 
     @app.before_request
     def _identify() -> Response | None:

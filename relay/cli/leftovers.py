@@ -25,13 +25,18 @@ def folder_prefix(kind: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, killed but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process (a reused pid): not ours to judge, keep the folder
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def sweep_run_folders(tmp_root: Path, now: float | None = None) -> int:

@@ -262,16 +262,8 @@ class WarmPool:
 
     def cli_usable(self) -> bool:
         """Whether the binary on disk passed its self-test (or needs none); logs when that changes."""
-        if self.cli_gate is None:
-            return True
-        verdict, why = self.cli_gate()
-        hold = "" if verdict == "ok" else why
-        if hold != self.cli_hold:
-            if hold:
-                log.warning("pool: %s; new spares wait, warm processes of the old CLI keep serving", hold)
-            else:
-                log.info("pool: the CLI's self-test passed; spares use it")
-            self.cli_hold = hold
+        hold = cli_hold(self.cli_gate, self.cli_hold)
+        self.cli_hold = hold
         return not hold
 
     def take_spare(self, flavour: dict[str, str]) -> tuple[Managed | None, str]:
@@ -408,7 +400,6 @@ class WarmPool:
     # -- housekeeping ----------------------------------------------------------------------------
     def sweep(self) -> None:
         """Idle TTL, age, RSS and exits; spares and idle processes of a changed CLI or login."""
-        now = time.monotonic()
         ident = self.identity_of()
         # a new login is taken at once; a new binary only once it passed its self-test: until then (or
         # after a failure) the processes of the old one keep serving
@@ -416,27 +407,8 @@ class WarmPool:
             log.info("pool: the CLI or its login changed; replacing spares and idle processes")
             self.identity = ident
             self._backoff_until = 0.0
-        for m in list(self.spares):
-            if not m.alive:
-                self.discard(m, "exited")
-            elif m.identity != self.identity:
-                self.discard(m, "cli_changed")
-            elif m.flavour != self.flavour:
-                self.discard(m, "prompt_cache_changed")
-            elif now - m.born >= self.limits.max_age:
-                self.discard(m, "max_age")
-        for m in list(self.held.values()):
-            if now >= m.hold_until:
-                self.discard(m, "tool_wait")  # the client never sent its results: the next turn resumes
-            elif not m.alive:
-                self.discard(m, "exited")
-        for m in list(self.warm.values()):
-            if now - m.last_used >= self.limits.idle_ttl:
-                self.discard(m, "idle_ttl")
-            else:
-                why = recycle_reason(m, self.limits, self.identity)
-                if why:
-                    self.discard(m, why)
+        for m, why in expired(self, time.monotonic()):
+            self.discard(m, why)
 
     def shutdown(self) -> None:
         for m in list(self.spares) + list(self.warm.values()) + list(self.held.values()) + list(self.busy):
@@ -451,3 +423,39 @@ class WarmPool:
                 "max_warm": self.limits.max_warm, "max_warm_basis": self.cap.stats(), "hits": dict(self.hits), "misses": dict(self.misses),
                 "killed": dict(self.killed), "problem": self.cli_hold or self.last_problem or None,
                 "cli_hold": self.cli_hold or None, "pid": os.getpid()}
+
+
+def cli_hold(gate: Callable[[], tuple[str, str]] | None, was: str) -> str:
+    """Why new spares wait for the CLI's self-test ("" when they need not), logged when it changes."""
+    if gate is None:
+        return ""
+    verdict, why = gate()
+    hold = "" if verdict == "ok" else why
+    if hold != was:
+        if hold:
+            log.warning("pool: %s; new spares wait, warm processes of the old CLI keep serving", hold)
+        else:
+            log.info("pool: the CLI's self-test passed; spares use it")
+    return hold
+
+
+def expired(pool: WarmPool, now: float) -> list[tuple[Managed, str]]:
+    """The pool's processes that must go now, and why: exited, of an older CLI or prompt caching, past
+    their age, idle TTL or size, or held past the client's tool wait."""
+    out: list[tuple[Managed, str]] = []
+    for m in list(pool.spares):
+        why = ("exited" if not m.alive else "cli_changed" if m.identity != pool.identity else
+               "prompt_cache_changed" if m.flavour != pool.flavour else
+               "max_age" if now - m.born >= pool.limits.max_age else "")
+        if why:
+            out.append((m, why))
+    for m in list(pool.held.values()):
+        if now >= m.hold_until:
+            out.append((m, "tool_wait"))  # the client never sent its results: the next turn resumes
+        elif not m.alive:
+            out.append((m, "exited"))
+    for m in list(pool.warm.values()):
+        why = "idle_ttl" if now - m.last_used >= pool.limits.idle_ttl else recycle_reason(m, pool.limits, pool.identity)
+        if why:
+            out.append((m, why))
+    return out
