@@ -194,6 +194,8 @@ def relay_env(redis_url: str, cli_bin: str, mock_url: str, tmp: Path, extra: dic
         "RELAY_GRACEFUL_TIMEOUT_S": "10",
         "RELAY_RATE_LIMIT__MAX_REQUESTS_PER_MINUTE": "0",
         "RELAY_STATS__SNAPSHOT_INTERVAL_S": "1",
+        # the CLI watch would self-test each fake CLI a test swaps in (tests/test_conformance.py turns it on)
+        "RELAY_CLI_WATCH_S": "0",
         # The suite checks today's process model (a CLI per run, a child of its worker); tests/test_warm.py
         # turns the pool on. RELAY_TEST_POOL=true runs any other test file against the pool too.
         "RELAY_POOL__ENABLED": os.environ.get("RELAY_TEST_POOL", "false"),
