@@ -18,8 +18,8 @@ import pytest
 from harness import anthropic_client, cli_cwd, openai_client
 from mock_anthropic import all_text
 
-from relay.core.history import NOT_RUN, write_history
-from relay.core.prompt import HISTORY_INTRO
+from relay.core.history import write_history
+from relay.core.prompt import HISTORY_INTRO, NOT_RUN
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

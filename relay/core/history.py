@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .events import TOOL_PREFIX
-from .images import to_anthropic_block
+from .prompt import blocks_of, tool_result_block
 
-NOT_RUN = "The client did not run this tool call."
 # what stands in for the CLI's "# Environment" text (the relay host's folders and OS) in a written
 # transcript: measured with 2.1.330, an empty `rendered` is re-rendered from the snapshot, a blank one is not
 BLANK_ENVIRONMENT = [{"content": " "}]
@@ -29,17 +28,6 @@ class WrittenHistory:
     tail: list[dict[str, Any]]               # what the client sent after it: the resumed turn's prompt
     resume_at: str | None = None             # the record of the model's tool calls, when they await results
     pending_calls: list[str] = field(default_factory=list)
-
-
-def _blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for part in msg.get("content") or []:
-        if part.get("type") == "text":
-            if part.get("text"):
-                out.append({"type": "text", "text": part["text"]})
-        else:
-            out.append(to_anthropic_block(part))
-    return out
 
 
 def _tool_use(call: Any) -> dict[str, Any] | None:
@@ -56,17 +44,6 @@ def _tool_use(call: Any) -> dict[str, Any] | None:
     return {"type": "tool_use", "id": call["id"], "name": TOOL_PREFIX + str(fn.get("name", "")), "input": value}
 
 
-def _result(call_id: str, msg: dict[str, Any] | None) -> dict[str, Any]:
-    if msg is None:
-        return {"type": "tool_result", "tool_use_id": call_id, "is_error": True, "content": NOT_RUN}
-    blocks = [b for b in _blocks(msg) if b["type"] in ("text", "image", "document")]
-    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id,
-                              "content": blocks or [{"type": "text", "text": "(empty)"}]}
-    if msg.get("is_error"):
-        result["is_error"] = True
-    return result
-
-
 def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]] | None:
     """The messages as alternating Anthropic turns: each tool call answered by its result in the next
     user turn (in the order of the calls; a call the client did not answer gets an error result),
@@ -78,7 +55,7 @@ def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any
 
     def close_calls() -> None:
         if open_calls:
-            blocks = [_result(cid, results.pop(cid, None)) for cid in open_calls]
+            blocks = [tool_result_block(cid, results.pop(cid, None)) for cid in open_calls]
             turns.append(("user", blocks))
             open_calls.clear()
 
@@ -92,7 +69,7 @@ def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any
             continue
         close_calls()
         if role == "assistant":
-            blocks = _blocks(msg)
+            blocks = blocks_of(msg)
             for call in msg.get("tool_calls") or []:
                 use = _tool_use(call)
                 if use is None or use["id"] in open_calls:
@@ -102,7 +79,7 @@ def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any
             if blocks:
                 turns.append(("assistant", blocks))
             continue
-        blocks = _blocks(msg) or [{"type": "text", "text": "(empty message)"}]
+        blocks = blocks_of(msg) or [{"type": "text", "text": "(empty message)"}]
         if turns and turns[-1][0] == "user":
             turns[-1] = ("user", turns[-1][1] + blocks)
         else:

@@ -15,6 +15,7 @@ from .images import to_anthropic_block
 
 HISTORY_INTRO = "Here is the conversation so far:\n\n"
 HISTORY_OUTRO = "Continue the conversation: reply to the latest message above as the assistant."
+NOT_RUN = "The client did not run this tool call."
 LATEST = "The user's latest message, to which you reply as the assistant:\n\n"
 
 
@@ -38,7 +39,7 @@ def _tool_call_text(call: Any) -> str:
             f'{fn.get("arguments", "")}</tool_call>')
 
 
-def _blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
+def blocks_of(msg: dict[str, Any]) -> list[dict[str, Any]]:
     """A message's parts as Anthropic blocks (text and images)."""
     out: list[dict[str, Any]] = []
     for part in msg["content"]:
@@ -48,6 +49,18 @@ def _blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             out.append(to_anthropic_block(part))
     return out
+
+
+def tool_result_block(call_id: str, msg: dict[str, Any] | None) -> dict[str, Any]:
+    """The tool_result block of one call: the client's `tool` message, or an error when it sent none."""
+    if msg is None:
+        return {"type": "tool_result", "tool_use_id": call_id, "is_error": True, "content": NOT_RUN}
+    blocks = [b for b in blocks_of(msg) if b["type"] in ("text", "image", "document")]
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id,
+                              "content": blocks or [{"type": "text", "text": "(empty)"}]}
+    if msg.get("is_error"):
+        result["is_error"] = True
+    return result
 
 
 def _merge_text(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,11 +82,11 @@ def transcript(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             name = f' name="{msg["name"]}"' if msg.get("name") else ""
             name += ' is_error="true"' if msg.get("is_error") else ""
             blocks.append({"type": "text", "text": f'<tool_result tool_call_id="{msg["tool_call_id"]}"{name}>\n'})
-            blocks += _blocks(msg)
+            blocks += blocks_of(msg)
             blocks.append({"type": "text", "text": "\n</tool_result>\n\n"})
             continue
         blocks.append({"type": "text", "text": f"<{role}>\n"})
-        blocks += _blocks(msg)
+        blocks += blocks_of(msg)
         for call in msg.get("tool_calls") or []:
             blocks.append({"type": "text", "text": "\n" + _tool_call_text(call)})
         blocks.append({"type": "text", "text": f"\n</{role}>\n\n"})
@@ -86,19 +99,10 @@ def tool_results_content(messages: list[dict[str, Any]], pending: list[str]) -> 
     results = {m.get("tool_call_id"): m for m in messages if m["role"] == "tool"}
     content: list[dict[str, Any]] = []
     for call_id in pending:
-        msg = results.pop(call_id, None)
-        if msg is None:
-            content.append({"type": "tool_result", "tool_use_id": call_id, "is_error": True,
-                            "content": "The client did not run this tool call."})
-        else:
-            blocks = [b for b in _blocks(msg) if b["type"] in ("text", "image", "document")] or [{"type": "text", "text": "(empty)"}]
-            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id, "content": blocks}
-            if msg.get("is_error"):
-                result["is_error"] = True
-            content.append(result)
+        content.append(tool_result_block(call_id, results.pop(call_id, None)))
     rest = [m for m in messages if m["role"] != "tool" or m.get("tool_call_id") in results]
     if len(rest) == 1 and rest[0]["role"] == "user":
-        content += _blocks(rest[0])
+        content += blocks_of(rest[0])
     elif rest:
         content += _merge_text(transcript(rest))
     return content
@@ -139,11 +143,11 @@ def build_prompt(system: str, messages: list[dict[str, Any]], mode: str, first_t
     if pending_calls:
         content = tool_results_content(messages, pending_calls)
     elif len(messages) == 1 and messages[0]["role"] == "user":
-        content = _blocks(messages[0])
+        content = blocks_of(messages[0])
     elif messages[-1]["role"] == "user":
         content = [{"type": "text", "text": HISTORY_INTRO}] + transcript(messages[:-1])
         content.append({"type": "text", "text": LATEST})
-        content += _blocks(messages[-1])
+        content += blocks_of(messages[-1])
     else:
         content = [{"type": "text", "text": HISTORY_INTRO}] + transcript(messages)
         content.append({"type": "text", "text": HISTORY_OUTRO})
