@@ -249,3 +249,36 @@ def test_histories_that_cannot_be_written_are_refused() -> None:
     assert write_history(_msgs(user, call, stray, answer, user), True, None) is None  # a result for no call
     bad = dict(call, tool_calls=[dict(CALL, function={"name": "f", "arguments": "not json"})])
     assert write_history(_msgs(user, bad, result), True, None) is None
+
+
+@pytest.mark.parametrize("shell,git", [(None, False), ("/bin/bash", False), ("/bin/sh", False), ("/bin/bash", True)])
+def test_the_worked_out_environment_is_what_the_cli_records(cli_bin: str, tmp_path: Any, monkeypatch: Any,
+                                                            shell: str | None, git: bool) -> None:
+    """With sessions off the CLI records no environment to copy, so the relay works it out; any
+    difference from the CLI's own makes it add an "# Environment update" naming the host (seen in CI,
+    which runs with no $SHELL). Compared with what the real CLI records for the same folder and $SHELL."""
+    import os
+    import subprocess
+
+    from relay.cli.conformance.lab import env_for
+    from relay.cli.conformance.mock_api import MockApi
+    from relay.cli.session_files import live_environment
+
+    if shell is None:
+        monkeypatch.delenv("SHELL", raising=False)
+    else:
+        monkeypatch.setenv("SHELL", shell)
+    cwd = tmp_path / "state" / "cwd-x"
+    cwd.mkdir(parents=True)
+    if git:
+        subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    with MockApi() as api:
+        env = env_for(dict(os.environ), api.url, str(tmp_path / "cfg"))
+        if shell is None:
+            env.pop("SHELL", None)
+        subprocess.run([cli_bin, "-p", "hi", "--output-format", "json"], env=env, cwd=cwd, capture_output=True,
+                       timeout=90, check=True)
+    recorded = [r["attachment"]["snapshot"] for f in (tmp_path / "cfg").rglob("*.jsonl")
+                for r in map(json.loads, f.read_text().splitlines())
+                if r.get("type") == "attachment" and (r.get("attachment") or {}).get("type") == "environment"]
+    assert recorded and live_environment(tmp_path / "nothing-here", cwd.resolve()) == recorded[0]

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -160,14 +161,8 @@ def write_transcript(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def live_environment(directory: Path, cwd: Path, newest: int = 8) -> dict[str, Any]:
-    """The environment snapshot the CLI records for runs in `cwd`: read from the CLI's own newest
-    transcripts in `directory` (a written transcript must carry exactly the live one, or the CLI adds an
-    "# Environment update" naming the host), else worked out the way the CLI 2.1.330 does it."""
-    try:
-        files = sorted(directory.glob("*.jsonl"), key=lambda f: f.stat().st_mtime, reverse=True)[:newest]
-    except OSError:
-        files = []
+def _recorded_environment(files: list[Path], accept: Any) -> dict[str, Any] | None:
+    """The first environment snapshot in these CLI transcripts that `accept(snapshot)` takes."""
     for f in files:
         try:
             with f.open() as lines:
@@ -178,14 +173,53 @@ def live_environment(directory: Path, cwd: Path, newest: int = 8) -> dict[str, A
                         continue
                     rec = json.loads(line)
                     snap = (rec.get("attachment") or {}).get("snapshot")
-                    if rec.get("type") == "attachment" and isinstance(snap, dict) \
-                            and snap.get("workingDirectory") == str(cwd):
+                    if rec.get("type") == "attachment" and isinstance(snap, dict) and accept(snap):
                         return snap
         except (OSError, ValueError, AttributeError):
             continue
-    shell = os.environ.get("SHELL") or "unknown"
+    return None
+
+
+def _newest(pattern: str, directory: Path, newest: int) -> list[Path]:
+    try:
+        return sorted(directory.glob(pattern), key=lambda f: f.stat().st_mtime, reverse=True)[:newest]
+    except OSError:
+        return []
+
+
+def cli_shell() -> str:
+    """The shell as the CLI 2.1.330 names it in its environment text: the first of zsh and bash on PATH,
+    with the login shell ($SHELL) added when it is another one (observed: no $SHELL gives "bash", $SHELL
+    /bin/sh gives "bash (login shell: sh)")."""
+    login = os.environ.get("SHELL") or ""
+    found = shutil.which("zsh") or shutil.which("bash")
+    if found is None:
+        return "zsh" if "zsh" in login else "bash" if "bash" in login else login or "unknown"
+    name = Path(found).name
+    if not login or Path(login).name == name:
+        return name
+    return f"{name} (login shell: {Path(login).name})"
+
+
+def _in_git_repo(cwd: Path) -> bool:
+    return any((d / ".git").exists() for d in (cwd, *cwd.parents))
+
+
+def live_environment(directory: Path, cwd: Path, newest: int = 8) -> dict[str, Any]:
+    """The environment snapshot the CLI records for runs in `cwd` (a written transcript must carry exactly
+    the live one, or the CLI adds an "# Environment update" naming the host). Read from the CLI's own
+    newest transcripts for `cwd`, else from those of a sibling folder (the relay's run folders share one
+    parent, so they differ only in the folder), else worked out the way the CLI 2.1.330 does it (with
+    sessions off the CLI records none)."""
+    snap = _recorded_environment(_newest("*.jsonl", directory, newest),
+                                 lambda s: s.get("workingDirectory") == str(cwd))
+    if snap is not None:
+        return snap
+    sibling = _recorded_environment(_newest("*/*.jsonl", directory.parent, newest),
+                                    lambda s: Path(str(s.get("workingDirectory"))).parent == cwd.parent)
+    if sibling is not None:
+        return {**sibling, "workingDirectory": str(cwd)}
     uname = os.uname()
-    return {"workingDirectory": str(cwd), "isWorktree": False, "isGitRepo": False,
-            "additionalWorkingDirectories": [], "platform": sys.platform,
-            "shell": "zsh" if "zsh" in shell else "bash" if "bash" in shell else shell,
+    return {"workingDirectory": str(cwd), "isWorktree": False, "isGitRepo": _in_git_repo(cwd),
+            "additionalWorkingDirectories": [], "platform": sys.platform, "shell": cli_shell(),
             "osVersion": f"{uname.sysname} {uname.release}"}
