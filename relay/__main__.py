@@ -1,6 +1,6 @@
 """`python -m relay check` validates the configuration and the CLI before the server starts.
 
-Also: `keys` (API keys), `accounts` (Claude accounts), `stats snapshot` (write log/stats.json) and `config --markdown` (the configuration
+Also: `keys` (API keys), `accounts` (Claude accounts: list, check, clear), `stats snapshot` (write log/stats.json) and `config --markdown` (the configuration
 reference, docs/configuration.md, generated from `relay.config.SCHEMA`)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 from .config import ConfigError, load_settings
 
@@ -59,9 +60,6 @@ def _accounts(action: str) -> int:
     from .cli.invocation import auth_status_argv
     from .cli.setup import CliSetup, account_envs, login_status
     from .core.routing import AccountSpec
-    from .state.accounts import Accounts
-    from .state.connection import connect, host_id
-    from .state.leases import Leases
 
     try:
         settings = load_settings()
@@ -72,10 +70,7 @@ def _accounts(action: str) -> int:
     cli_setup = CliSetup.from_settings(settings)
     envs, problems = account_envs(specs, cli_setup.env)
     if action == "list":
-        r = connect(settings["redis_url"])
-        accounts = Accounts(r, Leases(r), specs, settings["host_id"] or host_id(), settings["login_recheck_s"],
-                            settings["accounts_overage"], settings["alerts.thresholds"])
-        for a in accounts.snapshot(settings["sessions.ttl_hours"] * 3600, problems):
+        for a in _shared_accounts(settings, specs).snapshot(settings["sessions.ttl_hours"] * 3600, problems):
             print(json.dumps(a))
         return 0
     cli = cli_setup.probe()
@@ -100,6 +95,47 @@ def _accounts(action: str) -> int:
     return 1 if bad else 0
 
 
+def _shared_accounts(settings: Any, specs: list[Any]) -> Any:
+    """The accounts' shared state in Redis, as the workers see it (their alert claims included)."""
+    from .state.accounts import Accounts
+    from .state.alerts import Alerts
+    from .state.connection import connect, host_id
+    from .state.leases import Leases
+
+    r = connect(settings["redis_url"])
+    host = settings["host_id"] or host_id()
+    alerts = Alerts(r, [], host)
+    return Accounts(r, Leases(r), specs, host, settings["login_recheck_s"], settings["accounts_overage"],
+                    settings["alerts.thresholds"], alerts.emit, settings["alerts.repeat_window_s"], alerts.forget)
+
+
+def _accounts_clear(name: str | None) -> int:
+    """`accounts clear NAME`: the admin's reset of an account's limit, overage and login state."""
+    from .core.routing import AccountSpec
+
+    if not name:
+        print("relay: accounts clear needs the account's name (see `python -m relay accounts list`)", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or [AccountSpec("default", implicit=True)]
+    accounts = _shared_accounts(settings, specs)
+    try:
+        before = accounts.clear(name)
+    except KeyError:
+        print(f"relay: no account named {name!r} (configured: {', '.join(a.name for a in specs)})", file=sys.stderr)
+        return 1
+    after = next(a for a in accounts.snapshot() if a["name"] == name)
+    print(json.dumps(after))
+    print(f"relay: account {name!r} cleared (it was {before.get('cooldown_kind') or 'not limited'}"
+          f"{'; login problem ' + repr(before['login_problem']) if before.get('login_problem') else ''})",
+          file=sys.stderr)
+    return 0
+
+
 def _snapshot() -> int:
     from .state.connection import connect
     from .state.stats import Stats
@@ -113,6 +149,13 @@ def _snapshot() -> int:
             print("relay: stats snapshot skipped: another process held the lock for 10 s", file=sys.stderr)
             return 1
         time.sleep(0.05)
+    return 0
+
+
+def _markdown() -> int:
+    from .config import markdown
+
+    sys.stdout.write(markdown())
     return 0
 
 
@@ -138,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ksub.add_parser("list", help="list key names and limits (never the keys)")
     rev = ksub.add_parser("revoke", help="revoke a key by name (effective on every worker within seconds)")
     rev.add_argument("name")
-    acc = sub.add_parser("accounts", help="Claude accounts: their shared state, or whether their logins work")
-    acc.add_argument("action", choices=["list", "check"])
+    acc = sub.add_parser("accounts", help="Claude accounts: list their state, check their logins, clear one's state")
+    acc.add_argument("action", choices=["list", "check", "clear"])
+    acc.add_argument("name", nargs="?", help="with clear: the account's name")
     stats = sub.add_parser("stats", help="the stats history in Redis")
     stats.add_argument("action", choices=["snapshot"], help="write log/stats.json now (the master runs this "
                        "after the workers exit, so a worker killed outright loses nothing recorded)")
@@ -148,14 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="as Markdown, generated from relay/config.py (this is docs/configuration.md)")
     args = parser.parse_args(argv)
     if args.cmd == "config":
-        from .config import markdown
-
-        sys.stdout.write(markdown())
-        return 0
+        return _markdown()
     if args.cmd == "check":
         return _check(args.conformance, args.claude_bin, args.json)
     if args.cmd == "accounts":
-        return _accounts(args.action)
+        return _accounts_clear(args.name) if args.action == "clear" else _accounts(args.action)
     if args.cmd == "stats":
         return _snapshot()
     from .state import apikeys as auth

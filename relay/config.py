@@ -256,6 +256,9 @@ SCHEMA: dict[str, Field] = {
                              "chat_id, events}.", _check_webhooks),
     "alerts.thresholds": Field(list, [0.8, 0.95], "Window utilizations that raise an alert (once per window).",
                                _check_thresholds),
+    "alerts.repeat_window_s": Field(float, 3600.0, "An account's alert (limited, recovered, overage, a threshold) "
+                                    "goes out at most once in this many seconds, however often its state flips or "
+                                    "the reset time the CLI reports changes.", _between(60, 8 * 86400)),
     "alerts.max_attempts": Field(int, 10, "Deliveries of one alert tried before it is dropped.", _between(1, 100)),
     "alerts.retry_base_s": Field(float, 2.0, "First retry delay of a failed alert delivery (doubles each time, at most 10 min).",
                                  _between(0.01, 3600)),

@@ -93,7 +93,8 @@ class Relay:
         specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or \
             [AccountSpec("default", implicit=True)]
         self.accounts = Accounts(self._redis, self.leases, specs, self.host, settings["login_recheck_s"],
-                                 settings["accounts_overage"], settings["alerts.thresholds"], self.alerts.emit)
+                                 settings["accounts_overage"], settings["alerts.thresholds"], self.alerts.emit,
+                                 settings["alerts.repeat_window_s"], self.alerts.forget)
         # each account's login: its config dir and/or OAuth token; the others' tokens are scrubbed
         self.account_envs, self.account_problems = account_envs(specs, self.cli_env)
 

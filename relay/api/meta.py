@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request
 
 from .. import health as host_health
-from ..errors import NotFound, RelayError
+from ..core.routing import usability
+from ..errors import Forbidden, NotFound, RelayError
 from ..housekeeping import forget_conversations
 from ..runtime import Relay
 from ..state.apikeys import presented_key
 from .common import caller_scope, current_relay
 
 bp = Blueprint("meta", __name__)
+log = logging.getLogger("relay.http")
 
 
 def _relay() -> Relay:
@@ -33,10 +36,7 @@ def _sees_details() -> bool:
         except RelayError:  # Redis away: /health still answers, without the details
             return False
         return key is not None and key.admin
-    try:
-        return ipaddress.ip_address(g.client_ip).is_loopback
-    except ValueError:
-        return False
+    return _local()
 
 
 @bp.get("/health")
@@ -53,7 +53,12 @@ def health() -> Any:
         if not any(a["usable"] for a in accounts):  # the relay as a whole cannot answer: say why
             account = host_health.account_summary(relay)
     selftest = _selftest(relay)
-    ok = bool(cli.get("ok")) and red["ok"] and (selftest or {}).get("status") != "failed"
+    no_account = bool(red["ok"] and accounts and not any(a["usable"] for a in accounts))
+    # no account can answer: degraded while they wait for a reset (every host shares them: a load balancer
+    # taking this host out would gain nothing, and the relay's 429 says when to come back); 503 when only
+    # logins are broken (the operator must act; another host's own login may work)
+    ok = bool(cli.get("ok")) and red["ok"] and (selftest or {}).get("status") != "failed" \
+        and not (no_account and "login_problem" in account)
     helper_view = host_health.helpers(relay)
     down = host_health.outages(relay, helper_view, red["ok"])
     if red.get("down_since"):
@@ -63,7 +68,8 @@ def health() -> Any:
         account["cooldown_remaining_s"] = round(account["cooldown_until"] - time.time())
     # degraded: something is down (a pool server away still answers, from CLIs spawned by the workers);
     # 503 only when requests cannot be answered (no CLI, no Redis) or the CLI failed its self-test
-    body = {"status": "ok" if ok and not down else "degraded", "host": relay.host, "account": account,
+    body = {"status": "ok" if ok and not down and not no_account else "degraded", "host": relay.host,
+            "account": account, "accounts_usable": sum(1 for a in accounts if a["usable"]) if red["ok"] else None,
             "accounts": accounts,
             "cli": dict({k: cli.get(k) for k in ("ok", "path", "version", "problem")}, selftest=selftest),
             "redis": red, "down": down, "helpers": helper_view, "delayed_records": len(relay.backlog),
@@ -72,7 +78,7 @@ def health() -> Any:
     if not _sees_details():  # anyone may ask whether the relay is up and what is down, not where it lives
         body = {"status": body["status"], "cli": {"ok": bool(cli.get("ok")), "version": cli.get("version"),
                                                   "selftest": (selftest or {}).get("status")},
-                "redis": {"ok": red["ok"]}, "down": down}
+                "redis": {"ok": red["ok"]}, "down": down, "accounts_usable": body["accounts_usable"]}
     return jsonify(body), 200 if ok else 503
 
 
@@ -104,6 +110,30 @@ def accounts() -> Any:
     usage = relay.stats.accounts()
     data = [dict(a, object="account", usage=usage.get(a["name"], {})) for a in host_health.account_meter(relay)]
     return jsonify({"object": "list", "overage_policy": relay.settings["accounts_overage"], "data": data})
+
+
+@bp.delete("/v1/accounts/<name>/state")
+def account_clear(name: str) -> Any:
+    """An admin clears one account's limit, overage and login state: it takes runs again at once."""
+    relay = _relay()
+    if not relay.settings["auth.enabled"] and not _local():
+        raise Forbidden("With auth.enabled off, an account's state can be cleared only from this machine "
+                        "(or with `python -m relay accounts clear NAME`).", code="admin_required")
+    try:
+        before = relay.accounts.clear(name)
+    except KeyError:
+        raise NotFound(f"No Claude account named {name!r}.", param="name", code="account_not_found") from None
+    log.warning("account %s cleared through the API by %s", name, getattr(g, "key_name", "") or g.client_ip)
+    after = next(a for a in host_health.account_meter(relay) if a["name"] == name)
+    return jsonify(dict(after, object="account", cleared=True,
+                        was={"state": usability(before).kind or "ok", "reason": usability(before).reason or None}))
+
+
+def _local() -> bool:
+    try:
+        return ipaddress.ip_address(g.client_ip).is_loopback
+    except ValueError:
+        return False
 
 
 def _anthropic() -> bool:

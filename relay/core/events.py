@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .record import figure
+
 TOOL_PREFIX = "mcp__client__"
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
@@ -128,7 +130,7 @@ class Turn:
             msg = e.get("message") or {}
             self.model = msg.get("model") or self.model
             if self.start_usage is None and isinstance(msg.get("usage"), dict):
-                self.start_usage = msg["usage"]
+                self.start_usage = {k: figure(v) for k, v in msg["usage"].items() if k in USAGE_KEYS}
             self._count_usage(msg_id, msg.get("usage"))
             return []
         if et == "message_delta":
@@ -166,7 +168,7 @@ class Turn:
         """message_start carries input and cache, message_delta the output so far (cumulative per message)."""
         if isinstance(usage, dict):
             seen = self._call_usage.setdefault(msg_id, {})
-            seen.update({k: int(v) for k, v in usage.items() if k in USAGE_KEYS and isinstance(v, int)})
+            seen.update({k: figure(v) for k, v in usage.items() if k in USAGE_KEYS})
 
     def _tool_start(self, tool_id: str, name: str, block_index: int) -> list[Delta]:
         if tool_id in self._tool_index:
@@ -249,9 +251,9 @@ class Turn:
         u = self.result.get("usage")
         if not isinstance(u, dict):
             return None
-        out = {k: int(u.get(k) or 0) for k in USAGE_KEYS}
-        details = u.get("output_tokens_details") or {}
-        out["reasoning_tokens"] = int(details.get("thinking_tokens") or 0)
+        out = {k: figure(u.get(k)) for k in USAGE_KEYS}  # a forged or broken report counts as 0, never below
+        details = u.get("output_tokens_details")
+        out["reasoning_tokens"] = figure(details.get("thinking_tokens")) if isinstance(details, dict) else 0
         return out
 
     @property

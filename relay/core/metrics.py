@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from .record import RequestRecord
+from .record import RequestRecord, figure
 
 NAME_PREFIX = "relay_"
 # seconds; time to first token and request duration share them (TTFT sits at the low end)
@@ -95,7 +95,7 @@ def record_updates(rec: RequestRecord) -> dict[tuple[str, str], int | float]:
     endpoint = rec.endpoint or "none"
     out: dict[tuple[str, str], int | float] = {("requests", _field(endpoint, str(rec.status), model, key, account)): 1}
     for kind, attr in TOKEN_KINDS:
-        n = int(getattr(rec, attr) or 0)
+        n = figure(getattr(rec, attr))  # never negative: a counter only grows
         if n:
             out[("tokens", _field(kind, model, key, account))] = n
     if rec.status == 429 and not rec.account:  # refused by the relay itself, before any CLI run
@@ -110,7 +110,7 @@ def record_updates(rec: RequestRecord) -> dict[tuple[str, str], int | float]:
 
 def series_updates(rec: RequestRecord) -> dict[str, int]:
     """Field -> amount in the hour's and the day's usage series (what the dashboard charts)."""
-    tokens = rec.tokens_spent
+    tokens = figure(rec.tokens_spent)
     out: dict[str, int] = {"requests|all|": 1, "errors|all|": int(rec.status not in (200, 499))}
     for dim, value in (("key", rec.key or "none"), ("model", rec.model or "none"), ("account", rec.account or "none")):
         out[f"requests|{dim}|{value}"] = 1

@@ -1,10 +1,38 @@
-"""The record of one request, declared once: what the stats, usage views and logs keep. Pure."""
+"""The record of one request, declared once: what the stats, usage views and logs keep. Pure.
+
+Its figures come from the CLI's events, which the relay does not control: `figure()` makes each one a
+whole number from 0 to `MAX_FIGURE`, so no forged or broken report can lower a total, a counter or a quota.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# one request's tokens of one kind (or milliseconds, bytes) above this are not a real report: a million-token
+# context answered thousands of times over in an agent loop stays far below it
+MAX_FIGURE = 10**10
+FIGURES = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens", "response_time_ms",
+           "bytes_to_cli", "tokens_saved")
+
+
+def figure(value: Any, cap: int = MAX_FIGURE) -> int:
+    """A count as the relay records it: an int from 0 to `cap`. Negative, fractional-looking strings, NaN,
+    booleans and anything else that is not a number count as 0; whole floats and digit strings are read."""
+    if isinstance(value, bool) or value is None:
+        return 0
+    if isinstance(value, str):
+        text = value.strip()
+        value = int(text) if text.isascii() and text.isdigit() else 0
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            return 0
+        value = int(value)
+    if not isinstance(value, int):
+        return 0
+    return min(max(value, 0), cap)
 
 
 @dataclass
@@ -35,6 +63,12 @@ class RequestRecord:
     response_cache_hit: bool = False
     tokens_saved: int = 0
     timestamp: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        for name in FIGURES:
+            setattr(self, name, figure(getattr(self, name)))
+        if self.ttft_ms is not None:
+            self.ttft_ms = figure(self.ttft_ms)
 
     @property
     def tokens_spent(self) -> int:

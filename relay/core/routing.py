@@ -15,6 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import RelayError, SubscriptionLimited, Unavailable
+from .upstream import LOGIN_HINT
+
 HEADROOM_STEP = 0.1   # headroom within one step counts as equal, so load spreads by what each holds
 UNKNOWN_LIMIT_S = 3600.0  # an account refused for overage with no known reset is retried after this
 
@@ -101,6 +104,14 @@ def choose(views: Iterable[AccountView], sticky: str | None = None, exclude: Ite
     return sorted(usable, key=rank)
 
 
+def clock(ts: float, now: float | None = None) -> str:
+    """When a limit resets, for people: `09:00 UTC` today, `Mon 14 Dec 09:00 UTC` on any other day (a weekly
+    window may be days away), UTC throughout."""
+    now = time.time() if now is None else now
+    same_day = time.gmtime(ts)[:3] == time.gmtime(now)[:3]
+    return time.strftime("%H:%M UTC" if same_day else "%a %d %b %H:%M UTC", time.gmtime(ts))
+
+
 def blocked_summary(views: Iterable[AccountView], now: float | None = None) -> tuple[str, float | None, bool]:
     """Why no account is usable: (message, earliest reset or None, True if only logins are broken)."""
     now = time.time() if now is None else now
@@ -109,7 +120,7 @@ def blocked_summary(views: Iterable[AccountView], now: float | None = None) -> t
         u = usability(v.state, now)
         if u.usable:
             continue
-        when = f" until {time.strftime('%H:%M UTC', time.gmtime(u.until))}" if u.until and u.kind != "login" else ""
+        when = f" until {clock(u.until, now)}" if u.until and u.kind != "login" else ""
         label = {"limit": "usage limit reached", "overage": "would draw on extra usage (overage policy: block)",
                  "login": "login not working"}.get(u.kind, u.kind)
         parts.append(f"{v.name}: {label}{when} ({u.reason})" if u.reason else f"{v.name}: {label}{when}")
@@ -118,6 +129,26 @@ def blocked_summary(views: Iterable[AccountView], now: float | None = None) -> t
             if u.until:
                 resets.append(u.until)
     return "; ".join(parts), (min(resets) if resets else None), only_login
+
+
+def no_account_error(views: list[AccountView], single: bool, exclude: list[str] | None = None,
+                     now: float | None = None) -> RelayError:
+    """No account can take the run: 429 with the earliest reset (a date when it is not today), or 503 when
+    only logins are broken. `single`: the relay has one account (the message speaks of "the subscription")."""
+    now = time.time() if now is None else now
+    summary, earliest, only_login = blocked_summary(views, now)
+    if not summary:
+        return Unavailable(f"No Claude account could take this request (tried: {', '.join(exclude or [])}).",
+                           code="no_account_available", retry_after=5)
+    if only_login:
+        return Unavailable(f"{'The' if single else 'No'} Claude account{'' if single else ' has a working login'}"
+                           f"{' has no working login' if single else ''}: {summary}. {LOGIN_HINT}",
+                           code="cli_login_required", retry_after=30)
+    wait = max(1.0, (earliest or now + UNKNOWN_LIMIT_S) - now)
+    lead = ("The Claude subscription behind this relay hit its usage limit" if single else
+            "Every Claude account behind this relay is at its usage limit or unusable")
+    return SubscriptionLimited(f"{lead}; no request is sent upstream until {clock(now + wait, now)}: {summary}",
+                               retry_after=wait, headers={"x-should-retry": "false"} if wait > 120 else None)
 
 
 def windows_of(info: dict[str, Any]) -> dict[str, dict[str, float]]:

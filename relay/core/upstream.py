@@ -82,8 +82,17 @@ def reset_seconds(turn: Turn, now: float) -> float | None:
 
 
 def is_subscription_limit(turn: Turn) -> bool:
-    info = turn.rate_limit or {}
-    return info.get("status") == "rejected" or bool(LIMIT_TEXT.search(str(turn.result.get("result") or "")))
+    """The subscription's own limit, not a rate limit or a text that mentions one. The structured signals
+    decide: a refusal (HTTP 429, or the CLI's own `rate_limit` error) that the rate-limit event calls
+    `rejected` or whose text is the CLI's limit message. The words alone never limit an account: a model's
+    answer or another error's message may quote them."""
+    res = turn.result
+    status = res.get("api_error_status")
+    refused = status == 429 or (status is None and turn.error_kind == "rate_limit")
+    if not res.get("is_error") or not refused:
+        return False
+    rejected = (turn.rate_limit or {}).get("status") == "rejected"
+    return rejected or bool(LIMIT_TEXT.search(str(res.get("result") or "")))
 
 
 def is_refusal(turn: Turn) -> bool:
@@ -122,10 +131,10 @@ def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError |
         wanted = f"version {needed} or newer" if needed else "a newer version"
         return Unavailable(f"Anthropic no longer accepts the relay's Claude Code CLI: it needs {wanted}. "
                            f"{TOO_OLD_HINT} (CLI said: {text})", code="cli_too_old")
-    if EXTRA_USAGE.search(text):
+    if status == 400 and EXTRA_USAGE.search(text):  # Anthropic's 400, not any text that quotes it
         return RateLimited(f"The Claude account would draw on extra usage (overage) for this request: {text}",
                            code="extra_usage_required", retry_after=default_retry_after)
-    if status == 429 or turn.error_kind == "rate_limit" or is_subscription_limit(turn):
+    if status == 429 or (status is None and turn.error_kind == "rate_limit"):
         if is_subscription_limit(turn):
             wait = reset_seconds(turn, now) or default_retry_after
             return SubscriptionLimited(f"The Claude subscription behind this relay hit its usage limit: {text}",

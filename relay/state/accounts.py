@@ -19,21 +19,25 @@ from ..core.routing import (
     UNKNOWN_LIMIT_S,
     AccountSpec,
     AccountView,
-    blocked_summary,
     choose,
     limit_reset,
+    no_account_error,
     usability,
     uses_overage,
     windows_of,
 )
-from ..core.upstream import LOGIN_HINT
-from ..errors import RateLimited, RelayError, SubscriptionLimited, Unavailable
+from ..errors import RateLimited, RelayError, SubscriptionLimited
+from .account_alerts import AccountAlerts, Forget
 from .connection import PREFIX
 from .leases import Leases
 
 log = logging.getLogger("relay.accounts")
 Emit = Callable[..., bool]
 NO_SLOT_LIMIT = 10**6       # an account without max_concurrent still counts its runs
+MAX_COOLDOWN_S = 7 * 86400 + 3600   # the weekly window, and an hour: no real limit lasts longer
+# what `clear` removes: the cooldown (limit or overage), a broken login, the overage flags and the last error
+CLEARED = ("cooldown_until", "cooldown_kind", "cooldown_reason", "recovered_alerted", "login_problem", "login_until",
+           "overage_in_use", "status", "last_error", "last_error_at")
 
 
 def _iso(ts: float) -> str:
@@ -42,14 +46,15 @@ def _iso(ts: float) -> str:
 
 class Accounts:
     def __init__(self, r: Any, leases: Leases, specs: list[AccountSpec], host: str, login_recheck_s: float,
-                 overage_policy: str, thresholds: list[float], emit: Emit | None = None) -> None:
+                 overage_policy: str, thresholds: list[float], emit: Emit | None = None,
+                 repeat_s: float = 3600.0, forget: Forget | None = None) -> None:
         self.r, self.leases, self.specs = r, leases, specs
         self.by_name = {s.name: s for s in specs}
         self.host = host
         self.login_recheck_s = login_recheck_s
         self.overage_policy = overage_policy
-        self.thresholds = sorted(thresholds)
         self.emit: Emit = emit or (lambda *a, **k: False)
+        self.notices = AccountAlerts(self.emit, thresholds, repeat_s, forget)
 
     # -- keys ------------------------------------------------------------------------------------
     def _id(self, name: str) -> str:
@@ -176,29 +181,15 @@ class Accounts:
         self.r.expire(key, 8 * 86400)
         if not info:
             return
-        self._threshold_alerts(name, info)
+        self.notices.thresholds_crossed(name, info, now)
         if uses_overage(info):
             reset = limit_reset(info, now) or now + UNKNOWN_LIMIT_S
             what = f"account {name} is drawing on overage (extra usage) until {_iso(reset)}"
-            self.emit("overage_detected", name, f"Claude account {name}: the CLI reports it is drawing on extra "
-                      f"usage (overage); policy {self.overage_policy}.", f"overage:{name}:{int(reset)}",
-                      details={"resets_at": _iso(reset), "policy": self.overage_policy})
+            self.notices.overage(name, f"Claude account {name}: the CLI reports it is drawing on extra usage "
+                                 f"(overage); policy {self.overage_policy}.", reset, now,
+                                 {"resets_at": _iso(reset), "policy": self.overage_policy})
             if self.overage_policy == "block":
                 self._cool_down(name, reset, "overage", what + "; blocked by the overage policy")
-
-    def _threshold_alerts(self, name: str, info: dict[str, Any]) -> None:
-        for w, vals in windows_of(info).items():
-            util, reset = vals.get("utilization"), vals.get("resets_at")
-            if util is None:
-                continue
-            label = {"five_hour": "5-hour", "seven_day": "weekly"}[w]
-            for t in self.thresholds:
-                if util >= t:  # once per window: the window's reset time names it
-                    self.emit("utilization_threshold", name,
-                              f"Claude account {name}: {label} window at {util:.0%} (threshold {t:.0%})",
-                              f"threshold:{name}:{w}:{t}:{int(reset or 0)}",
-                              details={"window": w, "utilization": util, "threshold": t,
-                                       "resets_at": _iso(reset) if reset else None})
 
     def note_error(self, name: str, err: RelayError, info: dict[str, Any] | None = None) -> None:
         """A failed turn: a limit cools the account down until its reset, a broken login takes it
@@ -214,9 +205,9 @@ class Accounts:
             self._cool_down(name, until, "limit", err.message)
         elif code == "extra_usage_required":
             reset = limit_reset(info or {}, now) or now + UNKNOWN_LIMIT_S
-            self.emit("overage_detected", name, f"Claude account {name}: Anthropic asks for extra usage to answer "
-                      "(\"Third-party apps now draw from your extra usage\").", f"overage:{name}:{int(reset)}",
-                      details={"policy": self.overage_policy})
+            self.notices.overage(name, f"Claude account {name}: Anthropic asks for extra usage to answer "
+                                 "(\"Third-party apps now draw from your extra usage\").", reset, now,
+                                 {"policy": self.overage_policy})
             self._cool_down(name, reset, "overage", f"account {name} would draw on extra usage: {err.message}")
         elif code == "cli_login_required":
             until = now + self.login_recheck_s
@@ -231,14 +222,30 @@ class Accounts:
                                              "login_problem": problem})
 
     def _cool_down(self, name: str, until: float, kind: str, reason: str) -> None:
-        key = self.key(name)
+        """Out until `until` (at most MAX_COOLDOWN_S: no window lasts longer, whatever reset the CLI gave);
+        the operator hears of it when the account goes from usable to limited, not at every refusal."""
+        key, now = self.key(name), time.time()
+        until = min(until, now + MAX_COOLDOWN_S)
         old = float(self.r.hget(key, "cooldown_until") or 0)
         self.r.hset(key, mapping={"cooldown_until": max(until, old), "cooldown_kind": kind,
                                   "cooldown_reason": reason[:500]})
-        self.r.expire(key, max(8 * 86400, int(until - time.time()) + 60))
+        self.r.expire(key, max(8 * 86400, int(until - now) + 60))
         log.warning("account %s limited (%s) until %s", name, kind, _iso(until))
-        self.emit("account_limited", name, f"Claude account {name} is limited until {_iso(until)}: {reason}",
-                  f"limited:{name}:{int(until)}", details={"kind": kind, "until": _iso(until)})
+        if old <= now:
+            self.notices.limited(name, until, kind, reason, now)
+
+    def clear(self, name: str) -> dict[str, Any]:
+        """An admin's reset of the account's limit, overage and login state (the windows stay as the CLI
+        last reported them); the state as it was, for the log. Raises KeyError for an unknown account."""
+        if name not in self.by_name:
+            raise KeyError(name)
+        key = self.key(name)
+        before = self.state(name)
+        self.r.hdel(key, *CLEARED)
+        self.notices.cleared(name)
+        log.warning("account %s: state cleared by an admin (was: %s)", name,
+                    usability(before).kind or "usable")
+        return before
 
     def recoveries(self) -> None:
         """Raise `account_recovered` for accounts whose cooldown ended (called by the alert loop)."""
@@ -248,8 +255,7 @@ class Accounts:
             until = float(st.get("cooldown_until") or 0)
             if until and until <= now and not st.get("recovered_alerted") == str(int(until)):
                 self.r.hset(self.key(s.name), "recovered_alerted", str(int(until)))
-                self.emit("account_recovered", s.name, f"Claude account {s.name} is usable again "
-                          f"(its limit reset at {_iso(until)}).", f"recovered:{s.name}:{int(until)}")
+                self.notices.recovered(s.name, until)
 
     # -- choosing --------------------------------------------------------------------------------
     def try_slot(self, name: str, member: str) -> bool:
@@ -283,20 +289,4 @@ class Accounts:
 
     def unusable_error(self, views: list[AccountView], exclude: list[str] | None = None) -> RelayError:
         """No account can take the run: 429 with the earliest reset, or 503 when only logins are broken."""
-        now = time.time()
-        summary, earliest, only_login = blocked_summary(views, now)
-        one = len(self.specs) == 1
-        if not summary:
-            tried = ", ".join(exclude or [])
-            return Unavailable(f"No Claude account could take this request (tried: {tried}).",
-                               code="no_account_available", retry_after=5)
-        if only_login:
-            return Unavailable(f"{'The' if one else 'No'} Claude account{'' if one else ' has a working login'}"
-                               f"{' has no working login' if one else ''}: {summary}. {LOGIN_HINT}",
-                               code="cli_login_required", retry_after=30)
-        wait = max(1.0, (earliest or now + UNKNOWN_LIMIT_S) - now)
-        lead = ("The Claude subscription behind this relay hit its usage limit" if one else
-                "Every Claude account behind this relay is at its usage limit or unusable")
-        return SubscriptionLimited(f"{lead}; no request is sent upstream until "
-                                   f"{time.strftime('%H:%M UTC', time.gmtime(now + wait))}: {summary}",
-                                   retry_after=wait, headers={"x-should-retry": "false"} if wait > 120 else None)
+        return no_account_error(views, len(self.specs) == 1, exclude, time.time())

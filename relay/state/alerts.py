@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from ..core.alerts import alert, body, wanted
+from ..core.alerts import alert, body, plain, wanted
 from .connection import PREFIX
 
 log = logging.getLogger("relay.alerts")
@@ -27,12 +27,23 @@ SENT = PREFIX + "alerts:sent"
 Post = Callable[[str, bytes, float], int]
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A webhook's answer is its status: a redirect is not followed (it could lead the alert, and the
+    secret in the URL's path, anywhere), it is reported as the 3xx it is."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def http_post(url: str, data: bytes, timeout: float) -> int:
-    """POST JSON; the HTTP status (an exception for network errors)."""
+    """POST JSON; the HTTP status (an exception for network errors). Redirects are never followed."""
     req = urllib.request.Request(url, data=data, method="POST",
                                  headers={"Content-Type": "application/json", "User-Agent": "claude-max-relay"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - operator-configured URL
+        with _OPENER.open(req, timeout=timeout) as resp:  # operator-configured URL
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -65,6 +76,8 @@ class Alerts:
         """`emit`, raising when Redis cannot take it (the caller may offer it again later)."""
         if not self.r.set(SEEN + alert_id, self.host, nx=True, ex=max(1, ttl)):
             return False
+        text = plain(text)  # it quotes the CLI, the model or Anthropic: no markup or link gets through
+        details = {k: plain(v) if isinstance(v, str) else v for k, v in (details or {}).items()}
         log.warning("alert %s: %s", event, text)
         item = alert(event, account, text, alert_id, self.host, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      details)
@@ -90,11 +103,16 @@ class Alerts:
             if hook is None:
                 continue
             data = json.dumps(body(hook.get("format") or "json", job["item"], hook.get("chat_id"))).encode()
+            status = 0
             try:
                 status = self.post(hook["url"], data, float(hook.get("timeout_s") or 5))
                 ok, why = 200 <= status < 300, f"HTTP {status}"
             except Exception as exc:  # network trouble: retried
                 ok, why = False, type(exc).__name__
+            if 300 <= status < 400:  # a misconfigured URL: retrying would not change the answer
+                log.error("alert %s to %s dropped: the webhook answered %s, a redirect, which is not followed; "
+                          "configure the URL it redirects to", job["item"]["id"], _where(hook["url"]), why)
+                continue
             if ok:
                 done += 1
                 self.r.lpush(SENT, json.dumps({"id": job["item"]["id"], "hook": job["hook"], "at": time.time()}))
@@ -108,6 +126,11 @@ class Alerts:
             wait = min(self.retry_base_s * 2 ** (job["attempt"] - 1), 600.0)
             log.info("alert %s to %s failed (%s); retry in %.1f s", job["item"]["id"], _where(hook["url"]), why, wait)
             self.r.zadd(OUTBOX, {json.dumps(job, sort_keys=True): time.time() + wait})
+
+    def forget(self, *alert_ids: str) -> None:
+        """The next alert with one of these ids goes out again (its state changed back, e.g. an admin cleared it)."""
+        if alert_ids:
+            self.r.delete(*(SEEN + a for a in alert_ids))
 
     def pending(self) -> int:
         return int(self.r.zcard(OUTBOX))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.pricing import cost_usd
+from ..core.record import FIGURES, figure
 from .connection import PREFIX
 
 log = logging.getLogger("relay.stats")
@@ -79,21 +80,21 @@ class Stats:
         key, model = rec.get("key") or "", rec.get("model") or "unknown"
         # the original relay's per-request names and types, next to the relay's own
         rec = dict(rec, timestamp=iso_time(ts), stream=bool(rec.get("stream")),
-                   cache_read_input_tokens=int(rec.get("cache_read_tokens") or 0),
-                   cache_creation_input_tokens=int(rec.get("cache_creation_tokens") or 0),
-                   response_time_ms=int(rec.get("response_time_ms") or 0))
+                   cache_read_input_tokens=figure(rec.get("cache_read_tokens")),
+                   cache_creation_input_tokens=figure(rec.get("cache_creation_tokens")),
+                   response_time_ms=figure(rec.get("response_time_ms")))
         rec["first_message"] = (rec.get("first_message") or "") if self.log_first_message else None
-        inc = {
+        n = {f: figure(rec.get(f)) for f in FIGURES}
+        inc = {  # figures forged or broken count as 0: nothing here can lower a total (core.record.figure)
             "requests": 1, "successful": int(status == 200), "cancelled": int(status == 499),
             "errors": int(status not in (200, 499)),
-            "input_tokens": int(rec.get("input_tokens") or 0), "output_tokens": int(rec.get("output_tokens") or 0),
-            "cache_read_tokens": int(rec.get("cache_read_tokens") or 0),
-            "cache_creation_tokens": int(rec.get("cache_creation_tokens") or 0),
+            "input_tokens": n["input_tokens"], "output_tokens": n["output_tokens"],
+            "cache_read_tokens": n["cache_read_tokens"], "cache_creation_tokens": n["cache_creation_tokens"],
             "estimated_requests": int(bool(rec.get("estimated"))),
-            "cache_hit_requests": int((rec.get("cache_read_tokens") or 0) > 0),
-            "response_time_ms": int(rec.get("response_time_ms") or 0), "stream_requests": int(bool(rec.get("stream"))),
+            "cache_hit_requests": int(n["cache_read_tokens"] > 0),
+            "response_time_ms": n["response_time_ms"], "stream_requests": int(bool(rec.get("stream"))),
             "response_cache_hits": int(bool(rec.get("response_cache_hit"))),
-            "response_cache_tokens_saved": int(rec.get("tokens_saved") or 0),
+            "response_cache_tokens_saved": n["tokens_saved"],
         }
         inc["total_tokens"] = sum(inc[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
                                                    "cache_creation_tokens"))
@@ -111,9 +112,9 @@ class Stats:
         body = json.dumps(rec, separators=(",", ":"), default=str)
         pipe = self.r.pipeline(transaction=True)
         for h in hashes:
-            for field, n in inc.items():
-                if n:
-                    pipe.hincrby(h, field, n)
+            for field, amount in inc.items():
+                if amount:
+                    pipe.hincrby(h, field, amount)
         pipe.sadd(S + "days", date)
         pipe.sadd(S + "models", model)
         if key:
@@ -124,10 +125,10 @@ class Stats:
         pipe.ltrim(S + "req:" + date, 0, max(0, self.max_per_day - 1))
         pipe.lpush(S + "recent", body)
         pipe.ltrim(S + "recent", 0, RECENT_KEEP - 1)
-        pipe.lpush(S + "lat", int(rec.get("response_time_ms") or 0))
+        pipe.lpush(S + "lat", n["response_time_ms"])
         pipe.ltrim(S + "lat", 0, LATENCY_KEEP - 1)
         if rec.get("ttft_ms") is not None:
-            pipe.lpush(S + "ttft", int(rec["ttft_ms"]))
+            pipe.lpush(S + "ttft", figure(rec["ttft_ms"]))
             pipe.ltrim(S + "ttft", 0, LATENCY_KEEP - 1)
         pipe.incr(S + "version")
         pipe.execute()
