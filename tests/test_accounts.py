@@ -345,8 +345,9 @@ def test_alerts_reach_each_webhook_exactly_once_even_when_it_was_down(relay_fact
         assert crossed == [("a0", 0.8), ("a1", 0.8), ("a1", 0.95)]
         slack = [b for p, b in receiver.got if p == "/slack"]
         telegram = [b for p, b in receiver.got if p == "/telegram"]
-        assert len(slack) == 5 and all(set(b) == {"text"} for b in slack)
-        assert len(telegram) == 5 and all(set(b) == {"chat_id", "text"} and b["chat_id"] == 4242 for b in telegram)
+        assert len(slack) == 5 and all(set(b) == {"text", "mrkdwn"} and b["mrkdwn"] is False for b in slack)
+        assert len(telegram) == 5 and all(set(b) == {"chat_id", "text", "link_preview_options"}
+                                          and b["chat_id"] == 4242 for b in telegram)
         assert len({b["text"] for b in slack}) == 5
     finally:
         receiver.stop()
