@@ -50,10 +50,10 @@ def auth(key):
 
 
 def refusals(srv, n):
-    """`n` requests of `tight` with random 8 KB paths and random pinned model ids; their statuses."""
+    """`n` requests of `tight` with random 8 KB paths (8,000 characters: gevent refuses a longer request line with 414) and random pinned model ids; their statuses."""
     def one(i):
         if i % 2:
-            r = requests.get(f"{srv.url}/v1/responses/{secrets.token_hex(4096)}", headers=auth(TIGHT), timeout=60)
+            r = requests.get(f"{srv.url}/v1/responses/{secrets.token_hex(4000)}", headers=auth(TIGHT), timeout=60)
         else:
             model = f"claude-{secrets.token_hex(30)}-20250101"
             r = requests.post(srv.url + "/v1/chat/completions", headers=auth(TIGHT), timeout=120, json={
@@ -92,7 +92,7 @@ def test_a_thousand_refusals_with_made_up_paths_and_models_leave_redis_and_metri
     # the first thousand fill the capped request lists (the recent list, the day's list); the second
     # thousand add nothing that stays
     assert m1 - m0 < 3 * 1024 * 1024 and m2 - m1 < 256 * 1024, (m0, m1, m2)
-    assert k1 - k0 <= 8 and k2 == k1
+    assert k1 - k0 <= 40 and k2 == k1  # the relay's fixed set of totals, lists and hashes
     assert size1 - size0 < 4096 and size2 - size1 < 1024
     body = requests.get(small.url + "/metrics", headers=auth(BOSS), timeout=30).text
     assert 'endpoint="/v1/responses/<rid>"' in body
@@ -166,7 +166,7 @@ def test_a_full_redis_answers_503_in_the_clients_shape_and_keeps_the_limits(smal
     r = small.redis
     for _ in range(3):
         requests.get(f"{small.url}/v1/responses/resp_none", headers=auth(TIGHT), timeout=30)
-    windows = {k: r.get(k) for k in r.keys("relay-limits*")}
+    windows = {k: r.get(k) for k in r.keys("*relay-limits*")}
     assert any("tight" in k for k in windows), windows
     filled = 0
     try:  # fill what is left with data that has no TTL, until Redis refuses
@@ -188,7 +188,7 @@ def test_a_full_redis_answers_503_in_the_clients_shape_and_keeps_the_limits(smal
                 model="sonnet", max_tokens=50, messages=[{"role": "user", "content": "mem5"}])
         assert getattr(an.value, "status_code", None) == 503
         assert an.value.body["error"]["type"] == "api_error"
-        raw = requests.get(f"{small.url}/v1/responses/resp_none", headers=auth(ROOMY), timeout=30)
+        raw = requests.get(f"{small.url}/v1/responses/resp_none", headers=auth(TIGHT), timeout=30)
         assert raw.status_code == 503 and raw.headers["Retry-After"] and raw.json()["error"]["code"] == "redis_full"
     finally:
         r.config_set("maxmemory", f"{MAXMEMORY_MB}mb")

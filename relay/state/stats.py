@@ -65,6 +65,22 @@ def cache_stats(s: dict[str, Any]) -> dict[str, Any]:
             "response_cache_tokens_saved": s["response_cache_tokens_saved"]}
 
 
+def _hashes(rec: dict[str, Any], month: str, date: str, key: str, model: str) -> list[str]:
+    """The aggregate hashes one request counts in."""
+    hashes = [S + "total", S + "month:" + month, S + "day:" + date, S + "model:" + model,
+              S + f"day:{date}:model:{model}"]
+    if key:
+        hashes += [S + "key:" + key, S + f"day:{date}:key:{key}"]
+    if rec.get("key_id"):  # the key's own view: a re-issued name starts from nothing
+        hashes += [S + "kid:" + rec["key_id"], S + f"day:{date}:kid:{rec['key_id']}"]
+    account = rec.get("account") or ""
+    if account:
+        hashes += [S + "account:" + account, S + f"day:{date}:account:{account}"]
+        if key:
+            hashes.append(S + f"key:{key}:account:{account}")
+    return hashes
+
+
 class Stats:
     def __init__(self, r: Any, snapshot_path: Path, max_per_day: int,
                  log_first_message: bool, prices: dict[str, Any], request_days: int = 30) -> None:
@@ -104,17 +120,8 @@ class Stats:
         }
         inc["total_tokens"] = sum(inc[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
                                                    "cache_creation_tokens"))
-        hashes = [S + "total", S + "month:" + month, S + "day:" + date, S + "model:" + model,
-                  S + f"day:{date}:model:{model}"]
-        if key:
-            hashes += [S + "key:" + key, S + f"day:{date}:key:{key}"]
-        if rec.get("key_id"):  # the key's own view: a re-issued name starts from nothing
-            hashes += [S + "kid:" + rec["key_id"], S + f"day:{date}:kid:{rec['key_id']}"]
+        hashes = _hashes(rec, month, date, key, model)
         account = rec.get("account") or ""
-        if account:
-            hashes += [S + "account:" + account, S + f"day:{date}:account:{account}"]
-            if key:
-                hashes.append(S + f"key:{key}:account:{account}")
         body = json.dumps(rec, separators=(",", ":"), default=str)
         pipe = self.r.pipeline(transaction=True)
         for h in hashes:
