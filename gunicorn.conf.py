@@ -83,9 +83,11 @@ def _spawn_redis() -> subprocess.Popen:
     """The private Redis on its unix socket, from its append-only file; returns once it answers PING."""
     var, sock = _settings.path("var_dir"), _redis_sock()
     memory = _settings["redis_maxmemory_mb"]
-    # stored responses and conversations expire: under pressure the least recently used of them go
-    # first (volatile-lru), while keys, quotas' config and live leases (renewed every few seconds) stay
-    limits = ["--maxmemory", f"{memory}mb", "--maxmemory-policy", "volatile-lru"] if memory else []
+    # noeviction: Redis never drops a key to make room. The counters that enforce limits (rate-limit
+    # windows, quotas, leases, locks, the queue) carry TTLs too, so any volatile-* policy would evict them
+    # first; a full Redis refuses writes instead (503 redis_full). Everything else is bounded or expires
+    # (docs/operations.md, "Redis memory").
+    limits = ["--maxmemory", f"{memory}mb", "--maxmemory-policy", "noeviction"] if memory else []
     if sock.exists():  # the socket of one that died (Redis would replace it, but it must not read as ready)
         sock.unlink()
     proc = subprocess.Popen(

@@ -35,7 +35,25 @@ def _check(conformance: bool = False, claude_bin: str | None = None, as_json: bo
               file=sys.stderr)
     else:
         print(f"relay: config {settings.source} OK; Claude Code CLI {info['version']} at {info['path']}")
+    _check_redis(settings["redis_url"])
     return 0
+
+
+def _check_redis(url: str) -> None:
+    """An external Redis (REDIS_URL) whose policy could evict the limits' counters gets a warning (the
+    private one runs with noeviction)."""
+    from .state.connection import connect, eviction_risk
+
+    if not url:
+        return
+    try:
+        risk = eviction_risk(connect(url))
+    except Exception as exc:  # unreachable now, or INFO refused: say so, the relay may still start
+        print(f"relay: warning: could not read the Redis memory policy ({exc}); it must be "
+              "`maxmemory-policy noeviction` (docs/operations.md, Redis memory)", file=sys.stderr)
+        return
+    if risk:
+        print(f"relay: warning: REDIS_URL: {risk}", file=sys.stderr)
 
 
 def _conformance(cli: object, claude_bin: str | None, as_json: bool) -> int:

@@ -191,8 +191,9 @@ SCHEMA: dict[str, Field] = {
     "var_dir": Field(str, "var", "Runtime state: private Redis, temp files, agent folders."),
     "state_dir": Field(str, "", "The CLI's own working folder lives here, outside any git repository "
                        "(empty: $XDG_STATE_HOME/claude-max-relay, else ~/.local/state/claude-max-relay)."),
-    "redis_maxmemory_mb": Field(int, 256, "maxmemory of the private Redis (volatile-lru: expiring data goes "
-                                "first); 0 = no limit.", _between(0, 10**6)),
+    "redis_maxmemory_mb": Field(int, 256, "maxmemory of the private Redis (policy noeviction: when full it refuses "
+                                "writes, 503 redis_full, and never drops the limits' counters); 0 = no limit.",
+                                _between(0, 10**6)),
     "log_dir": Field(str, "log", "Where stats.json is written."),
     "log_level": Field(str, "info", "debug | info | warning (or warn) | error.",
                        _one_of("debug", "info", "warning", "error")),
@@ -223,6 +224,8 @@ SCHEMA: dict[str, Field] = {
                          _between(1, 600)),
     "stats.log_first_message": Field(bool, True, "Keep the first user message (truncated) in stats."),
     "stats.snapshot_interval_s": Field(float, 5.0, "How often log/stats.json is rewritten.", _POS),
+    "stats.request_days": Field(int, 30, "Days each day's request list (up to max_requests_per_day entries) is kept "
+                                "in Redis and log/stats.json; the day's summary is kept for good.", _between(1, 3650)),
     "max_body_mb": Field(float, 50.0, "Largest request body accepted (413 beyond).", _between(0.001, 4096)),
     "trusted_proxies": Field(list, ["127.0.0.1", "::1"], "Addresses whose X-Forwarded-For/-Proto are believed."),
     "cors.allowed_origins": Field(list, [], "Browser origins allowed by CORS ([\"*\"] for any)."),

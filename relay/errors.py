@@ -17,6 +17,7 @@ Anthropic's (`{"type": "error", "error": {"type", "message"}}`) on the Messages 
     │   └── PoolLost                                     the pool server died under the run (retried if it can be)
     ├── Unavailable (503)                                CLI missing, login expired, overloaded
     │   └── RedisUnavailable (503 redis_unavailable)     Redis unreachable (state/connection.py translates it)
+    │       └── RedisFull (503 redis_full)               Redis at its maxmemory, refusing writes (noeviction)
     └── Timeout (504)                                    first-token / idle / total timeout
 """
 
@@ -148,6 +149,12 @@ class Unavailable(RelayError):
 class RedisUnavailable(Unavailable):
     """Redis is unreachable (down, restarting, loading its file): a short outage, worth retrying."""
     code = "redis_unavailable"
+
+
+class RedisFull(RedisUnavailable):
+    """Redis is at its `maxmemory` and refuses writes (policy noeviction keeps the limits' counters, so
+    it refuses instead of dropping them); the relay's own records wait like during an outage."""
+    code = "redis_full"
 
 
 class Timeout(RelayError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .cli.agent import check as check_agent
@@ -28,7 +29,8 @@ from .state.alerts import Alerts
 from .state.apikeys import KeyRing
 from .state.backlog import Backlog
 from .state.cache import ResponseCache
-from .state.connection import connect, host_id
+from .state.connection import connect, eviction_risk, host_id
+from .state.labels import ModelLabels
 from .state.leases import Leases
 from .state.metrics import MetricsStore, PoolTally
 from .state.quotas import Quotas
@@ -62,7 +64,7 @@ class Relay:
         self.cli_cwd, self.tmp_dir, self.cli_env = self.cli.cwd, self.cli.tmp_dir, self.cli.env
         self._init_accounts(settings)
         self.stats = Stats(self._redis, settings.path("log_dir") / "stats.json", settings["max_requests_per_day"],
-                           settings["stats.log_first_message"], settings["prices"])
+                           settings["stats.log_first_message"], settings["prices"], settings["stats.request_days"])
         self.backlog = Backlog()   # what a Redis outage delayed
         self.active: dict[str, Run] = {}
         self.keys = KeyRing(settings.source, settings["auth.api_keys"], self._redis)
@@ -71,6 +73,7 @@ class Relay:
                                                      settings["runaway.burn_ratio"], settings["runaway.burn_min_tokens"],
                                                      settings["runaway.cooldown_s"], settings["runaway.window_s"]))
         self.metrics = MetricsStore(self._redis)
+        self.model_labels = ModelLabels(self._redis, self.catalog.label_names())
         self.response_cache = ResponseCache(self._redis, settings["response_cache.ttl"],
                                             settings["response_cache.min_tokens"])
         self.limiter: Limiter | None = None   # set by api.init_app
@@ -138,7 +141,10 @@ class Relay:
     def record(self, rec: RequestRecord) -> None:
         """Count a finished request: stats, metrics, the key's quota. A Redis outage delays each write
         (the backlog replays it once Redis is back); no other failure may break a response."""
-        writes = (("stats", lambda: self.stats.record(rec.as_dict())), ("metrics", lambda: self.metrics.record(rec)),
+        def label() -> str:  # the model it counts under (bounded: state/labels.py)
+            return self.model_labels.label(rec.model, rec.status == 200)
+        writes = (("stats", lambda: self.stats.record(rec.as_dict(), label())),
+                  ("metrics", lambda: self.metrics.record(replace(rec, model=label()))),
                   ("quota", lambda: self.quotas.charge(rec.key or None, rec.tokens_spent)))
         for what, write in writes:
             try:
@@ -160,8 +166,12 @@ class Relay:
     def start_background(self) -> None:
         try:
             self.stats.restore_if_empty()
+            risk = eviction_risk(self._redis)
         except Exception as exc:  # Redis may be down at boot: /health shows it
             log.error("stats: restore skipped: %s", exc)
+            risk = None
+        if risk:
+            log.warning("Redis: %s", risk)
         self.backlog.run()
         self.stats.run_snapshots(self.settings["stats.snapshot_interval_s"])
         self.alerts.run(tick=self.accounts.recoveries)

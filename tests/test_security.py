@@ -256,7 +256,7 @@ def private_redis_relay(relay_factory):
 def test_the_private_redis_has_a_memory_limit(private_redis_relay):
     r = redis.Redis(unix_socket_path=str(private_redis_relay.tmp / "var" / "redis.sock"), decode_responses=True)
     assert r.config_get("maxmemory")["maxmemory"] == str(64 * 1024 * 1024)
-    assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
+    assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
 
 
 # -- 5. X-Forwarded-For -------------------------------------------------------------------------------------------

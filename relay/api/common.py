@@ -120,7 +120,14 @@ def record_rejection(exc: RelayError, t0: float, body: Any = None) -> None:
         id=g.request_id, request_id=g.request_id, key=getattr(g, "key_name", ""), key_id=key_id(),
         requested_model=str(b["model"])[:256] if isinstance(b.get("model"), str) else None,
         stream=b.get("stream") is True, status=exc.status, error=exc.code or type(exc).__name__,
-        response_time_ms=int((time.monotonic() - t0) * 1000), endpoint=request.path))
+        response_time_ms=int((time.monotonic() - t0) * 1000), endpoint=route_label()))
+
+
+def route_label() -> str:
+    """The route rule that matched (`/v1/responses/<rid>`), never the path: a label of the metrics and
+    stats, whose number must not grow with the paths clients make up."""
+    rule = request.url_rule
+    return rule.rule if rule is not None else "other"
 
 
 def vet(req: ChatRequest) -> ChatRequest:

@@ -69,6 +69,10 @@ class ModelCatalog:
         return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}
 
+    def label_names(self) -> set[str]:
+        """Every listed id and CLI model (the metrics and stats may always use these as labels)."""
+        return {e.id for e in self.entries.values()} | {e.cli_model.removesuffix("[1m]") for e in self.entries.values()}
+
     def get(self, model_id: str) -> ModelEntry | None:
         return self.entries.get(model_id) or self.entries.get(strip_prefix(model_id))
 

@@ -3,6 +3,10 @@
 Each finished request is recorded once in one MULTI transaction: counters for total, month, day,
 key and model, plus the request itself in the day's capped list. One worker at a time (a Redis lock)
 writes the snapshot every few seconds and at shutdown; an empty Redis is refilled from it.
+
+Bounded: the model a request counts under is a label (`state/labels.py`: a listed model, one that
+answered, or "other"); per-day breakdowns expire after DETAIL_TTL_S and each day's request list after
+`stats.request_days`; only the small total, month and day summaries are kept for good.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ COUNTERS = ("requests", "successful", "errors", "cancelled", "input_tokens", "ou
             "response_cache_tokens_saved")
 LATENCY_KEEP = 2000
 RECENT_KEEP = 1000
+DETAIL_TTL_S = 400 * 86400   # a day's breakdown by key, key id, model and account: a year back
 
 
 def _day(ts: float) -> tuple[str, str, str]:
@@ -61,10 +66,27 @@ def cache_stats(s: dict[str, Any]) -> dict[str, Any]:
             "response_cache_tokens_saved": s["response_cache_tokens_saved"]}
 
 
+def _hashes(rec: dict[str, Any], month: str, date: str, key: str, model: str) -> list[str]:
+    """The aggregate hashes one request counts in."""
+    hashes = [S + "total", S + "month:" + month, S + "day:" + date, S + "model:" + model,
+              S + f"day:{date}:model:{model}"]
+    if key:
+        hashes += [S + "key:" + key, S + f"day:{date}:key:{key}"]
+    if rec.get("key_id"):  # the key's own view: a re-issued name starts from nothing
+        hashes += [S + "kid:" + rec["key_id"], S + f"day:{date}:kid:{rec['key_id']}"]
+    account = rec.get("account") or ""
+    if account:
+        hashes += [S + "account:" + account, S + f"day:{date}:account:{account}"]
+        if key:
+            hashes.append(S + f"key:{key}:account:{account}")
+    return hashes
+
+
 class Stats:
     def __init__(self, r: Any, snapshot_path: Path, max_per_day: int,
-                 log_first_message: bool, prices: dict[str, Any]) -> None:
+                 log_first_message: bool, prices: dict[str, Any], request_days: int = 30) -> None:
         self.r = r
+        self.request_ttl_s = request_days * 86400
         self.path = snapshot_path
         self.max_per_day = max_per_day
         self.log_first_message = log_first_message
@@ -72,12 +94,13 @@ class Stats:
         self._stop = threading.Event()
 
     # -- recording -------------------------------------------------------------------------------
-    def record(self, rec: dict[str, Any]) -> None:
-        """Count one finished request (called exactly once per request, from any worker)."""
+    def record(self, rec: dict[str, Any], model_label: str | None = None) -> None:
+        """Count one finished request (called exactly once per request, from any worker); the aggregates
+        count it under `model_label` (else its model), the request's own entry keeps its model."""
         ts = float(rec.get("timestamp") or time.time())
         month, day, date = _day(ts)
         status = int(rec.get("status") or 0)
-        key, model = rec.get("key") or "", rec.get("model") or "unknown"
+        key, model = rec.get("key") or "", model_label or rec.get("model") or "unknown"
         # the original relay's per-request names and types, next to the relay's own
         rec = dict(rec, timestamp=iso_time(ts), stream=bool(rec.get("stream")),
                    cache_read_input_tokens=figure(rec.get("cache_read_tokens")),
@@ -98,23 +121,16 @@ class Stats:
         }
         inc["total_tokens"] = sum(inc[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
                                                    "cache_creation_tokens"))
-        hashes = [S + "total", S + "month:" + month, S + "day:" + date, S + "model:" + model,
-                  S + f"day:{date}:model:{model}"]
-        if key:
-            hashes += [S + "key:" + key, S + f"day:{date}:key:{key}"]
-        if rec.get("key_id"):  # the key's own view: a re-issued name starts from nothing
-            hashes += [S + "kid:" + rec["key_id"], S + f"day:{date}:kid:{rec['key_id']}"]
+        hashes = _hashes(rec, month, date, key, model)
         account = rec.get("account") or ""
-        if account:
-            hashes += [S + "account:" + account, S + f"day:{date}:account:{account}"]
-            if key:
-                hashes.append(S + f"key:{key}:account:{account}")
         body = json.dumps(rec, separators=(",", ":"), default=str)
         pipe = self.r.pipeline(transaction=True)
         for h in hashes:
             for field, amount in inc.items():
                 if amount:
                     pipe.hincrby(h, field, amount)
+            if h.startswith(f"{S}day:{date}:"):
+                pipe.expire(h, DETAIL_TTL_S)
         pipe.sadd(S + "days", date)
         pipe.sadd(S + "models", model)
         if key:
@@ -123,6 +139,7 @@ class Stats:
             pipe.sadd(S + "accounts", account)
         pipe.lpush(S + "req:" + date, body)
         pipe.ltrim(S + "req:" + date, 0, max(0, self.max_per_day - 1))
+        pipe.expire(S + "req:" + date, self.request_ttl_s)
         pipe.lpush(S + "recent", body)
         pipe.ltrim(S + "recent", 0, RECENT_KEEP - 1)
         pipe.lpush(S + "lat", n["response_time_ms"])
@@ -260,6 +277,7 @@ class Stats:
                 put("day:" + date, d.get("summary") or {})
                 for req in d.get("requests") or []:
                     pipe.lpush(S + "req:" + date, json.dumps(req, separators=(",", ":")))
+                pipe.expire(S + "req:" + date, self.request_ttl_s)
         for k, s in (data.get("keys") or {}).items():
             pipe.sadd(S + "keys", k)
             put("key:" + k, s)
