@@ -32,12 +32,15 @@ class ModelLabels:
         self._known: set[str] = set()   # admitted ones this worker has seen (never more than `cap`)
         self._admit = r.register_script(_ADMIT)
 
-    def label(self, model: str, answered: bool) -> str:
+    def label(self, model: str, answered: bool, vouched: bool = False) -> str:
         """`model` itself if it is listed or admitted (admitting it now if it `answered` and there is
-        room), else "other". A Redis outage raises (the record waits in the backlog with the rest)."""
+        room), else "other". A `vouched` model answered for a listed one (the CLI reports the full id
+        "sonnet" resolved to): bounded by the catalog, so it is admitted whatever the cap. A Redis outage
+        raises (the record waits in the backlog with the rest)."""
         if model in self.listed or model in self._known:
             return model
-        ok = self._admit(keys=[MODELS], args=[model, "1" if answered else "0", self.cap])
+        room = self.cap + (len(self.listed) if vouched else 0)
+        ok = self._admit(keys=[MODELS], args=[model, "1" if answered else "0", room])
         if not ok:
             return OTHER
         self._known.add(model)
