@@ -12,7 +12,7 @@ import time
 import pytest
 from harness import wait_until
 
-from relay.cli.credproxy import CredProxy, Credential
+from relay.cli.credproxy import Credential, CredProxy
 from relay.cli.credproxy_guard import model_allowed
 from relay.core.agent import ProxyLimits
 
