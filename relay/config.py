@@ -247,6 +247,13 @@ SCHEMA: dict[str, Field] = {
     "agent.intermediate": Field(str, "hidden", "Steps before the final answer: hidden, or sent as reasoning.",
                                 _one_of("hidden", "reasoning")),
     "agent.user": Field(str, "", "Run agent CLIs as this user (required for bypassPermissions when the relay is root)."),
+    "agent.proxy_max_body_mb": Field(float, 32.0, "Largest API request body an agent run's credential proxy reads "
+                                     "(413 beyond; 32 MB is Anthropic's own limit).", _between(0.01, 1024)),
+    "agent.proxy_max_connections": Field(int, 16, "Connections open at once to one agent run's credential proxy; "
+                                         "as many more are answered 429, the rest closed unread.", _between(1, 1000)),
+    "agent.proxy_read_timeout_s": Field(float, 30.0, "A request to an agent run's credential proxy (its head and body) "
+                                        "must arrive within this long of its connection (408 beyond).",
+                                        _between(0.1, 3600)),
     "prices": Field(dict, {}, "Override API list prices (USD per million tokens) per model family, e.g. "
                     "{\"opus\": {\"input\": 5, \"output\": 25, \"cache_write\": 6.25, \"cache_read\": 0.5}}; used only "
                     "for the estimated_cost_usd figures."),

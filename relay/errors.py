@@ -5,6 +5,7 @@ Anthropic's (`{"type": "error", "error": {"type", "message"}}`) on the Messages 
     ├── BadRequest (400 invalid_request_error)          malformed body, bad field, n>1, ...
     │   ├── PayloadTooLarge (413)
     │   ├── UnsupportedMediaType (415)                   a body that is not JSON (no drive-by form posts)
+    │   ├── MethodNotAllowed (405)                       agent credential proxy: anything but POST
     │   └── RequestTimeout (408)                         a body slower than client_body_timeout_s
     ├── Unauthorized (401) / Forbidden (403)
     ├── NotFound (404)                                   unknown route or model
@@ -76,6 +77,11 @@ class PayloadTooLarge(BadRequest):
 class UnsupportedMediaType(BadRequest):
     status = 415
     code = "unsupported_media_type"
+
+
+class MethodNotAllowed(BadRequest):
+    status = 405
+    code = "method_not_allowed"
 
 
 class RequestTimeout(BadRequest):

@@ -38,7 +38,7 @@ def bubblewrap():
 def ask(srv, text, key=AGENT_KEY, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return requests.post(srv.url + "/v1/chat/completions", headers=headers, timeout=90,
-                         json={"model": "sonnet", "messages": [{"role": "user", "content": text}], **kw})
+                         json={"model": "sonnet", "messages": [{"role": "user", "content": text}]} | kw)
 
 
 def test_agent_tools_are_off_by_default(relay, mock_api):
@@ -288,3 +288,116 @@ def test_client_functions_work_inside_the_sandbox(boxed, mock_api):
     calls = r.json()["choices"][0]["message"]["tool_calls"]
     assert [c["function"]["name"] for c in calls] == ["get_weather"]  # served by the MCP server inside
     assert "mcp__client__get_weather" in [t["name"] for t in mock_api.bodies("fn1")[0]["tools"]]
+
+
+# -- the credential proxy's limits, probed from inside a real agent run ---------------------------------
+
+PROXY_PROBE = r'''
+import json, os, socket, threading, time
+KEY = os.environ["ANTHROPIC_API_KEY"]
+
+def conn():
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(60)
+    s.connect("/run/anthropic.sock")
+    return s
+
+def status(s, raw=b""):
+    try:
+        s.sendall(raw)
+    except OSError:
+        pass
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    s.close()
+    if not data:
+        return "closed"
+    code = data.split(b" ", 2)[1].decode()
+    body = data.partition(b"\r\n\r\n")[2]
+    try:
+        err = json.loads(body).get("error") or {}
+    except ValueError:
+        err = {}
+    return code + ":" + str(err.get("type", "ok"))
+
+def req(path="/v1/messages", method="POST", model="claude-sonnet-5-5", key=KEY, body=None):
+    data = body if body is not None else json.dumps({"model": model, "max_tokens": 5,
+        "messages": [{"role": "user", "content": "proxyprobe"}]}).encode()
+    return status(conn(), (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nx-api-key: {key}\r\n"
+                           f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+
+for p in ("/v1/messages/batches", "/v1/messages/batches/msgbatch_1/cancel", "/v1/messages_anything",
+          "/v1/messages/../../v1/files", "/v1/messages/%2e%2e/%2e%2e/v1/files", "/v1/messages%2Fbatches"):
+    print("path", p, req(p))
+for m in ("GET", "PUT", "DELETE", "PATCH"):
+    print("method", m, req(method=m))
+print("model opus", req(model="claude-opus-4-1"))
+print("model sonnet", req())
+print("body big", req(body=b"{" + b" " * (2 * 1024 * 1024) + b"}"))
+idle = [conn() for _ in range(4)]
+time.sleep(0.5)
+print("conn fifth", req(key="wrong"))
+for s in idle:
+    s.close()
+for _ in range(100):
+    if req(key="wrong") != "429:rate_limit_error":
+        break
+    time.sleep(0.1)
+print("conn freed", req(key="wrong"))
+print("read idle", status(conn()))
+s = conn()
+def trickle():
+    try:
+        for b in b"POST /v1/messages HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 200:
+            s.send(bytes([b]))
+            time.sleep(0.2)
+    except OSError:
+        pass
+threading.Thread(target=trickle, daemon=True).start()
+print("read slow", status(s))
+'''
+
+
+@pytest.fixture(scope="module")
+def limited(relay_factory, tmp_path_factory):
+    """An agent relay whose key may use only sonnet, with small credential-proxy caps."""
+    d = tmp_path_factory.mktemp("limited")
+    cfg = json.loads((ROOT / "config.json").read_text())
+    cfg["auth"] = {"enabled": True, "api_keys": [{"name": "agent", "key": AGENT_KEY, "models": ["sonnet"]}]}
+    cfg["agent"] = {"enabled": True, "proxy_max_body_mb": 1, "proxy_max_connections": 4, "proxy_read_timeout_s": 5}
+    path = d / "config.json"
+    path.write_text(json.dumps(cfg))
+    return relay_factory({"RELAY_CONFIG": str(path)})
+
+
+def test_the_credential_proxy_refuses_everything_but_its_two_routes_within_its_limits(limited, mock_api):
+    import base64
+
+    script = f"echo {base64.b64encode(PROXY_PROBE.encode()).decode()} | base64 -d > /tmp/p.py && python3 /tmp/p.py"
+    r = ask(limited, "cap1 " + bash_script(script))
+    assert r.status_code == 200, r.text
+    out = r.json()["choices"][0]["message"]["content"]
+    lines = dict(line.rsplit(" ", 1) for line in out.removeprefix("Tool said: ").splitlines() if " " in line)
+    assert sum(k.startswith("path ") for k in lines) == 6, out
+    assert all(v == "404:not_found_error" for k, v in lines.items() if k.startswith("path ")), out
+    assert all(v == "405:invalid_request_error" for k, v in lines.items() if k.startswith("method ")), out
+    assert lines["model opus"] == "400:invalid_request_error" and lines["model sonnet"] == "200:ok", out
+    assert lines["body big"] == "413:request_too_large", out
+    assert lines["conn fifth"] == "429:rate_limit_error" and lines["conn freed"] == "403:permission_error", out
+    assert lines["read idle"] == "408:invalid_request_error" and lines["read slow"] == "408:invalid_request_error", out
+    # only the probe's one allowed call and the CLI's own requests reached the API, each with the real key
+    assert len(mock_api.records("proxyprobe")) == 1
+    paths = {rec["path"] for rec in mock_api.records("cap1")}
+    assert paths == {"/v1/messages?beta=true"}
+
+
+def test_an_agent_run_of_a_model_outside_the_keys_models_never_starts(limited):
+    r = ask(limited, "cap2", model="opus")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"

@@ -103,7 +103,9 @@ def caller_scope() -> str:
 def context(endpoint: str) -> Context:
     key = getattr(g, "api_key", None)
     relay = current_relay()
-    agent = resolve(relay.settings, key.agent if key is not None else None)
+    models = tuple(key.models or ()) if key is not None else ()
+    models += tuple(relay.catalog.resolve(m) for m in models)  # what the CLI is run with for them
+    agent = resolve(relay.settings, key.agent if key is not None else None, models)
     return Context(request_id=g.request_id, key_name=getattr(g, "key_name", ""), api_key=key, agent=agent,
                    scope=caller_scope(),
                    session_header=request.headers.get("X-Session-Id"),

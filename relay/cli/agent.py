@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, Settings
-from ..core.agent import FIELDS, Agent
+from ..core.agent import FIELDS, Agent, ProxyLimits
 from . import sandbox
 
 
@@ -63,8 +63,9 @@ def remove_all_dirs(agent: Agent) -> int:
     return removed
 
 
-def resolve(settings: Settings, key_agent: dict[str, Any] | None) -> Agent | None:
-    """The agent settings for a caller: global ones, overridden by the key's own; None when off."""
+def resolve(settings: Settings, key_agent: dict[str, Any] | None, models: tuple[str, ...] = ()) -> Agent | None:
+    """The agent settings for a caller: global ones, overridden by the key's own; None when off.
+    `models`: the key's allowed models, which its runs' credential proxy enforces (empty: any)."""
     merged = {f: settings[f"agent.{f}"] for f in FIELDS}
     merged.update({k: v for k, v in (key_agent or {}).items() if k in FIELDS})
     if not merged["enabled"]:
@@ -74,7 +75,9 @@ def resolve(settings: Settings, key_agent: dict[str, Any] | None) -> Agent | Non
         root = settings.path("var_dir").parent / root
     return Agent(tuple(merged["allowed_tools"]), str(merged["permission_mode"]), str(root), int(merged["max_turns"]),
                  float(merged["max_budget_usd"]), str(merged["intermediate"]), str(merged["user"] or ""),
-                 str(settings.path("var_dir") / "agent-config"))
+                 str(settings.path("var_dir") / "agent-config"), models,
+                 ProxyLimits(int(settings["agent.proxy_max_body_mb"] * 1024 * 1024),
+                             int(settings["agent.proxy_max_connections"]), float(settings["agent.proxy_read_timeout_s"])))
 
 
 def any_enabled(settings: Settings) -> bool:

@@ -2,15 +2,18 @@
 
 The CLI inside the sandbox holds only a random placeholder and sends its API requests over a unix
 socket (`ANTHROPIC_UNIX_SOCKET`) bound into the sandbox. This proxy, in the relay's worker, accepts
-only `POST /v1/messages*` carrying that run's placeholder, replaces the auth headers with the real
-credential, forwards to the upstream API and streams the answer back. It serves a bounded number of
-requests and is closed with the run. Tools of the run can reach it too (they can read the
-placeholder): their calls are capped by `max_requests` and end with the run.
+only what `credproxy_guard.py` admits (`POST /v1/messages` or `/v1/messages/count_tokens` exactly,
+carrying that run's placeholder, a capped body read in time, a model the key may use, a capped number
+of connections), replaces the auth headers with the real credential, forwards to the upstream API and
+streams the answer back. It serves a bounded number of requests and is closed with the run. Tools of
+the run can reach it too (they can read the placeholder): their calls are capped by `max_requests` and
+end with the run.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
 import os
@@ -22,6 +25,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from ..core.agent import ProxyLimits
+from ..errors import Forbidden, RateLimited, RelayError
+from . import credproxy_guard as guard
 
 log = logging.getLogger("relay.credproxy")
 AUTH_HEADERS = ("x-api-key", "authorization")
@@ -59,6 +66,19 @@ def find_credential(env: dict[str, str], config_dir: Path) -> Credential | None:
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    gate: guard.Gate
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.gate.enter(request) is None:  # far over the cap: not even an answer
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.gate.leave(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # a client that hung up is not news
         log.debug("credproxy: a request failed", exc_info=True)
@@ -72,7 +92,7 @@ class CredProxy:
     """One run's proxy on a unix socket at `path` (mode 0600, or owned by `uid` for an agent user)."""
 
     def __init__(self, path: str, credential: Credential, max_requests: int, uid: int | None = None,
-                 gid: int | None = None) -> None:
+                 gid: int | None = None, limits: ProxyLimits = ProxyLimits(), models: tuple[str, ...] = ()) -> None:
         self.path = path
         self.credential = credential
         self.placeholder = "sk-ant-sandbox-" + secrets.token_urlsafe(24)
@@ -80,7 +100,10 @@ class CredProxy:
         self.served = 0
         self.refused = 0
         self._lock = threading.Lock()
+        self.limits, self.models = limits, models  # models: the key's allowed ones and the run's own (empty: any)
+        self.gate = guard.Gate(limits)
         self.server = _Server(path, self._handler())
+        self.server.gate = self.gate
         os.chmod(path, 0o600)
         if uid is not None:
             os.chown(path, uid, gid if gid is not None else -1)
@@ -92,22 +115,32 @@ class CredProxy:
             self.server.shutdown()
         finally:
             self.server.server_close()
+            self.gate.close_all()
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
 
-    def _admit(self, path: str, presented: str) -> str | None:
-        """None if this request may go upstream, else why not."""
-        if not path.startswith("/v1/messages"):
-            return "only /v1/messages is forwarded"
+    def _admit(self, h: BaseHTTPRequestHandler) -> bytes:
+        """The body of a request that may go upstream (its `path` set to the one to forward); else a
+        refusal raised, before reading any body unless the request is allowed so far."""
+        if h.connection in self.gate.refusing:
+            raise self.gate.over_cap()
+        path = guard.forward_path(h.command, h.path)
+        auth = h.headers.get("authorization") or ""
+        presented = (h.headers.get("x-api-key") or (auth[7:] if auth[:7].lower() == "bearer " else "")).strip()
         if not secrets.compare_digest(presented.encode(), self.placeholder.encode()):
-            return "wrong credential"
+            raise guard.refusal("wrong credential", Forbidden)
+        body = guard.read_body(h.rfile, h.headers, self.limits.max_body_bytes)
+        h.connection.settimeout(600)  # read in time; the answer's writes get the upstream's patience
+        guard.check_model(body, self.models)
         with self._lock:
             if self.served >= self.max_requests:
-                return "this run has used up its API requests"
+                raise guard.refusal("this run has used up its API requests", RateLimited,
+                                    headers={"x-should-retry": "false"})
             self.served += 1
-        return None
+        h.path = path
+        return body
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -118,39 +151,38 @@ class CredProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _refuse(self, status: int, why: str) -> None:
-                proxy.refused += 1
-                body = json.dumps({"type": "error", "error": {"type": "permission_error",
-                                                              "message": f"relay proxy: {why}"}}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = True
+            def setup(self) -> None:  # every read of this connection within one deadline
+                super().setup()
+                self.rfile.close()
+                self.rfile = io.BufferedReader(guard.DeadlineReader(self.connection, proxy.limits.read_timeout_s))
 
-            def _body(self) -> bytes:
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    parts: list[bytes] = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return b"".join(parts)
-                        parts.append(self.rfile.read(size))
-                        self.rfile.readline()
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except RelayError as exc:  # refused, or not read in time
+                    proxy.refused += 1
+                    self.close_connection = True
+                    try:
+                        self.connection.settimeout(5)
+                        self.wfile.write(guard.error_bytes(exc))
+                    except OSError:
+                        pass
+
+            def handle_expect_100(self) -> bool:  # no "100 Continue": the body is read only if admitted
+                return True
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                exc = guard.refusal(message or "a malformed request", RelayError)  # a bad request line or header
+                exc.status = code
+                raise exc
+
+            def __getattr__(self, name: str) -> Any:  # do_GET, do_PUT, do_BREW...: refused
+                if name.startswith("do_"):
+                    return self.do_POST
+                raise AttributeError(name)
 
             def do_POST(self) -> None:  # noqa: N802
-                auth = self.headers.get("authorization") or ""
-                presented = self.headers.get("x-api-key") or (auth[7:] if auth[:7].lower() == "bearer " else "")
-                why = proxy._admit(self.path, presented.strip())
-                if why:
-                    self._refuse(403, why)
-                    return
-                body = self._body()
+                body = proxy._admit(self)
                 out = {k: v for k, v in self.headers.items() if k.lower() not in AUTH_HEADERS + HOP_HEADERS}
                 out.update(proxy.credential.headers)
                 if proxy.credential.variable == "CLAUDE_CODE_OAUTH_TOKEN":
@@ -186,8 +218,6 @@ class CredProxy:
                     self.close_connection = True
                 finally:
                     conn.close()
-
-            do_GET = do_PUT = do_DELETE = do_PATCH = do_POST  # noqa: N815 - refused there too
 
         return Handler
 

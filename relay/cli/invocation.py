@@ -153,7 +153,8 @@ def _sandboxed(desc: RunDescription, agent: Agent, argv: list[str], env: dict[st
         uid, gid = pw.pw_uid, pw.pw_gid
     # the CLI's own requests per turn, plus some for retries and the tools' own calls
     max_requests = 4 * (agent.max_turns or 50) + 10
-    proxy = CredProxy(sock, credential, max_requests, uid, gid)
+    models = agent.models + (desc.model,) if agent.models else ()  # the run's own model passed the key's check
+    proxy = CredProxy(sock, credential, max_requests, uid, gid, agent.proxy, models)
     read_only = [tmp]
     if desc.client_tools:  # the relay's MCP server runs inside too: Python and the package, read-only
         read_only += sorted({os.path.realpath(sys.executable), sys.prefix, sys.base_prefix,

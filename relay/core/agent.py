@@ -17,6 +17,14 @@ FIELDS = ("enabled", "allowed_tools", "permission_mode", "workdir_root", "max_tu
 
 
 @dataclass(frozen=True)
+class ProxyLimits:
+    """What one run's credential proxy admits (`agent.proxy_*`)."""
+    max_body_bytes: int = 32 * 1024 * 1024   # Anthropic's own request size limit
+    max_connections: int = 16                # open at once; as many more are answered 429, the rest closed
+    read_timeout_s: float = 30.0             # a request's head and body must arrive within this of its connection
+
+
+@dataclass(frozen=True)
 class Agent:
     allowed_tools: tuple[str, ...]
     permission_mode: str
@@ -26,6 +34,8 @@ class Agent:
     intermediate: str
     user: str
     config_root: str = ""           # absolute; each conversation's own CLI state (transcripts) under here
+    models: tuple[str, ...] = ()    # the key's allowed models (and what they resolve to); empty: any
+    proxy: ProxyLimits = ProxyLimits()
 
 
 def smart_deltas(turn: Turn, batches: Iterable[list[Delta] | None], shown: Callable[[Delta], bool],
