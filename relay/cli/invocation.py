@@ -165,7 +165,8 @@ def _sandboxed(desc: RunDescription, agent: Agent, argv: list[str], env: dict[st
     inner_env.update({k: env[k] for k in PASSED_TO_SANDBOX if k in env})
     return RunSpec(argv=sandbox.argv(box) + argv, env=inner_env,
                    cwd=cwd, stdin=desc.prompt.stdin_line(), temp_dir=tmp,
-                   keep_stdin_open=desc.answers_permissions, user=user, closers=[proxy.close])
+                   keep_stdin_open=desc.answers_permissions, user=user, closers=[proxy.close],
+                   socket_stdio=True)
 
 
 # -- warm processes (cli/pool/) -----------------------------------------------------------------------

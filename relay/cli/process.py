@@ -14,6 +14,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -63,6 +64,7 @@ class RunSpec:
     user: str | None = None          # run as this user (agent mode)
     meta: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)  # called when the run ends (its proxy)
+    socket_stdio: bool = False       # stdin/stdout/stderr are socketpairs, not pipes (agent mode: see below)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -86,6 +88,7 @@ class CliProcess:
         self._killed = False
         self._stdin_lock = threading.Lock()
         self._readers: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []   # the relay's ends of the socketpairs (socket_stdio)
 
     @property
     def pid(self) -> int | None:
@@ -99,10 +102,13 @@ class CliProcess:
 
                 pw = pwd.getpwnam(self.spec.user)
                 extra = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-            self.proc = subprocess.Popen(
-                self.spec.argv, cwd=self.spec.cwd, env=self.spec.env, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_die_with_parent, close_fds=True, **extra)
+            if self.spec.socket_stdio:
+                self._start_on_sockets(extra)
+            else:
+                self.proc = subprocess.Popen(
+                    self.spec.argv, cwd=self.spec.cwd, env=self.spec.env, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                    preexec_fn=_die_with_parent, close_fds=True, **extra)
         except (FileNotFoundError, PermissionError, NotADirectoryError, KeyError) as exc:
             self._cleanup_files()
             raise Unavailable(f"The Claude Code CLI could not be started ({exc}). Operator: install it "
@@ -117,6 +123,32 @@ class CliProcess:
             t.start()
             if target != self._write_stdin:
                 self._readers.append(t)
+
+    def _start_on_sockets(self, extra: dict[str, Any]) -> None:
+        """Agent mode: the CLI's stdio are unix socketpairs. A tool in the sandbox runs as the CLI's user
+        in its PID namespace; a pipe could be reopened by it (`echo ... > /proc/2/fd/1`, `/dev/stdout`)
+        and forged events written to the relay, but opening /proc/<pid>/fd/N of a socket fails (ENXIO)."""
+        pairs = [socket.socketpair() for _ in range(3)]
+        try:
+            self.proc = subprocess.Popen(
+                self.spec.argv, cwd=self.spec.cwd, env=self.spec.env, stdin=pairs[0][1].fileno(),
+                stdout=pairs[1][1].fileno(), stderr=pairs[2][1].fileno(), start_new_session=True,
+                preexec_fn=_die_with_parent, close_fds=True, **extra)
+        finally:
+            for _, child in pairs:
+                child.close()
+        self._socks = [mine for mine, _ in pairs]
+        self.proc.stdin = self._socks[0].makefile("wb")
+        self.proc.stdout = self._socks[1].makefile("rb")
+        self.proc.stderr = self._socks[2].makefile("rb")
+
+    def _close_socks(self, which: slice) -> None:
+        for s in self._socks[which]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
     # -- I/O threads -----------------------------------------------------------------------------
     def _write_stdin(self) -> None:
@@ -149,6 +181,7 @@ class CliProcess:
             try:
                 with self._stdin_lock:
                     self.proc.stdin.close()
+                    self._close_socks(slice(0, 1))   # a socket's file closing leaves the socket open
             except OSError:
                 pass
 
@@ -235,6 +268,7 @@ class CliProcess:
                         stream.close()
                 except (OSError, RuntimeError):  # RuntimeError: a reader still inside read() (gevent)
                     pass
+            self._close_socks(slice(None))
         self._cleanup_files()
 
     def _kill_leftovers(self, pgid: int) -> None:
