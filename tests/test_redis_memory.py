@@ -82,17 +82,17 @@ def test_a_thousand_refusals_with_made_up_paths_and_models_leave_redis_and_metri
     for _ in range(2):  # the minute's two allowed requests (a 404: no such stored response)
         requests.get(f"{small.url}/v1/responses/resp_none", headers=auth(TIGHT), timeout=30)
     m0, k0, size0 = used_memory(small), small.redis.dbsize(), metrics_size(small)
-    first = refusals(small, 1000)
+    first = refusals(small, 1000) + refusals(small, 1000)  # fills every capped list (latencies keep 2,000)
     m1, k1, size1 = used_memory(small), small.redis.dbsize(), metrics_size(small)
     second = refusals(small, 1000)
     m2, k2, size2 = used_memory(small), small.redis.dbsize(), metrics_size(small)
     print(f"used_memory {m0} -> {m1} -> {m2}; keys {k0} -> {k1} -> {k2}; /metrics {size0} -> {size1} -> {size2}")
     statuses = first + second
-    assert 500 not in statuses and statuses.count(429) >= len(statuses) - 8  # a new minute lets 2 more in
+    assert 500 not in statuses and statuses.count(429) >= len(statuses) - 12  # a new minute lets 2 more in
     # the first thousand fill the capped request lists (the recent list, the day's list); the second
     # thousand add nothing that stays
     assert m1 - m0 < 3 * 1024 * 1024 and m2 - m1 < 256 * 1024, (m0, m1, m2)
-    assert k1 - k0 <= 40 and k2 == k1  # the relay's fixed set of totals, lists and hashes
+    assert k1 - k0 <= 40 and k2 <= k1  # the relay's fixed set of totals, lists and hashes
     assert size1 - size0 < 4096 and size2 - size1 < 1024
     body = requests.get(small.url + "/metrics", headers=auth(BOSS), timeout=30).text
     assert 'endpoint="/v1/responses/<rid>"' in body

@@ -34,13 +34,14 @@ class ModelLabels:
 
     def label(self, model: str, answered: bool, vouched: bool = False) -> str:
         """`model` itself if it is listed or admitted (admitting it now if it `answered` and there is
-        room), else "other". A `vouched` model answered for a listed one (the CLI reports the full id
-        "sonnet" resolved to): bounded by the catalog, so it is admitted whatever the cap. A Redis outage
+        room), else "other". A `vouched` model is the one the CLI reported for a listed request (the full
+        id "sonnet" resolved to, even if the client hung up): bounded by the catalog, so it is admitted
+        past the cap. A Redis outage
         raises (the record waits in the backlog with the rest)."""
         if model in self.listed or model in self._known:
             return model
         room = self.cap + (len(self.listed) if vouched else 0)
-        ok = self._admit(keys=[MODELS], args=[model, "1" if answered else "0", room])
+        ok = self._admit(keys=[MODELS], args=[model, "1" if answered or vouched else "0", room])
         if not ok:
             return OTHER
         self._known.add(model)
