@@ -138,7 +138,7 @@ class Relay:
         """Count a finished request: stats, metrics, the key's quota. A Redis outage delays each write
         (the backlog replays it once Redis is back); no other failure may break a response."""
         writes = (("stats", lambda: self.stats.record(rec.as_dict())), ("metrics", lambda: self.metrics.record(rec)),
-                  ("quota", lambda: self.quotas.charge(rec.key or None, rec.tokens_spent)))
+                  ("quota", lambda: self.quotas.charge(rec.key_id or None, rec.tokens_spent)))
         for what, write in writes:
             try:
                 self.backlog.write(what, write)
