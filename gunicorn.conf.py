@@ -6,6 +6,7 @@ only) are read here, in the master. The master restarts the private Redis and th
 (`relay.supervise`, from `when_ready` on).
 """
 
+import math
 import os
 import shutil
 import signal
@@ -36,7 +37,10 @@ timeout = 60
 # SIGTERM: stop accepting, let running streams finish for this long, then the workers are killed
 # (their CLI processes die with them: the relay sets PR_SET_PDEATHSIG on each CLI it spawns).
 graceful_timeout = _settings["graceful_timeout_s"]
-keepalive = 75  # longer than nginx's upstream keepalive_timeout default
+# An idle keep-alive connection is closed after client_header_timeout_s (relay/http_server.py); gunicorn's own
+# bound covers the idle wait plus the next request's headers, so it only backs that up. A proxy in front must
+# close idle upstream connections sooner (deploy/nginx.conf: keepalive_timeout).
+keepalive = math.ceil(2 * _settings["client_header_timeout_s"]) + 1
 preload_app = False
 control_socket_disable = True  # several relays (and test runs) on one host must not share ~/.gunicorn
 # Let oversized headers (e.g. a 10 KB X-Session-Id) reach the app, which answers a JSON 400;

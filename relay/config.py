@@ -153,6 +153,9 @@ SCHEMA: dict[str, Field] = {
                                      "first byte (and of the connection's start).", _between(0.5, 3600)),
     "client_body_timeout_s": Field(float, 60.0, "A request body must arrive within this long after its headers "
                                    "(408 beyond).", _between(0.5, 86400)),
+    "client_send_timeout_s": Field(float, 30.0, "Each write of an answer must be taken by the client within this long "
+                                   "(and none after the run's total_timeout_s); a client that stops reading is "
+                                   "disconnected, its run stopped and its slots released.", _between(0.5, 3600)),
     "port": Field(int, 3456, "TCP port.", _between(1, 65535)),
     "workers": Field(int, 2, "gunicorn gevent worker processes.", _between(1, 64)),
     "worker_connections": Field(int, 200, "Concurrent connections per gevent worker.", _between(1, 10000)),
@@ -209,6 +212,9 @@ SCHEMA: dict[str, Field] = {
                                                 _between(0, 10**9)),
     "rate_limit.max_requests_per_minute_per_ip": Field(int, 0, "Per client address when auth is off (0 = no limit).",
                                                        _between(0, 10**9)),
+    "rate_limit.count_tokens_per_minute": Field(int, 120, "POST /v1/messages/count_tokens per minute, per API key "
+                                                "(per client address when auth is off); 0 = no limit.",
+                                                _between(0, 10**9)),
     "rate_limit.max_tokens_per_day": Field(int, 0, "Global tokens per day (0 = no limit).", _between(0, 10**12)),
     "auth.enabled": Field(bool, False, "Require an API key on /v1/*."),
     "auth.api_keys": Field(list, [], "Keys: strings (named key-XXXXXXXX: the first 8 hex digits of the digest), or objects {name, key | "
@@ -227,6 +233,8 @@ SCHEMA: dict[str, Field] = {
     "stats.request_days": Field(int, 30, "Days each day's request list (up to max_requests_per_day entries) is kept "
                                 "in Redis and log/stats.json; the day's summary is kept for good.", _between(1, 3650)),
     "max_body_mb": Field(float, 50.0, "Largest request body accepted (413 beyond).", _between(0.001, 4096)),
+    "count_tokens_max_body_mb": Field(float, 8.0, "Largest body of POST /v1/messages/count_tokens (413 beyond; "
+                                      "it is counted on the worker's CPU).", _between(0.001, 4096)),
     "trusted_proxies": Field(list, ["127.0.0.1", "::1"], "Addresses whose X-Forwarded-For/-Proto are believed."),
     "cors.allowed_origins": Field(list, [], "Browser origins allowed by CORS ([\"*\"] for any)."),
     "host_id": Field(str, "", "This host's name in shared Redis state (default: the hostname)."),

@@ -89,6 +89,11 @@ class RequestTimeout(BadRequest):
     code = "request_timeout"
 
 
+class ClientStalled(RequestTimeout):
+    """The client stopped reading a streamed answer; recorded (as a 499), never sent."""
+    code = "client_stalled"
+
+
 class Unauthorized(RelayError):
     status = 401
     type = "invalid_request_error"

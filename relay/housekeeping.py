@@ -51,6 +51,10 @@ def forget_conversations(relay: Relay, conv_id: str | None, scope: str | None, p
     if not victims and conv_id and own_scope:
         for alias in client_ids(conv_id):
             victims += relay.sessions.delete(alias, own_scope)
+    # the sessions a changed history or a failed turn left behind (all: of conversations already forgotten too)
+    left = [sid for c in victims for sid in c.get("superseded") or []]
+    if conv_id is None:
+        left += relay.sessions.take_superseded(scope)
     for c in victims:
         relay.responses.delete_conversation(c["scope"], c["id"])
         relay.runaways.forget(c["scope"], c["id"])  # a stopped conversation may start afresh
@@ -59,7 +63,7 @@ def forget_conversations(relay: Relay, conv_id: str | None, scope: str | None, p
         relay.runaways.forget_all(scope)
     removed = 0
     if purge_files:
-        ids = [c["cli_session_id"] for c in victims if c.get("cli_session_id")]
+        ids = list(dict.fromkeys([c["cli_session_id"] for c in victims if c.get("cli_session_id")] + left))
         removed = sum(remove_session_files(folder, ids) for folder in session_folders(relay))
         agents = _agent_setups(relay)
         if conv_id is None and scope is None:  # everything: folders of expired conversations too

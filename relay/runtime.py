@@ -146,7 +146,7 @@ class Relay:
             return self.model_labels.label(rec.model, rec.status == 200, vouched)
         writes = (("stats", lambda: self.stats.record(rec.as_dict(), label())),
                   ("metrics", lambda: self.metrics.record(replace(rec, model=label()))),
-                  ("quota", lambda: self.quotas.charge(rec.key or None, rec.tokens_spent)))
+                  ("quota", lambda: self.quotas.charge(rec.key_id or None, rec.tokens_spent)))
         for what, write in writes:
             try:
                 self.backlog.write(what, write)

@@ -18,6 +18,7 @@ Markers (any number, anywhere in the last user message):
   MOCK:think=<seconds>                  after message_start, silent that long (a model thinking), then answer
   MOCK:break_stream                     break the SSE stream after one delta; the non-stream retry fails
   MOCK:words=<n>                        answer with n words, one delta each
+  MOCK:wide=<chars>                     with words=: each word that many characters (a long answer in few deltas)
   MOCK:thinking                         a thinking block before the answer
   MOCK:max_tokens                       stop with stop_reason max_tokens
   MOCK:refusal                          stop with stop_reason refusal
@@ -501,7 +502,8 @@ class MockAnthropic:
                 if answered_tool:
                     reply = "Tool said: " + _text_of(last["content"])
                 elif "words" in markers:
-                    reply = " ".join(f"w{k}" for k in range(int(markers["words"])))
+                    width = int(markers.get("wide") or 0)
+                    reply = " ".join(f"w{k}".ljust(width, "x") for k in range(int(markers["words"])))
                 else:
                     reply = "Hello from mock. You said: " + text.strip().splitlines()[-1] if text.strip() \
                         else "Hello from mock."

@@ -20,6 +20,7 @@ from .responses import bp as responses_bp
 
 BLUEPRINTS = (meta_bp, chat_bp, responses_bp, messages_bp, messages_count_bp, ops_bp)
 COMPLETION_BLUEPRINTS = (chat_bp, responses_bp, messages_bp)
+COUNT_BLUEPRINTS = (messages_count_bp,)  # their own per-key limit: they never reach the CLI
 
 
 def init_app(app: Flask, relay: Relay) -> None:
@@ -28,4 +29,4 @@ def init_app(app: Flask, relay: Relay) -> None:
     hooks.install(app, relay)
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
-    relay.limiter = setup_limiter(app, relay, list(COMPLETION_BLUEPRINTS))
+    relay.limiter = setup_limiter(app, relay, list(COMPLETION_BLUEPRINTS), list(COUNT_BLUEPRINTS))

@@ -14,7 +14,7 @@ from ..cli.agent import resolve
 from ..core.images import check_limits
 from ..core.record import RequestRecord
 from ..core.request import ChatRequest
-from ..errors import BadRequest, Forbidden, RelayError, RequestTimeout
+from ..errors import BadRequest, Forbidden, PayloadTooLarge, RelayError, RequestTimeout
 from ..pipeline import Context
 from ..runtime import Relay
 
@@ -28,21 +28,30 @@ def current_relay() -> Relay:
 LONE_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape somewhere in the text
 
 
-def _body() -> bytes:
-    """The raw body within client_body_timeout_s (the server's socket raises an OSError past it)."""
+def _body(limit: int | None = None, too_large: str = "") -> bytes:
+    """The raw body within client_body_timeout_s (the server's socket raises an OSError past it); a route's
+    own `limit` (bytes, below max_body_mb) is a 413 naming `too_large`, before anything is read if it can be."""
+    if limit is not None and (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {too_large}.", param="body",
+                              headers={"Connection": "close"})
     try:
-        return _read_body()
+        return _read_body(limit)
+    except RequestEntityTooLarge:
+        if limit is None:
+            raise
+        raise PayloadTooLarge(f"The request body is larger than {too_large}.", param="body",
+                              headers={"Connection": "close"}) from None
     except (OSError, ClientDisconnected):  # werkzeug reports a failed read as a disconnect
         raise RequestTimeout("The request body did not arrive in time (client_body_timeout_s).", param="body",
                              headers={"Connection": "close"}) from None
 
 
-def _read_body() -> bytes:
-    """The raw body, capped at max_body_mb; chunked bodies (no Content-Length) are read here too,
-    since werkzeug only reads those when the server marks the input terminated (gunicorn does not)."""
+def _read_body(limit: int | None = None) -> bytes:
+    """The raw body, capped at max_body_mb (or a route's own `limit`); chunked bodies (no Content-Length) are
+    read here too, since werkzeug only reads those when the server marks the input terminated (gunicorn does not)."""
     if request.content_length is not None or "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
         return request.get_data(cache=False)
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    limit = limit or current_app.config["MAX_CONTENT_LENGTH"]
     stream, size = request.environ["wsgi.input"], 0
     chunks: list[bytes] = []
     while True:
@@ -63,9 +72,9 @@ def refuse_early() -> None:
     g.token_budget = relay.quotas.check(getattr(g, "api_key", None), None)
 
 
-def read_json() -> Any:
+def read_json(limit: int | None = None, too_large: str = "") -> Any:
     """The request body as JSON, with a clear 400 for every way it can be malformed."""
-    raw = _body()
+    raw = _body(limit, too_large)
     if not raw:
         raise BadRequest("The request body is empty; send a JSON object.", param="body")
     try:

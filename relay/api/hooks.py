@@ -35,6 +35,8 @@ CORS_EXPOSE = ("x-request-id, request-id, retry-after, retry-after-ms, x-should-
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
                "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
 ADMIN_PREFIXES = ("/v1/sessions", "/stats", "/v1/accounts")
+# with auth off, everyone's data: answered only on this machine (like /dashboard/data)
+ADMIN_DATA = ADMIN_PREFIXES + ("/v1/usage",)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 MAX_FORWARDED_HOPS = 32  # counted from the right: the hops our own proxies appended come last
 COMPLETION_PATHS = ("/v1/chat/", "/v1/responses", "/v1/messages")
@@ -65,6 +67,23 @@ def guard_ops(relay: Relay, path: str, headers: Any, client_ip: str) -> ApiKey |
     if not _loopback(client_ip):
         raise Forbidden("With auth.enabled off, the operators' pages answer only requests from this machine; "
                         "enable API keys (or set metrics.scrape_token for /metrics).", code="admin_required")
+    return None
+
+
+def identify(relay: Relay, path: str, headers: Any, client_ip: str) -> ApiKey | None:
+    """The caller's key (None without auth), or the refusal. Auth on: /v1/* and /stats need a key, an admin
+    key for the admin routes. Auth off: the admin data (/stats, /v1/accounts, /v1/sessions, /v1/usage)
+    answers only this machine, as the operators' pages do (behind a trusted proxy the real client counts)."""
+    if path in OPS_DATA:
+        return guard_ops(relay, path, headers, client_ip)
+    if relay.settings["auth.enabled"]:
+        if path.startswith("/v1/") or path == "/stats":
+            return require(relay.keys, headers, admin=path.startswith(ADMIN_PREFIXES))
+        return None
+    if path.startswith(ADMIN_DATA) and not _loopback(client_ip):
+        raise Forbidden("With auth.enabled off, the admin data (/stats, /v1/accounts, /v1/sessions, /v1/usage) "
+                        "answers only requests from this machine; enable API keys to read it from elsewhere.",
+                        code="admin_required")
     return None
 
 
@@ -167,15 +186,9 @@ def install(app: Flask, relay: Relay) -> None:
             # a form or text/plain post needs no CORS preflight: refusing it stops drive-by requests
             raise UnsupportedMediaType("Send the request body as JSON with `Content-Type: application/json`.",
                                        param="Content-Type")
-        g.api_key = None
-        g.key_name = ""
-        if request.path in OPS_DATA:
-            g.api_key = guard_ops(relay, request.path, request.headers, g.client_ip)
-            g.key_name = g.api_key.name if g.api_key is not None else ""
-        elif settings["auth.enabled"] and (request.path.startswith("/v1/") or request.path == "/stats"):
-            admin = request.path.startswith(ADMIN_PREFIXES)
-            g.api_key = require(relay.keys, request.headers, admin=admin)
-            g.key_name = g.api_key.name
+        g.api_key, g.key_name = None, ""
+        g.api_key = identify(relay, request.path, request.headers, g.client_ip)
+        g.key_name = g.api_key.name if g.api_key is not None else ""
         return None
 
     @app.after_request

@@ -1,5 +1,5 @@
-"""Requests per minute with flask-limiter on Redis (global, per key, per client address without auth),
-and the `x-ratelimit-*` headers for requests and tokens on every completion answer."""
+"""Requests per minute with flask-limiter on Redis (global, per key, per client address without auth; token
+counting per key or address), and the `x-ratelimit-*` headers for requests and tokens on every completion answer."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def go_duration(seconds: float) -> str:
     return out + (f"{s:.3f}".rstrip("0").rstrip(".") or "0") + "s"
 
 
-def setup_limiter(app: Flask, relay: Relay, blueprints: list[Blueprint]) -> Limiter:
-    """Requests per minute on the completion endpoints: global, per key, and per client IP without auth.
+def setup_limiter(app: Flask, relay: Relay, blueprints: list[Blueprint], counting: list[Blueprint]) -> Limiter:
+    """Requests per minute on the completion endpoints: global, per key, and per client IP without auth;
+    on the token counting endpoints (`counting`) their own limit per key, or per client IP without auth.
 
     Call after the auth hook is registered: flask-limiter checks in its own before_request hook,
     which must run once `g.api_key` and `g.client_ip` are known.
@@ -70,6 +71,12 @@ def setup_limiter(app: Flask, relay: Relay, blueprints: list[Blueprint]) -> Limi
     for bp in blueprints:
         for lim in limits:
             lim(bp)
+    count_limit = limiter.shared_limit(
+        lambda: f"{settings['rate_limit.count_tokens_per_minute']}/minute", scope="count-tokens",
+        key_func=lambda: "key:" + g.api_key.id if getattr(g, "api_key", None) else "ip:" + str(getattr(g, "client_ip", "-")),
+        exempt_when=lambda: not settings["rate_limit.count_tokens_per_minute"])
+    for bp in counting:
+        count_limit(bp)
     return limiter
 
 
@@ -77,9 +84,11 @@ def rate_limited_error(limiter: Limiter) -> RateLimited:
     current = limiter.current_limit
     wait = max(1.0, (current.reset_at - time.time()) if current else 60.0)
     key = str(current.key) if current else ""
-    scope = "this API key" if "per-key" in key else "this client address" if "per-ip" in key else "the relay"
+    scope = "this API key" if "per-key" in key or "count-tokens/key:" in key else \
+        "this client address" if "per-ip" in key or "count-tokens/ip:" in key else "the relay"
     amount = current.limit.amount if current else 0
-    return RateLimited(f"Rate limit reached for {scope}: {amount} requests per minute. Retry after "
+    what = "token counting requests" if "count-tokens" in key else "requests"
+    return RateLimited(f"Rate limit reached for {scope}: {amount} {what} per minute. Retry after "
                        f"{int(wait)} s.", retry_after=wait)
 
 

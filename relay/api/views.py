@@ -28,22 +28,23 @@ def _account(a: AccountStatus) -> dict[str, Any]:
     return dict(a.__dict__, meter=meter(a.name, pct, 100, note, shown=shown))
 
 
-def _charts(relay: Relay, key: str | None = None) -> list[dict[str, str]]:
+def _charts(relay: Relay, key: ApiKey | None = None) -> list[dict[str, str]]:
     hours, days = relay.metrics.hours(HOURS), relay.metrics.days(DAYS)
     h_labels = [h[-2:] + "h" for h, _ in hours]
     d_labels = [d[5:] for d, _ in days]
     out = []
-    dims = ("key", "model", "account") if key is None else ("key",)
+    dims = ("key", "model", "account") if key is None else ("key_id",)
     for dim in dims:
         by_hour = pivot(hours, "requests", dim)
         by_day = pivot(days, "tokens", dim)
-        if key is not None:  # a key's own page: its own series only
-            by_hour = {k: v for k, v in by_hour.items() if k == key}
-            by_day = {k: v for k, v in by_day.items() if k == key}
-        out.append({"name": f"hour_{dim}", "svg": stacked_bars(
-            f"Requests per hour (UTC, last {HOURS} h) by {dim}", h_labels, by_hour, tick_every=3)})
-        out.append({"name": f"day_{dim}", "svg": stacked_bars(
-            f"Tokens per day (last {DAYS} days) by {dim}", d_labels, by_day, tick_every=2)})
+        if key is not None:  # a key's own page: its own series only, by its id (not a predecessor's name)
+            by_hour = {key.name: by_hour[key.id]} if key.id in by_hour else {}
+            by_day = {key.name: by_day[key.id]} if key.id in by_day else {}
+        shown = "key" if dim == "key_id" else dim
+        out.append({"name": f"hour_{shown}", "svg": stacked_bars(
+            f"Requests per hour (UTC, last {HOURS} h) by {shown}", h_labels, by_hour, tick_every=3)})
+        out.append({"name": f"day_{shown}", "svg": stacked_bars(
+            f"Tokens per day (last {DAYS} days) by {shown}", d_labels, by_day, tick_every=2)})
     return out
 
 
@@ -73,8 +74,7 @@ def _errors(relay: Relay) -> dict[str, Any]:
             "rejections": flat("rejections"), "cli_failures": flat("cli_failures")}
 
 
-def _key_row(relay: Relay, key: ApiKey) -> dict[str, Any]:
-    _, used = relay.quotas.used_today(key.name)
+def _key_row(relay: Relay, key: ApiKey, used: int) -> dict[str, Any]:
     return {"name": key.name, "admin": key.admin, "rpm": key.rpm, "tokens_per_day": key.tokens_per_day,
             "max_concurrent": key.max_concurrent, "models": list(key.models) if key.models else None,
             "tokens_today": used, "running": relay.slots.key_in_use(key.name),
@@ -86,12 +86,12 @@ def dashboard(relay: Relay) -> dict[str, Any]:
     used_all, _ = relay.quotas.used_today(None)
     global_limit = relay.settings["rate_limit.max_tokens_per_day"]
     accounts = [_account(a) for a in live.accounts]
-    seen: set[str] = set()
-    keys = []
+    by_name: dict[str, list[ApiKey]] = {}
     for k in relay.keys.keys:
-        if k.name not in seen:
-            seen.add(k.name)
-            keys.append(_key_row(relay, k))
+        by_name.setdefault(k.name, []).append(k)
+    # one row per name; its tokens are those of the keys it has now (a revoked predecessor's are not)
+    keys = [_key_row(relay, same[0], sum(relay.quotas.used_today(k.id)[1] for k in {k.id: k for k in same}.values()))
+            for same in by_name.values()]
     return {
         "object": "dashboard", "host": live.host, "generated_at": time.time(),
         "usage": relay.stats.usage(),
@@ -111,7 +111,7 @@ def dashboard(relay: Relay) -> dict[str, Any]:
 
 def own_usage(relay: Relay, key: ApiKey) -> dict[str, Any]:
     """One key's own view: usage (as /v1/usage shows it to that key), limits and what is left today."""
-    _, used = relay.quotas.used_today(key.name)
+    _, used = relay.quotas.used_today(key.id)  # by id: a re-issued name starts afresh
     budget = relay.quotas.state(key)
     return {
         "object": "key_usage", "key": key.name, "generated_at": time.time(),
@@ -124,6 +124,6 @@ def own_usage(relay: Relay, key: ApiKey) -> dict[str, Any]:
                   "resets_in_s": round(budget["reset_s"]) if budget else None,
                   "running": relay.slots.key_in_use(key.name),
                   "meter": meter("tokens today", used, key.tokens_per_day, "resets at midnight UTC")},
-        "charts": _charts(relay, key=key.name),
+        "charts": _charts(relay, key=key),
         "recent": relay.stats.recent(20, key=key.name, key_id=key.id),
     }

@@ -112,7 +112,9 @@ def series_updates(rec: RequestRecord) -> dict[str, int]:
     """Field -> amount in the hour's and the day's usage series (what the dashboard charts)."""
     tokens = figure(rec.tokens_spent)
     out: dict[str, int] = {"requests|all|": 1, "errors|all|": int(rec.status not in (200, 499))}
-    for dim, value in (("key", rec.key or "none"), ("model", rec.model or "none"), ("account", rec.account or "none")):
+    # by key name for the dashboard; by key id for a key's own page (a re-issued name starts afresh)
+    for dim, value in (("key", rec.key or "none"), ("key_id", rec.key_id or "none"), ("model", rec.model or "none"),
+                       ("account", rec.account or "none")):
         out[f"requests|{dim}|{value}"] = 1
         if tokens:
             out[f"tokens|{dim}|{value}"] = tokens

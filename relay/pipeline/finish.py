@@ -13,7 +13,7 @@ from typing import Any
 from ..core.formats.base import stored_answer
 from ..core.record import RequestRecord
 from ..core.request import text_of
-from ..errors import RelayError, Timeout
+from ..errors import ClientStalled, RelayError, Timeout
 from . import guard
 from .admission import Flight
 from .answer import model, raw_usage, view
@@ -48,6 +48,10 @@ def close(f: Flight, exc: BaseException | None) -> None:
     cancelled = bool(f.run and f.run.cancelled) or isinstance(exc, GeneratorExit) or \
         (f.watcher is not None and f.watcher.gone and not f.settled)
     ok = exc is None
+    if isinstance(exc, GeneratorExit) and getattr(f.ctx.client_socket, "stalled", False):
+        log.warning("%s: the client stopped reading the answer (client_send_timeout_s or total_timeout_s); "
+                    "run stopped, slots released", f.ctx.request_id)
+        exc = ClientStalled("The client stopped reading the answer.")
     f.status = exc.status if isinstance(exc, RelayError) else 500 if exc is not None else 200
     if cancelled and not ok:
         f.status = 499

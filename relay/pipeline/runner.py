@@ -36,6 +36,7 @@ def open_run(f: Flight) -> None:
         plan = take_account(f, plan, tried)
         try:
             _start_on_account(f, plan)
+            _answer_by(f)
             return
         except RelayError as err:
             if not is_account_error(err):
@@ -48,6 +49,14 @@ def open_run(f: Flight) -> None:
             tried.append(str(plan.account))
             if f.relay.sessions.enabled and plan.conv_key:  # the next account starts from the full history
                 plan = fresh_plan(f, plan, tried[-1])
+
+
+def _answer_by(f: Flight) -> None:
+    """The whole answer, not only the run, ends within total_timeout_s: a client that stops reading cannot
+    hold the run's slots and lock past it (the server's socket refuses writes after this deadline)."""
+    respond_by = getattr(f.ctx.client_socket, "respond_by", None)
+    if respond_by is not None and f.run is not None:
+        respond_by(f.run.started + f.cfg["total_timeout_s"])
 
 
 def _start_on_account(f: Flight, plan: Plan) -> None:

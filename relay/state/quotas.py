@@ -28,13 +28,15 @@ class Quotas:
         self.r = r
         self.global_limit = global_limit
 
-    def _keys(self, key_name: str | None) -> tuple[str, str]:
+    def _keys(self, key_id: str | None) -> tuple[str, str]:
+        """Today's counters: the whole relay's, and the key's by its id (a key re-issued under the same name
+        starts afresh)."""
         day = time.strftime("%Y-%m-%d", time.gmtime())
-        return f"{PREFIX}tokens:{day}:all", f"{PREFIX}tokens:{day}:key:{key_name or '-'}"
+        return f"{PREFIX}tokens:{day}:all", f"{PREFIX}tokens:{day}:id:{key_id or '-'}"
 
     def state(self, key: Any) -> dict[str, Any] | None:
         """The tightest token budget for this caller: limit, remaining, reset (None if unlimited)."""
-        g_key, k_key = self._keys(key.name if key else None)
+        g_key, k_key = self._keys(key.id if key else None)
         used_all, used_key = (int(x or 0) for x in self.r.mget(g_key, k_key))
         budgets = []
         if self.global_limit:
@@ -47,9 +49,9 @@ class Quotas:
         return {"limit": limit, "remaining": max(0, remaining), "who": who,
                 "reset_s": _seconds_to_midnight(time.time())}
 
-    def used_today(self, key_name: str | None) -> tuple[int, int]:
-        """Tokens charged today (UTC): (the whole relay, this key)."""
-        g_key, k_key = self._keys(key_name)
+    def used_today(self, key_id: str | None) -> tuple[int, int]:
+        """Tokens charged today (UTC): (the whole relay, the key with this id)."""
+        g_key, k_key = self._keys(key_id)
         used_all, used_key = (int(x or 0) for x in self.r.mget(g_key, k_key))
         return used_all, used_key
 
@@ -65,10 +67,10 @@ class Quotas:
                 retry_after=st["reset_s"], headers={"x-should-retry": "false"})
         return st
 
-    def charge(self, key_name: str | None, tokens: int) -> None:
+    def charge(self, key_id: str | None, tokens: int) -> None:
         if tokens <= 0:
             return
-        g_key, k_key = self._keys(key_name)
+        g_key, k_key = self._keys(key_id)
         pipe = self.r.pipeline(transaction=True)
         for k in (g_key, k_key):
             pipe.incrby(k, tokens)

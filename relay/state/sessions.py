@@ -15,6 +15,8 @@ from typing import Any
 from ..core.conversation import Plan, digest
 from .connection import PREFIX
 
+MAX_SUPERSEDED = 1000  # sessions remembered per conversation; older ones are left to the janitor's expiry
+
 
 class Sessions:
     def __init__(self, r: Any, ttl_hours: float, enabled: bool) -> None:
@@ -27,6 +29,18 @@ class Sessions:
 
     def lock_key(self, conv_key: str) -> str:
         return conv_key.replace(f"{PREFIX}conv:", f"{PREFIX}lock:", 1)
+
+    def past_key(self, conv_key: str) -> str:
+        """The CLI sessions this conversation left behind (a changed history or a failed turn starts a new
+        one): their transcripts go too when the conversation is forgotten with purge_files."""
+        return conv_key.replace(f"{PREFIX}conv:", f"{PREFIX}superseded:", 1)
+
+    def _supersede(self, pipe: Any, conv_key: str, old: str | None, new: str | None) -> None:
+        if old and old != new:
+            past = self.past_key(conv_key)
+            pipe.rpush(past, old)
+            pipe.ltrim(past, -MAX_SUPERSEDED, -1)
+            pipe.expire(past, self.ttl)
 
     def plan(self, scope: str, conv_id: str, system: str, messages: list[dict[str, Any]], model: str,
              system_may_change: bool = False) -> Plan:
@@ -71,7 +85,9 @@ class Sessions:
             return
         held = plan.all_messages + [answer]
         now = time.time()
+        old = self.r.hget(plan.conv_key, "cli_session")
         pipe = self.r.pipeline()
+        self._supersede(pipe, plan.conv_key, old, plan.cli_session)
         pipe.hsetnx(plan.conv_key, "created", now)
         pipe.hset(plan.conv_key, mapping={"cli_session": plan.cli_session, "model": plan.model,
                                           "count": len(held), "digest": digest(plan.system, held),
@@ -94,7 +110,12 @@ class Sessions:
     def forget(self, plan: Plan) -> None:
         """After a failed or cancelled turn: the next request starts a clean session."""
         if plan.conv_key:
-            self.r.delete(plan.conv_key)
+            old = self.r.hget(plan.conv_key, "cli_session")
+            pipe = self.r.pipeline()
+            for sid in dict.fromkeys([old, plan.cli_session]):  # the stored session and this turn's own
+                self._supersede(pipe, plan.conv_key, sid, None)
+            pipe.delete(plan.conv_key)
+            pipe.execute()
 
     def count(self) -> int:
         return sum(1 for _ in self.r.scan_iter(match=f"{PREFIX}conv:*", count=500))
@@ -120,10 +141,22 @@ class Sessions:
         return out
 
     def delete(self, conv_id: str | None, scope: str | None = None) -> list[dict[str, Any]]:
-        """Delete one conversation (by id) or all of them; returns what was deleted."""
+        """Delete one conversation (by id) or all of them; returns what was deleted, each with the CLI
+        sessions it left behind (`superseded`)."""
         victims = [c for c in self.list_all(scope) if conv_id is None or c["id"] == conv_id]
         for c in victims:
-            self.r.delete(self.key(c["scope"], c["id"]))
+            key = self.key(c["scope"], c["id"])
+            c["superseded"] = self.r.lrange(self.past_key(key), 0, -1)
+            self.r.delete(key, self.past_key(key))
         return victims
+
+    def take_superseded(self, scope: str | None) -> list[str]:
+        """The sessions left behind by every conversation in `scope` (or everywhere), those already forgotten
+        after a failed turn included; their lists are removed."""
+        out: list[str] = []
+        for key in list(self.r.scan_iter(match=f"{PREFIX}superseded:{scope + ':' if scope else ''}*", count=500)):
+            out += self.r.lrange(key, 0, -1)
+            self.r.delete(key)
+        return out
 
 
