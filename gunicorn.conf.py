@@ -17,7 +17,7 @@ from pathlib import Path
 
 from relay import supervise
 from relay.cli.leftovers import sweep_run_folders
-from relay.cli.pool.protocol import SERVER_MODULE, socket_path
+from relay.cli.pool.protocol import SERVER_MODULE, server_env, socket_path
 from relay.config import ConfigError, load_settings
 
 try:
@@ -171,7 +171,8 @@ def _spawn_pool() -> subprocess.Popen:
     if sock.exists():
         sock.unlink()
     root = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(server_env(dict(os.environ), _settings["accounts"]),  # no credential it does not need
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     # its own session, and it ignores SIGTERM/SIGINT/SIGHUP (like the private Redis): the pooled runs of a
     # graceful shutdown must finish; `on_exit` stops it with SIGUSR1 once the workers are gone
     proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE], cwd=root, env=env,
@@ -208,7 +209,8 @@ def _last_snapshot(server) -> None:
     cannot. One more snapshot, by a short-lived program (this master never imports the app), keeps
     everything Redis recorded before the private Redis stops."""
     root = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(server_env(dict(os.environ), _settings["accounts"]),  # no credential it does not need
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     try:
         done = subprocess.run([sys.executable, "-m", "relay", "stats", "snapshot"], cwd=root, env=env,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)

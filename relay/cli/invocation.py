@@ -22,6 +22,7 @@ from . import sandbox
 from .credproxy import CredProxy, find_credential, unix_socket_ok
 from .leftovers import folder_prefix
 from .process import RunSpec
+from .session_files import cli_slug
 
 MCP_SERVER_MODULE = "relay.cli.mcp_server"
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding the `relay` package
@@ -85,13 +86,31 @@ def cache_env(prompt_cache: str) -> dict[str, str]:
 
 def cli_tmpdir(tmp: str, user: str | None) -> str:
     """CLAUDE_CODE_TMPDIR for one run: a private folder inside the run's temp folder, so everything the
-    CLI writes there (pasted images, probes: `claude-<uid>/<cwd>/<session>/...`) goes when the run ends."""
+    CLI writes there (probes: `claude-<uid>/<cwd>/<session>/...`) goes when the run ends."""
     path = os.path.join(tmp, "cli")
     os.mkdir(path, 0o700)
     if user:
         pw = pwd.getpwnam(user)
         os.chown(path, pw.pw_uid, pw.pw_gid)
     return path
+
+
+def withhold_image_store(cli_tmp: str, cwd: str, session_id: str) -> None:
+    """Keep the CLI from telling the model where this host keeps the prompt's images. The CLI 2.1.330
+    saves each image of a prompt as `<CLAUDE_CODE_TMPDIR>/claude-<uid>/<cwd>/<session>/images/N.png` and
+    adds `[Image: source: <that path>]` to the prompt (the checkout, the run folder, the session id, the
+    uid). A plain file where that folder would go makes the save fail; the CLI then sends the image alone
+    (measured: the same image block, no text). Nothing else of a run without built-in tools lives there."""
+    if not session_id:
+        return  # sessions off: the CLI saves no images
+    parent = cli_tmp
+    for name in (f"claude-{os.getuid()}", cli_slug(os.path.realpath(cwd)), session_id):
+        parent = os.path.join(parent, name)
+        os.makedirs(parent, 0o700, exist_ok=True)  # private like the CLI's own (it checks the first)
+    os.close(os.open(os.path.join(parent, IMAGE_STORE), os.O_CREAT | os.O_WRONLY, 0o400))
+
+
+IMAGE_STORE = "images"
 
 
 def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: str, tmp_root: Path,
@@ -119,6 +138,8 @@ def build_spec(desc: RunDescription, cli_path: str, env: dict[str, str], cwd: st
         argv += ["--json-schema", json.dumps(desc.json_schema, separators=(",", ":"))]
     user = desc.agent.user if desc.agent and desc.agent.user else None
     env = dict(env, CLAUDE_CODE_TMPDIR=cli_tmpdir(tmp, user), **cache_env(desc.prompt_cache))
+    if not desc.agent:  # an agent run's CLI has its own /tmp inside its sandbox
+        withhold_image_store(env["CLAUDE_CODE_TMPDIR"], cwd, desc.session.session_id or "")
     if user:
         os.chmod(tmp, 0o755)  # the system prompt and tool files must be readable by that user
     if not desc.agent:

@@ -30,8 +30,9 @@ class Limits:
 
 class Run:
     def __init__(self, spec: RunSpec | None, limits: Limits, allow_tools: frozenset[str] = frozenset(),
-                 proc: CliLike | None = None, hold_tools: bool = False) -> None:
+                 proc: CliLike | None = None, hold_tools: bool = False, request_id: str = "") -> None:
         self.spec = spec
+        self.request_id = request_id  # names the run in the log, and in a crash's message to the client
         self.limits = limits
         if proc is None:  # spawned here from `spec`, unless the host's pool serves it (cli/pool/client.py)
             if spec is None:
@@ -164,12 +165,14 @@ class Run:
             log.error("the pool server went away during the run (its CLI died with it)")
             return PoolLost("The relay's pool server stopped during the run; retry the request.")
         rc = self.proc.wait_exit(2)
-        err = self.proc.stderr_text
+        err = self.proc.stderr_text  # the operators' to read, never the client's: it can name paths and secrets
+        rid = self.request_id or "-"
         if "No conversation found" in err:
-            return SessionMissing(err)
-        tail = err.splitlines()[-1][:300] if err else "no error output"
-        log.error("cli exited without a result: rc=%s stderr=%s", rc, err[-2000:])
-        return UpstreamError(f"The Claude CLI exited (code {rc}) without an answer: {tail}", code="cli_crashed")
+            log.info("%s: the CLI has no such session: %s", rid, err[-500:])
+            return SessionMissing("The CLI no longer has this conversation's session.")
+        log.error("%s: the CLI exited without a result: rc=%s stderr=%s", rid, rc, err[-2000:])
+        return UpstreamError(f"The Claude CLI exited (code {rc}) without an answer; its error output is in the "
+                             f"relay's log under request {rid}.", code="cli_crashed")
 
     def finish(self) -> None:
         """Let a finished CLI exit by itself (it may still be saving the session), then kill the rest."""

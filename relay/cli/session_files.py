@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -22,9 +21,32 @@ from ..core.upstream import SessionMissing
 log = logging.getLogger("relay.cli")
 
 
+SLUG_MAX = 200  # the CLI 2.1.330 cuts a folder's name there and adds a hash of the whole path
+
+
+def cli_slug(path: str) -> str:
+    """The CLI's name for a folder inside its own folders (projects, temp): every UTF-16 unit that is not
+    an ASCII letter or digit becomes '-'; a longer name is cut and ends with the path's Java-style hash."""
+    raw = path.encode("utf-16-le")
+    units = [int.from_bytes(raw[i:i + 2], "little") for i in range(0, len(raw), 2)]
+    slug = "".join(chr(u) if chr(u).isascii() and chr(u).isalnum() else "-" for u in units)
+    if len(slug) <= SLUG_MAX:
+        return slug
+    h = 0
+    for u in units:
+        h = (h * 31 + u) & 0xFFFFFFFF
+    n, digits = abs(h - (1 << 32) if h >= 1 << 31 else h), ""
+    while True:
+        n, d = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+        if not n:
+            break
+    return f"{slug[:SLUG_MAX]}-{digits}"
+
+
 def session_dir(config_dir: Path, cwd: Path) -> Path:
     """Where the CLI keeps session files for runs in `cwd` (CLI-PROTOCOL §5)."""
-    return config_dir / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(cwd))
+    return config_dir / "projects" / cli_slug(str(cwd))
 
 
 def expire_session_files(directory: Path, max_age_s: float, keep: set[str] | None = None) -> int:

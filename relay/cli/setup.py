@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
+from .pool.protocol import CREDENTIAL_ENV
 from .session_files import cli_workdir
 
 log = logging.getLogger("relay.cli")
@@ -61,10 +62,6 @@ def child_env(base: dict[str, str], max_retries: int, config_dir: str = "") -> d
     if config_dir:
         env["CLAUDE_CONFIG_DIR"] = config_dir
     return env
-
-
-# credentials the CLI would prefer over an account's own login; an account's env never carries them
-CREDENTIAL_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 
 
 def account_env(base: dict[str, str], config_dir: str, token_env: str, all_token_envs: list[str]) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """Image and file parts: OpenAI `image_url` / `file` and Anthropic `image` parts to Anthropic blocks.
 
-Pure. `data:` URLs become base64 sources after checking the media type and the base64; `http(s)` URLs
+Pure. `data:` URLs become base64 sources after checking the base64 and the bytes' magic number: an image
+type labelled as another image type takes the type of its bytes; anything else that disagrees with its
+label (a PNG sent as a PDF, a PDF sent as an image) is a 400. `http(s)` URLs
 become URL sources handed to the model as they are (the relay never fetches them, so it cannot be
 used as a proxy into its own network).
 """
@@ -16,7 +18,19 @@ from ..errors import BadRequest
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,(.*)$", re.S)
-MAGIC = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif", b"RIFF": "image/webp"}
+MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF87a": "image/gif",
+         b"GIF89a": "image/gif"}
+
+
+def sniff_image(raw: bytes) -> str | None:
+    """The image type the bytes are (their magic number), whatever the label says; None if no image."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return next((t for magic, t in MAGIC.items() if raw.startswith(magic)), None)
+
+
+def is_pdf(raw: bytes) -> bool:
+    return b"%PDF-" in raw[:1024]  # readers accept the header anywhere in the first KB
 
 
 def _decoded_size(data: str) -> int:
@@ -38,11 +52,14 @@ def _base64_block(media: str, data: str, param: str, kind: str = "image") -> dic
     if not raw:
         raise BadRequest("The image is empty.", param=param, code="invalid_image")
     if kind == "image":
-        sniffed = next((t for magic, t in MAGIC.items() if raw.startswith(magic)), None)
+        sniffed = sniff_image(raw)
         if sniffed is None:
             raise BadRequest("The data is not a PNG, JPEG, GIF or WebP image.", param=param,
                              code="invalid_image_format")
-        media = sniffed  # trust the bytes over the label: the API rejects a mismatch
+        media = sniffed  # one image type labelled as another: the bytes decide (the API rejects a mismatch)
+    elif not is_pdf(raw):
+        raise BadRequest("The document is not a PDF: its bytes do not start with %PDF-.", param=param,
+                         code="invalid_file_format")
     return {"type": kind, "source": {"type": "base64", "media_type": media, "data": data}}
 
 

@@ -111,8 +111,9 @@ def tool_results_content(messages: list[dict[str, Any]], pending: list[str]) -> 
 def held_results(messages: list[dict[str, Any]], pending: list[str]) -> dict[str, dict[str, Any]] | None:
     """The client's results for a held tool step, as the MCP results the waiting process returns (one
     per pending call, by id); None when the step cannot continue that way (the client also sent new
-    text, or a result holds what MCP cannot carry, e.g. a document or an image by URL): the step then
-    resumes from the transcript with the same exact history."""
+    text, or a result holds what MCP cannot carry, e.g. a document or an image by URL, or any image: the
+    CLI 2.1.330 saves an image an MCP tool returns under its config folder and tells the model that path):
+    the step then resumes from the transcript with the same exact history."""
     content = tool_results_content(messages, pending)
     results = [b for b in content if b.get("type") == "tool_result"]
     if len(results) != len(content) or [b["tool_use_id"] for b in results] != pending:
@@ -120,15 +121,9 @@ def held_results(messages: list[dict[str, Any]], pending: list[str]) -> dict[str
     out: dict[str, dict[str, Any]] = {}
     for b in results:
         parts = b["content"] if isinstance(b["content"], list) else [{"type": "text", "text": b["content"]}]
-        mcp: list[dict[str, Any]] = []
-        for part in parts:
-            src = part.get("source") or {}
-            if part.get("type") == "text":
-                mcp.append({"type": "text", "text": part.get("text", "")})
-            elif part.get("type") == "image" and src.get("type") == "base64":
-                mcp.append({"type": "image", "data": src.get("data", ""), "mimeType": src.get("media_type", "")})
-            else:
-                return None
+        if any(part.get("type") != "text" for part in parts):
+            return None
+        mcp = [{"type": "text", "text": part.get("text", "")} for part in parts]
         out[b["tool_use_id"]] = {"content": mcp, "isError": bool(b.get("is_error"))}
     return out
 

@@ -46,6 +46,8 @@ ACCOUNT_ERRORS = ("cli_login_required", "extra_usage_required", "upstream_forbid
 
 class SessionMissing(RelayError):
     """`--resume` named a session the CLI no longer has: retry with the full history."""
+    status = 502
+    code = "cli_session_missing"
 
 
 def reset_seconds(turn: Turn, now: float) -> float | None:

@@ -136,7 +136,8 @@ def _spawn(f: Flight, plan: Plan, pooled: bool = True) -> None:
     if held_miss:
         f.pool_use = f"{f.pool_use}; {held_miss}" if f.pool_use else held_miss
     hold = bool(desc.client_tools) and proc is not None and relay.pool.holds(proc)
-    f.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc, hold_tools=hold)
+    f.run = Run(spec, limits, frozenset(agent.allowed_tools) if agent else frozenset(), proc=proc, hold_tools=hold,
+                request_id=f.ctx.request_id)
     relay.active[f.cid] = f.run
     f.run.start()
 
@@ -159,7 +160,7 @@ def _continue_held(f: Flight, plan: Plan, desc: RunDescription, spec: RunSpec, l
         f.pool_use = "resumed: the held process waits on other calls"
         return False
     f.pool_use = "held"
-    f.run = Run(spec, limits, proc=proc, hold_tools=True)
+    f.run = Run(spec, limits, proc=proc, hold_tools=True, request_id=f.ctx.request_id)
     f.relay.active[f.cid] = f.run
     f.run.start()
     f.run.give_results(proc.pending, results)

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from ...config import Settings
-from ..invocation import spare_argv
+from ..invocation import cli_tmpdir, spare_argv, withhold_image_store
 from ..leftovers import folder_prefix
 from ..process import EOF, CliProcess, RunSpec
 from .evictions import Evictions
@@ -215,8 +215,8 @@ class WarmPool:
         tmp = tempfile.mkdtemp(prefix=folder_prefix("spare"), dir=self.tmp_root) if self.tmp_root else None
         env = dict(self.env, **self.flavour)
         if tmp:
-            os.mkdir(os.path.join(tmp, "cli"), 0o700)
-            env = dict(env, CLAUDE_CODE_TMPDIR=os.path.join(tmp, "cli"))
+            env = dict(env, CLAUDE_CODE_TMPDIR=cli_tmpdir(tmp, None))
+            withhold_image_store(env["CLAUDE_CODE_TMPDIR"], self.cwd, sid)
         proc = CliProcess(RunSpec(argv=spare_argv(self.cli_path, self.model, sid), env=env, cwd=self.cwd,
                                   stdin=b"", keep_stdin_open=True, temp_dir=tmp))
         try:

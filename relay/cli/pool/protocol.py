@@ -31,6 +31,21 @@ SERVER_MODULE = "relay.cli.pool.server"   # `python -m` it; gunicorn's master do
 POOL_TYPE = "pool"                        # the `type` of the pool's own lines among the CLI's events
 
 
+# credentials the CLI reads from its environment; an account's own environment never carries the host's
+CREDENTIAL_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+def server_env(environ: dict[str, str], accounts: list[dict[str, Any]]) -> dict[str, str]:
+    """The pool server's environment. With `accounts` configured every run brings its account's own
+    environment from the worker and no request runs on the host's own login, so the server (and so every
+    spare) holds neither the host's credentials nor any account's token variable. Without, it keeps the
+    host's login: its spares run on it."""
+    if not accounts:
+        return dict(environ)
+    drop = set(CREDENTIAL_ENV) | {str(a["oauth_token_env"]) for a in accounts if a.get("oauth_token_env")}
+    return {k: v for k, v in environ.items() if k not in drop}
+
+
 def socket_path(var_dir: Path) -> Path:
     """Where a host's pool server listens (one per var_dir)."""
     return Path(var_dir) / "pool.sock"

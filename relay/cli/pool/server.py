@@ -275,7 +275,11 @@ def main() -> int:
     log.info("pool: max_warm %d (%s)", cap.max_warm, cap.stats())
     var_dir = settings.path("var_dir")
     cli_gate = (lambda: gate(var_dir, cli_path)) if settings["cli_watch_s"] > 0 else None
-    pool = WarmPool(PoolLimits.from_settings(settings, cap.max_warm), cli_path, cli.env, str(cli.cwd),
+    limits = PoolLimits.from_settings(settings, cap.max_warm)
+    if settings["accounts"]:  # every run is on an account's own login: a spare (the host's) would serve none
+        limits.spares = 0
+        log.info("pool: accounts configured: no spares (runs go cold on their account's login, then stay warm)")
+    pool = WarmPool(limits, cli_path, cli.env, str(cli.cwd),
                     settings["default_model"], identity_probe(cli_path, cli.env), str(cli.tmp_dir), cap, cli_gate)
     # the first spares get the prompt caching of a short prompt (the common case); then they follow demand
     pool.flavour = cache_env(prompt_cache(settings["cache.ttl"], settings["cache.min_tokens"], 0,
