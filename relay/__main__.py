@@ -77,14 +77,11 @@ def _accounts(action: str) -> int:
     `accounts check`: whether each account's login is present, from `claude auth status` (no model call)."""
     from .cli.invocation import auth_status_argv
     from .cli.setup import CliSetup, account_envs, login_status
-    from .core.routing import AccountSpec
 
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+    loaded = _account_settings()
+    if loaded is None:
         return 2
-    specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or [AccountSpec("default", implicit=True)]
+    settings, specs = loaded
     cli_setup = CliSetup.from_settings(settings)
     envs, problems = account_envs(specs, cli_setup.env)
     if action == "list":
@@ -113,6 +110,19 @@ def _accounts(action: str) -> int:
     return 1 if bad else 0
 
 
+def _account_settings() -> tuple[Any, list[Any]] | None:
+    """The settings and the configured accounts (the implicit `default` without any); None, with the
+    problem printed, when the configuration does not load."""
+    from .core.routing import AccountSpec
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return None
+    return settings, [AccountSpec.from_config(a) for a in settings["accounts"]] or [AccountSpec("default", implicit=True)]
+
+
 def _shared_accounts(settings: Any, specs: list[Any]) -> Any:
     """The accounts' shared state in Redis, as the workers see it (their alert claims included)."""
     from .state.accounts import Accounts
@@ -129,17 +139,13 @@ def _shared_accounts(settings: Any, specs: list[Any]) -> Any:
 
 def _accounts_clear(name: str | None) -> int:
     """`accounts clear NAME`: the admin's reset of an account's limit, overage and login state."""
-    from .core.routing import AccountSpec
-
     if not name:
         print("relay: accounts clear needs the account's name (see `python -m relay accounts list`)", file=sys.stderr)
         return 2
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+    loaded = _account_settings()
+    if loaded is None:
         return 2
-    specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or [AccountSpec("default", implicit=True)]
+    settings, specs = loaded
     accounts = _shared_accounts(settings, specs)
     try:
         before = accounts.clear(name)

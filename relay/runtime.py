@@ -141,9 +141,13 @@ class Relay:
     def record(self, rec: RequestRecord) -> None:
         """Count a finished request: stats, metrics, the key's quota. A Redis outage delays each write
         (the backlog replays it once Redis is back); no other failure may break a response."""
-        def label() -> str:  # the model it counts under (bounded: state/labels.py)
-            vouched = self.catalog.get(rec.requested_model or "") is not None
-            return self.model_labels.label(rec.model, rec.status == 200, vouched)
+        labelled: list[str] = []
+
+        def label() -> str:  # the model it counts under (bounded: state/labels.py), worked out once
+            if not labelled:
+                vouched = self.catalog.get(rec.requested_model or "") is not None
+                labelled.append(self.model_labels.label(rec.model, rec.status == 200, vouched))
+            return labelled[0]
         writes = (("stats", lambda: self.stats.record(rec.as_dict(), label())),
                   ("metrics", lambda: self.metrics.record(replace(rec, model=label()))),
                   ("quota", lambda: self.quotas.charge(rec.key_id or None, rec.tokens_spent)))

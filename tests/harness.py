@@ -211,3 +211,11 @@ def cli_cwd(srv: RelayServer) -> Path:
 
 def default_cli_bin() -> str:
     return os.environ.get("CLAUDE_TEST_BIN") or str(ROOT / ".cli" / "node_modules" / ".bin" / "claude")
+
+
+def relay_keys(env: dict[str, str], *args: str) -> str:
+    """`python -m relay keys ARGS` with a relay's environment: its output (it must succeed)."""
+    out = subprocess.run([sys.executable, "-m", "relay", "keys", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()

@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 import requests
-from harness import ROOT, wait_until
+from harness import ROOT, relay_keys, wait_until
 
 from relay.api.hooks import client_address, host_allowed
 from relay.state.apikeys import digest
@@ -290,10 +290,7 @@ def test_a_reissued_key_name_sees_none_of_the_old_holders_data(relay_factory, tm
     env = dict(srv.env, RELAY_CONFIG=str(path))
 
     def keys(*args):
-        out = subprocess.run([sys.executable, "-m", "relay", "keys", *args], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip()
+        return relay_keys(env, *args)
     old = keys("add", "carol")
     assert wait_until(lambda: chat(srv, "ping", key=old).status_code == 200, 10)
     first = [{"role": "user", "content": "reissue1 carol-private-words"}]

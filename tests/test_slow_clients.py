@@ -3,15 +3,13 @@ own page after a re-issue, purging superseded transcripts, count_tokens bounded.
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 
 import anthropic
 import psutil
 import pytest
 import requests
-from harness import ROOT, anthropic_client, wait_until
+from harness import ROOT, anthropic_client, relay_keys, wait_until
 
 ALICE, BOB, BOSS = "sk-slow-alice-1", "sk-slow-bob-1", "sk-slow-boss-1"
 
@@ -151,10 +149,7 @@ def test_me_after_a_reissued_key_name_shows_nothing_of_the_old_key(relay_factory
     env = dict(srv.env, RELAY_CONFIG=str(path))
 
     def keys(*args):
-        out = subprocess.run([sys.executable, "-m", "relay", "keys", *args], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip()
+        return relay_keys(env, *args)
 
     def chat(key, text):
         return requests.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
