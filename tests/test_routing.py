@@ -82,8 +82,10 @@ def test_alert_bodies_in_each_format():
     item = {"id": "x", "event": "account_limited", "account": "a", "text": "a is limited", "host": "h",
             "time": "t", "details": {}}
     assert body("json", item) == item
-    assert body("slack", item) == {"text": "[claude-relay] a is limited"}
-    assert body("telegram", item, 42) == {"chat_id": 42, "text": "[claude-relay] a is limited"}
+    # Slack without mrkdwn and Telegram without link previews: a quoted text cannot format itself (issue 20)
+    assert body("slack", item) == {"text": "[claude-relay] a is limited", "mrkdwn": False}
+    assert body("telegram", item, 42) == {"chat_id": 42, "text": "[claude-relay] a is limited",
+                                          "link_preview_options": {"is_disabled": True}}
 
 
 @pytest.mark.parametrize("accounts, problem", [
