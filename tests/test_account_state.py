@@ -162,3 +162,15 @@ def test_a_limit_is_read_from_the_status_not_from_any_text() -> None:
     assert not isinstance(classify(server, time.time(), 60), SubscriptionLimited)
     limited = Turn(result={"is_error": True, "api_error_status": 429, "result": said})
     assert isinstance(classify(limited, time.time(), 60), SubscriptionLimited)
+
+
+def test_a_resume_point_the_cli_cannot_find_replays_the_history() -> None:
+    """`--resume-session-at` naming a message that is not in the session's loaded chain (seen once in a
+    full run: the file held it, the CLI did not load it) is a vanished session, retried from the client's
+    history, not a 502 for the client."""
+    from relay.core.events import Turn
+    from relay.core.upstream import SessionMissing, classify
+
+    said = "No message found with message.uuid of: f2ecad71-f6c9-402c-ab80-96fe04e40448"
+    for result in ({"is_error": True, "errors": [said]}, {"is_error": True, "result": said}):
+        assert isinstance(classify(Turn(result=result), time.time(), 60), SessionMissing)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..core.events import TOOL_PREFIX, Delta, Turn
-from ..core.upstream import SessionMissing
+from ..core.upstream import SessionMissing, session_gone
 from ..errors import PoolLost, RelayError, Timeout, UpstreamError
 from .mcp_server import RESULT_KEY
 from .process import EOF, CliLike, CliProcess, RunSpec
@@ -167,7 +167,7 @@ class Run:
         rc = self.proc.wait_exit(2)
         err = self.proc.stderr_text  # the operators' to read, never the client's: it can name paths and secrets
         rid = self.request_id or "-"
-        if "No conversation found" in err:
+        if session_gone(err):
             log.info("%s: the CLI has no such session: %s", rid, err[-500:])
             return SessionMissing("The CLI no longer has this conversation's session.")
         log.error("%s: the CLI exited without a result: rc=%s stderr=%s", rid, rc, err[-2000:])

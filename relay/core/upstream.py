@@ -50,6 +50,12 @@ class SessionMissing(RelayError):
     code = "cli_session_missing"
 
 
+def session_gone(text: str) -> bool:
+    """The CLI could not resume: no such session, or (`--resume-session-at`) the tool-call message is not
+    in the session's loaded chain, although the file may hold it on another branch (seen in 2.1.330)."""
+    return "No conversation found" in text or "No message found with message.uuid" in text
+
+
 def reset_seconds(turn: Turn, now: float) -> float | None:
     """Seconds until a subscription limit resets, from the rate-limit event or the CLI's text."""
     info = turn.rate_limit or {}
@@ -124,7 +130,7 @@ def classify(turn: Turn, now: float, default_retry_after: float) -> RelayError |
         return None
     status = res.get("api_error_status")
     text = str(res.get("result") or "; ".join(map(str, res.get("errors") or [])) or "unknown CLI error")
-    if any("No conversation found" in str(e) for e in res.get("errors") or []):
+    if any(session_gone(str(e)) for e in res.get("errors") or []) or session_gone(text):
         return SessionMissing(text)
     if res.get("subtype") in ("error_max_turns", "error_max_budget_usd") or is_refusal(turn):
         return None  # an answer that stopped early: finish_reason says so
