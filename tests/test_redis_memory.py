@@ -92,7 +92,7 @@ def test_a_thousand_refusals_with_made_up_paths_and_models_leave_redis_and_metri
     # the first thousand fill the capped request lists (the recent list, the day's list); the second
     # thousand add nothing that stays
     assert m1 - m0 < 3 * 1024 * 1024 and m2 - m1 < 256 * 1024, (m0, m1, m2)
-    assert k1 - k0 <= 40 and k2 <= k1  # the relay's fixed set of totals, lists and hashes
+    assert k1 - k0 <= 40 and k2 <= k1 + 3  # a fixed set of totals, lists and hashes (a lock or lease may come and go)
     assert size1 - size0 < 4096 and size2 - size1 < 1024
     body = requests.get(small.url + "/metrics", headers=auth(BOSS), timeout=30).text
     assert 'endpoint="/v1/responses/<rid>"' in body
