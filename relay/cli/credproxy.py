@@ -7,7 +7,8 @@ carrying that run's placeholder, a capped body read in time, a model the key may
 of connections), replaces the auth headers with the real credential, forwards to the upstream API and
 streams the answer back. It serves a bounded number of requests and is closed with the run. Tools of
 the run can reach it too (they can read the placeholder): their calls are capped by `max_requests` and
-end with the run.
+end with the run. Every answer passes a `CallMeter` on its way back: the run's `witness` is what the
+relay bills and believes about the account (`core/witness.py`), never the CLI's own report.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.agent import ProxyLimits
+from ..core.witness import CallMeter, Witness
 from ..errors import Forbidden, RateLimited, RelayError
 from . import credproxy_guard as guard
 
@@ -102,6 +104,7 @@ class CredProxy:
         self._lock = threading.Lock()
         self.limits, self.models = limits, models  # models: the key's allowed ones and the run's own (empty: any)
         self.gate = guard.Gate(limits)
+        self.witness = Witness()
         self.server = _Server(path, self._handler())
         self.server.gate = self.gate
         os.chmod(path, 0o600)
@@ -197,9 +200,11 @@ class CredProxy:
                 base = u.path.rstrip("/")
                 cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
                 conn = cls(u.hostname or "localhost", u.port, timeout=600)
+                meter: CallMeter | None = None
                 try:
                     conn.request("POST", base + self.path, body=body, headers=headers)
                     resp = conn.getresponse()
+                    meter = CallMeter(self.path, resp.status, resp.getheaders())
                     self.send_response(resp.status)
                     for k, v in resp.getheaders():
                         if k.lower() not in HOP_HEADERS:
@@ -211,6 +216,7 @@ class CredProxy:
                         chunk = resp.read1(65536)
                         if not chunk:
                             break
+                        meter.feed(chunk)
                         self.wfile.write(chunk)
                         self.wfile.flush()
                 except (OSError, http.client.HTTPException) as exc:
@@ -218,6 +224,9 @@ class CredProxy:
                     self.close_connection = True
                 finally:
                     conn.close()
+                    if meter is not None:  # what the API answered counts, whether or not the CLI read it all
+                        meter.close()
+                        proxy.witness.record(meter)
 
         return Handler
 

@@ -181,13 +181,13 @@ def _sandboxed(desc: RunDescription, agent: Agent, argv: list[str], env: dict[st
         read_only += sorted({os.path.realpath(sys.executable), sys.prefix, sys.base_prefix,
                              os.path.join(PACKAGE_PARENT, "relay")} - {"/usr"})
     box = sandbox.Sandbox(cli_path=argv[0], workdir=cwd, config_dir=state, api_socket=sock,
-                          read_only=tuple(read_only))
+                          read_only=tuple(read_only), tool_shell=sandbox.write_tool_shell(tmp))
     inner_env = sandbox.env(state, credential.variable, proxy.placeholder, int(env.get("CLAUDE_CODE_MAX_RETRIES") or 0))
     inner_env.update({k: env[k] for k in PASSED_TO_SANDBOX if k in env})
     return RunSpec(argv=sandbox.argv(box) + argv, env=inner_env,
                    cwd=cwd, stdin=desc.prompt.stdin_line(), temp_dir=tmp,
                    keep_stdin_open=desc.answers_permissions, user=user, closers=[proxy.close],
-                   socket_stdio=True)
+                   socket_stdio=True, witness=proxy.witness)
 
 
 # -- warm processes (cli/pool/) -----------------------------------------------------------------------

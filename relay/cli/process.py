@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
+from ..core.witness import Witness
 from ..errors import Unavailable
 
 log = logging.getLogger("relay.cli")
@@ -64,6 +65,7 @@ class RunSpec:
     user: str | None = None          # run as this user (agent mode)
     meta: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)  # called when the run ends (its proxy)
+    witness: Witness | None = None   # agent mode: what its credential proxy saw (usage, account state)
     socket_stdio: bool = False       # stdin/stdout/stderr are socketpairs, not pipes (agent mode: see below)
 
 

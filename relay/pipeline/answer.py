@@ -14,7 +14,7 @@ from ..core.models import display_model
 from ..core.tokens import count_text
 from ..errors import PoolLost, UpstreamError
 from .admission import Flight
-from .runner import classify_turn, retry_cold
+from .runner import classify_turn, retry_cold, witness
 
 
 def model(f: Flight) -> str:
@@ -22,8 +22,12 @@ def model(f: Flight) -> str:
 
 
 def raw_usage(f: Flight) -> tuple[dict[str, int], bool]:
-    """The CLI's usage in Claude's terms (input, cache read/creation, output), or an estimate."""
+    """The CLI's usage in Claude's terms (input, cache read/creation, output), or an estimate. An agent
+    run's is what its credential proxy saw answered: every call, its tools' own included."""
     assert f.run
+    seen = witness(f)
+    if seen is not None:
+        return seen.total(), False
     usage = f.run.turn.usage
     if usage is not None:
         return usage, False

@@ -20,6 +20,7 @@ from ..core.history import write_history
 from ..core.prompt import held_results
 from ..core.run_description import RunDescription, describe, prompt_cache, system_of
 from ..core.upstream import SessionMissing, classify, is_account_error
+from ..core.witness import Witness
 from ..errors import PoolLost, RelayError
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
 
@@ -224,17 +225,28 @@ def _prime(f: Flight) -> None:
             raise err
 
 
+def witness(f: Flight) -> Witness | None:
+    """An agent run's record of its API calls, kept by its credential proxy (None for other runs)."""
+    return f.run.spec.witness if f.run and f.run.spec else None
+
+
 def classify_turn(f: Flight) -> RelayError | None:
-    """The turn's error, if any; either way the account's meter learns what the CLI reported."""
+    """The turn's error, if any; either way the account's meter learns what the API said. An agent
+    run's tools could reach its CLI, so its account state comes from what the relay's proxy saw, never
+    from the CLI's output: the client's error is still the CLI's, the account's is the proxy's."""
     assert f.run
     turn = f.run.turn
-    err = classify(turn, time.time(), f.cfg["upstream_retry_after_s"])
+    now, wait = time.time(), f.cfg["upstream_retry_after_s"]
+    err = classify(turn, now, wait)
+    seen = witness(f)
+    account_turn = seen.turn() if seen is not None else turn
+    account_err = classify(account_turn, now, wait) if seen is not None else err
     if f.account and (err is not None or turn.done):
         try:
-            if err is not None:
-                f.relay.accounts.note_error(f.account, err, turn.rate_limit)
+            if account_err is not None:
+                f.relay.accounts.note_error(f.account, account_err, account_turn.rate_limit)
             else:
-                f.relay.accounts.note_turn(f.account, turn.rate_limit, ok=True)
+                f.relay.accounts.note_turn(f.account, account_turn.rate_limit, ok=True)
         except Exception as exc:  # Redis trouble must not hide the real error
             log.warning("could not record the account's state: %s", exc)
     return err
