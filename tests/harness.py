@@ -19,7 +19,26 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_PORTS = {"next": 0}
+PORTS_PER_PROCESS = 1500
+
+
 def free_port() -> int:
+    """A port free now, from a block of its own for each pytest-xdist worker and below the kernel's
+    ephemeral range. A port from bind(0) is free only until someone else binds it: another worker's
+    server took one in CI, and the suite's Redis then talked to a relay (its ping read 'HTTP/1.1 400')."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    n = int(worker[2:]) + 1 if worker[2:].isdigit() else 0
+    base = 10000 + (n % 14) * PORTS_PER_PROCESS   # 10000-30999: never handed out by bind(0)
+    for _ in range(PORTS_PER_PROCESS):
+        port = base + _PORTS["next"] % PORTS_PER_PROCESS
+        _PORTS["next"] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,25 +52,37 @@ def redis_server_binary() -> str:
 
 class RedisServer:
     def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
         self.dir = tmp
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp), "--databases", "64"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(5):  # a port someone took meanwhile: another one
+            if self._start():
+                break
+        else:
+            raise RuntimeError("the test Redis could not start on a port of its own")
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._next_db = 1
+
+    def _start(self) -> bool:
+        """Started, and the server on the port is this one (its process id says so)."""
         import redis
 
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--databases", "64"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
-        while True:
+        while time.time() < deadline and self.proc.poll() is None:
             try:
-                redis.Redis(port=self.port).ping()
+                if int(redis.Redis(port=self.port).info("server")["process_id"]) == self.proc.pid:
+                    return True
                 break
             except redis.ConnectionError:
-                if time.time() > deadline:
-                    raise
                 time.sleep(0.05)
-        self._next_db = 1
+            except redis.RedisError:  # not a Redis on that port
+                break
+        self.proc.kill()
+        self.proc.wait(10)
+        return False
 
     def fresh_db(self) -> str:
         """A Redis URL of an unused database: each relay server gets its own state."""
@@ -87,9 +118,11 @@ class RelayServer:
                 raise RuntimeError(f"gunicorn exited: {self.log()[-3000:]}")
             try:
                 requests.get(self.url + "/health", timeout=2)
-                return self
+                if f"Listening at: {self.url} " in self.log():  # this relay answered, not another's
+                    return self
             except requests.RequestException:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         raise RuntimeError("relay did not start: " + self.log()[-3000:])
 
     def log(self) -> str:
