@@ -105,6 +105,9 @@ class Window:
     overage_disabled_reason: str = "out_of_credits"
     login_ok: bool = True             # False: 401 (a revoked or expired token)
     extra_usage_refusal: bool = False  # answer the 400 "Third-party apps now draw from your extra usage"
+    seven_day_oi: float | None = None   # the per-model weekly bucket (`7d_oi`), sent when set
+    seven_day_oi_reset: int = field(default_factory=lambda: int(time.time()) + 6 * 86400)
+    warn_threshold: float | None = None  # a window at or past it is `allowed_warning`, with `surpassed-threshold`
 
     def roll(self, now: float) -> None:
         """As the API does: a window whose reset time has passed starts over, empty."""
@@ -136,6 +139,15 @@ class Window:
              "anthropic-ratelimit-unified-7d-reset": str(self.seven_day_reset),
              "anthropic-ratelimit-unified-7d-status": "rejected" if self.seven_day >= 1.0 else "allowed",
              "anthropic-ratelimit-unified-overage-status": self.overage}
+        if self.seven_day_oi is not None:
+            h["anthropic-ratelimit-unified-7d_oi-utilization"] = f"{min(self.seven_day_oi, 1.0):.4f}"
+            h["anthropic-ratelimit-unified-7d_oi-reset"] = str(self.seven_day_oi_reset)
+            h["anthropic-ratelimit-unified-7d_oi-status"] = "rejected" if self.seven_day_oi >= 1.0 else "allowed"
+        if self.warn_threshold is not None:
+            for short, util in (("5h", self.five_hour), ("7d", self.seven_day), ("7d_oi", self.seven_day_oi)):
+                if util is not None and self.warn_threshold <= util < 1.0:
+                    h[f"anthropic-ratelimit-unified-{short}-status"] = "allowed_warning"
+                    h[f"anthropic-ratelimit-unified-{short}-surpassed-threshold"] = f"{self.warn_threshold}"
         if self.overage == "rejected":
             h["anthropic-ratelimit-unified-overage-disabled-reason"] = self.overage_disabled_reason
         if self.using_overage():

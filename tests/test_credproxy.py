@@ -229,3 +229,30 @@ def test_closing_the_proxy_ends_its_open_connections(make_proxy):
     s.settimeout(10)
     assert s.recv(100) == b""
     assert wait_until(lambda: not proxy.gate.served)
+
+
+def test_the_witness_keeps_each_answers_usage_and_headers(tmp_path, mock_api):
+    """What the relay bills and believes of an agent run: read from the answers as they pass."""
+    token = "oat-witness-1"
+    mock_api.set_account(token, five_hour=0.42, seven_day=0.13, seven_day_oi=0.3, warn_threshold=0.4)
+    cred = Credential("CLAUDE_CODE_OAUTH_TOKEN", {"authorization": f"Bearer {token}"}, mock_api.url)
+    p = CredProxy(str(tmp_path / "w.sock"), cred, 10)
+    try:
+        for stream in (True, False):
+            status, _ = request(p, body={"model": "claude-sonnet-5-5", "max_tokens": 5, "stream": stream,
+                                         "messages": [{"role": "user", "content": "wt MOCK:usage=70,8,9,6"}]})
+            assert status == 200
+        status, _ = request(p, "/v1/messages/count_tokens")
+        assert status == 200
+        assert p.witness.calls == 2
+        assert p.witness.total() == {"input_tokens": 140, "cache_creation_input_tokens": 16,
+                                     "cache_read_input_tokens": 18, "output_tokens": 12, "reasoning_tokens": 0}
+        wins = p.witness.info["unifiedWindows"]
+        assert wins["five_hour"]["utilization"] == 0.42 and wins["five_hour"]["status"] == "allowed_warning"
+        assert wins["five_hour"]["surpassedThreshold"] == 0.4
+        assert wins["seven_day"] == {"utilization": 0.13, "resetsAt": mock_api.accounts[token].seven_day_reset,
+                                     "status": "allowed"}
+        assert wins["seven_day_overage_included"]["utilization"] == 0.3
+        assert len(mock_api.by_token(token)) == 3          # the real credential reached the API
+    finally:
+        p.close()

@@ -21,7 +21,7 @@ from ..core.prompt import held_results
 from ..core.run_description import RunDescription, describe, prompt_cache, system_of
 from ..core.upstream import SessionMissing, classify, is_account_error
 from ..core.witness import Witness
-from ..errors import PoolLost, RelayError
+from ..errors import PoolLost, RelayError, UpstreamError
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
 
 log = logging.getLogger("relay.pipeline")
@@ -241,6 +241,12 @@ def classify_turn(f: Flight) -> RelayError | None:
     seen = witness(f)
     account_turn = seen.turn() if seen is not None else turn
     account_err = classify(account_turn, now, wait) if seen is not None else err
+    if seen is not None and err is not None and is_account_error(err) and \
+            not (account_err is not None and is_account_error(account_err)):
+        log.warning("%s: the agent run's CLI reported an account error (%s) that no API answer showed",
+                    f.ctx.request_id, err.code)
+        err = UpstreamError("The agent run ended with a limit or login error that none of its API calls "
+                            "received; the relay does not believe it.", code="cli_unverified_error")
     if f.account and (err is not None or turn.done):
         try:
             if account_err is not None:
