@@ -270,6 +270,9 @@ SCHEMA: dict[str, Field] = {
                       "empty = the host's own login.", _check_accounts),
     "accounts_overage": Field(str, "block", "block: an account drawing on overage (extra usage) is not used until "
                               "its reset; allow: it is used (and alerted).", _one_of("block", "allow")),
+    "accounts_hold_s": Field(float, 0.0, "When every account is at its limit and the earliest reset is at most "
+                             "this many seconds away, a request waits for it (a stream sends keep-alives) instead "
+                             "of a 429; 0 = never (a 429 at once).", _between(0, 6 * 3600)),
     "alerts.webhooks": Field(list, [], "Webhooks for operator alerts: {url, format: json | slack | telegram, "
                              "chat_id, events}.", _check_webhooks),
     "alerts.thresholds": Field(list, [0.8, 0.95], "Window utilizations that raise an alert (once per window).",

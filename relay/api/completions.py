@@ -19,8 +19,9 @@ from flask import Response, g, jsonify, request, stream_with_context
 from ..core.formats.base import Format, Parsed, TurnView
 from ..core.messages import in_claude_code_session
 from ..core.record import RequestRecord
+from ..core.sse import KEEPALIVE
 from ..errors import RedisUnavailable, RelayError
-from ..pipeline import Exchange
+from ..pipeline import AccountsHold, Exchange
 from ..state.cache import cache_key
 from .common import SSE_HEADERS, context, current_relay, key_id, read_json, record_rejection, refuse_early, vet
 
@@ -73,7 +74,13 @@ def serve(fmt: Format, io: RouteIO = NO_IO) -> Any:
         hit = cache.get(cache_id)
         if hit is not None:
             return _from_cache(fmt, parsed, hit, t0)
-    ex = _open(Exchange(relay, req, ctx, parsed.id))
+    try:
+        ex = _open(Exchange(relay, req, ctx, parsed.id))
+    except AccountsHold as hold:  # every account limited, its reset near: a live stream waits for it
+        held = Response(stream_with_context(_held(fmt, parsed, hold, io)), mimetype="text/event-stream",
+                        headers=SSE_HEADERS)
+        held.call_on_close(_closer(hold.exchange))  # a stream never started: its leases go too
+        return held
     if req.stream:
         if ex.token_budget is not None:  # headers go out now: the budget minus this prompt's estimate
             g.token_budget = dict(ex.token_budget, remaining=max(0, ex.token_budget["remaining"] - ex.estimate))
@@ -96,10 +103,43 @@ def serve(fmt: Format, io: RouteIO = NO_IO) -> Any:
 def _open(ex: Exchange) -> Exchange:
     try:
         ex.open()
+    except AccountsHold as hold:
+        hold.exchange = ex
+        raise
     finally:
         g.token_budget = ex.token_budget  # for the rate-limit headers, refusals included
     g.relay_account = ex.account          # the x-relay-account header: which subscription answers
     return ex
+
+
+def _closer(ex: Exchange) -> Callable[[], None]:
+    return lambda: ex.close(GeneratorExit())
+
+
+def _held(fmt: Format, parsed: Parsed, hold: AccountsHold, io: RouteIO) -> Iterator[bytes]:
+    """A stream held for an account's reset (pipeline/hold.py): its head went out with no account yet,
+    keep-alive comments until the reset, then the run; a refusal after the hold is the stream's error."""
+    ex: Exchange = hold.exchange
+    tick = current_relay().settings["keepalive_s"]
+    try:
+        while True:
+            while (left := hold.until - time.time()) > 0:
+                yield KEEPALIVE
+                time.sleep(min(tick, left))
+            ex.flight.held_s += max(0.0, time.time() - hold.since)
+            try:
+                ex.resume()
+                break
+            except AccountsHold as again:
+                hold = again
+    except RelayError as exc:
+        events = fmt.stream(ex.hold_head(), parsed)
+        yield events.start() + events.error(exc)
+        return
+    except BaseException as exc:  # the client went away while held
+        ex.close(exc)
+        raise
+    yield from _stream(fmt, parsed, ex, io)
 
 
 def _stream(fmt: Format, parsed: Parsed, ex: Exchange, io: RouteIO) -> Iterator[bytes]:

@@ -29,8 +29,9 @@ from ..core.request import ChatRequest
 from ..runtime import Relay
 from . import answer, finish, runner
 from .admission import Context, Flight
+from .hold import AccountsHold
 
-__all__ = ["Context", "Exchange"]
+__all__ = ["AccountsHold", "Context", "Exchange"]
 
 
 class Exchange:
@@ -60,11 +61,29 @@ class Exchange:
         return self.flight.created
 
     def open(self) -> None:
+        """Raises `AccountsHold` for a stream that must wait for an account's reset: the route then sends
+        keep-alives until `hold.until` and calls `resume()`."""
         try:
             runner.open_run(self.flight)
+        except AccountsHold:
+            raise
         except BaseException as exc:
             self.close(exc)
             raise
+
+    def resume(self) -> None:
+        """A held stream, after its wait; may raise `AccountsHold` again (within its hold budget)."""
+        try:
+            runner.resume_run(self.flight)
+        except AccountsHold:
+            raise
+        except BaseException as exc:
+            self.close(exc)
+            raise
+
+    def hold_head(self) -> StreamHead:
+        """The head of a stream that holds before its run exists (its model as asked)."""
+        return answer.head_before_run(self.flight)
 
     def head(self) -> StreamHead:
         return answer.head(self.flight)

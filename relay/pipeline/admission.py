@@ -65,6 +65,8 @@ class Flight:
     pool_use: str = ""                   # how the pool served the run (RequestRecord.pool)
     member: str = ""
     account: str | None = None           # the Claude account this request runs on
+    held_s: float = 0.0                  # time spent holding for an account's reset (pipeline/hold.py)
+    pending: Any = None                  # (plan, tried) of a stream whose route holds it
     moved_from: str | None = None        # the conversation's previous account, when it moved
 
     def __post_init__(self) -> None:

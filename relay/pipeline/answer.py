@@ -58,6 +58,10 @@ def head(f: Flight) -> StreamHead:
     return StreamHead(f.cid, f.created, model(f), start)
 
 
+def head_before_run(f: Flight) -> StreamHead:
+    return StreamHead(f.cid, f.created, display_model(None, f.req.cli_model), {"input_tokens": f.req.prompt_estimate})
+
+
 def view(f: Flight) -> TurnView:
     """The finished turn, as every format reads it."""
     assert f.run

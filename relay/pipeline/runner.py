@@ -23,6 +23,8 @@ from ..core.upstream import SessionMissing, classify, is_account_error
 from ..core.witness import Witness
 from ..errors import PoolLost, RelayError, UpstreamError
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
+from .hold import AccountsHold, hold_until
+from .hold import wait as hold_wait
 
 log = logging.getLogger("relay.pipeline")
 
@@ -31,10 +33,34 @@ def open_run(f: Flight) -> None:
     """Admit the request and start its run; returns once the upstream API accepted it."""
     if f.ctx.client_socket is not None:  # watched from the start: a client may give up while queued
         f.watcher = DisconnectWatcher(f.ctx.client_socket, f.client_gone).start()
-    plan = admit(f)
-    tried: list[str] = []
+    _place(f, admit(f), [])
+
+
+def resume_run(f: Flight) -> None:
+    """A held stream, after its wait: every account is tried again (their resets have come)."""
+    plan, _ = f.pending
+    f.pending = None
+    _place(f, plan, [])
+
+
+def _place(f: Flight, plan: Plan, tried: list[str]) -> None:
     while True:  # accounts: fail over before the first byte reaches the client
-        plan = take_account(f, plan, tried)
+        try:
+            plan = take_account(f, plan, tried)
+        except RelayError as err:
+            until = hold_until(f, err)
+            if until is None:
+                raise
+            h = AccountsHold(until, err)
+            log.info("%s: every account is limited; holding %.0f s for the earliest reset", f.ctx.request_id,
+                     until - time.time())
+            if f.req.stream:  # its route sends keep-alives while it waits, then resumes it
+                f.pending = (plan, tried)
+                raise h from None
+            if not hold_wait(f, h):
+                raise
+            tried.clear()
+            continue
         try:
             _start_on_account(f, plan)
             _answer_by(f)
