@@ -29,6 +29,7 @@ from .state.alerts import Alerts
 from .state.apikeys import KeyRing
 from .state.backlog import Backlog
 from .state.cache import ResponseCache
+from .state.cache_health import CacheHealth
 from .state.connection import connect, eviction_risk, host_id
 from .state.labels import ModelLabels
 from .state.leases import Leases
@@ -93,6 +94,7 @@ class Relay:
     def _init_accounts(self, settings: Settings) -> None:
         self.alerts = Alerts(self._redis, settings["alerts.webhooks"], self.host, settings["alerts.max_attempts"],
                              settings["alerts.retry_base_s"])
+        self.cache_health = CacheHealth(self._redis, self.alerts)
         specs = [AccountSpec.from_config(a) for a in settings["accounts"]] or \
             [AccountSpec("default", implicit=True)]
         self.accounts = Accounts(self._redis, self.leases, specs, self.host, settings["login_recheck_s"],
@@ -150,7 +152,8 @@ class Relay:
             return labelled[0]
         writes = (("stats", lambda: self.stats.record(rec.as_dict(), label())),
                   ("metrics", lambda: self.metrics.record(replace(rec, model=label()))),
-                  ("quota", lambda: self.quotas.charge(rec.key_id or None, rec.tokens_spent)))
+                  ("quota", lambda: self.quotas.charge(rec.key_id or None, rec.tokens_spent)),
+                  ("cache health", lambda: self.cache_health.record(rec, rec.moved)))
         for what, write in writes:
             try:
                 self.backlog.write(what, write)

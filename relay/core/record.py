@@ -55,6 +55,7 @@ class RequestRecord:
     ttft_ms: int | None = None
     first_message: str | None = None
     resumed: bool = False
+    moved: bool = False                  # its conversation moved to another account for this turn
     bytes_to_cli: int = 0
     worker: int = 0
     endpoint: str = ""

@@ -142,5 +142,6 @@ def record_of(f: Flight, exc: BaseException | None) -> RequestRecord:
         cache_creation_tokens=usage.get("cache_creation_input_tokens", 0), estimated=estimated,
         response_time_ms=int((time.monotonic() - f.t0) * 1000),
         ttft_ms=f.run.ttft_ms if f.run else None, first_message=first_user[:200],
-        resumed=bool(f.plan and f.plan.resume and not f.plan.written), bytes_to_cli=f.bytes_to_cli, worker=os.getpid(),
+        resumed=bool(f.plan and f.plan.resume and not f.plan.written), moved=bool(f.moved_from),
+        bytes_to_cli=f.bytes_to_cli, worker=os.getpid(),
         endpoint=f.ctx.endpoint, account=f.account or "", pool=f.pool_use)
