@@ -11,6 +11,7 @@ from ..core.cache_health import Counts, Rules, verdict
 from ..core.record import RequestRecord
 
 PREFIX = "relay:cachehealth:"
+CHECKED = "relay:cachehealth-checked:"
 BUCKET_S = 900
 LAST_HOUR = 4                     # buckets in the last hour
 USUAL = 96                        # the 24 hours before it
@@ -73,7 +74,7 @@ class CacheHealth:
     def check(self, kind: str, name: str, now: float) -> bool:
         """True if this call raised the alert."""
         slot = int(now // CHECK_EVERY_S)
-        if not self.r.set(f"{PREFIX}checked:{kind}:{name}:{slot}", "1", nx=True, ex=2 * CHECK_EVERY_S):
+        if not self.r.set(f"{CHECKED}{kind}:{name}:{slot}", "1", nx=True, ex=2 * CHECK_EVERY_S):
             return False
         last_hour, usual = self.counts(kind, name, now)
         v = verdict(last_hour, usual, self.rules)
