@@ -19,8 +19,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 
-_PORTS = {"next": 0}
 PORTS_PER_PROCESS = 1500
+_PORTS = {"next": os.getpid() * 7919 % PORTS_PER_PROCESS}  # two test sessions at once start apart
 
 
 def free_port() -> int:
@@ -95,6 +95,10 @@ class RedisServer:
         self.proc.wait(10)
 
 
+class PortTaken(RuntimeError):
+    pass
+
+
 class RelayServer:
     """The relay under real gunicorn with gevent workers."""
 
@@ -107,18 +111,33 @@ class RelayServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RelayServer:
+        for attempt in range(4):
+            try:
+                return self._start()
+            except PortTaken:  # someone bound it since free_port(): a first start moves to another
+                if getattr(self, "_started", False) or attempt == 3:
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start(self) -> RelayServer:
         env = dict(self.env, RELAY_PORT=str(self.port))
         self._log = open(self.log_path, "ab")
+        log_from = self._log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=env,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                if "Connection in use" in self.log()[log_from:]:
+                    raise PortTaken(self.port)
                 raise RuntimeError(f"gunicorn exited: {self.log()[-3000:]}")
             try:
                 requests.get(self.url + "/health", timeout=2)
                 if f"Listening at: {self.url} " in self.log():  # this relay answered, not another's
+                    self._started = True
                     return self
             except requests.RequestException:
                 pass
