@@ -269,6 +269,11 @@ SCHEMA: dict[str, Field] = {
                       "empty = the host's own login.", _check_accounts),
     "accounts_overage": Field(str, "block", "block: an account drawing on overage (extra usage) is not used until "
                               "its reset; allow: it is used (and alerted).", _one_of("block", "allow")),
+    "accounts_failover_ramp_s": Field(float, 20.0, "Storm control: after a failover, the runs of conversations "
+                                      "moving to an account ramp up over this many seconds, from "
+                                      "accounts_failover_start at once to its limit; 0 = no ramp.", _between(0, 3600)),
+    "accounts_failover_start": Field(int, 2, "Storm control: runs of moving conversations an account takes at once "
+                                     "when its ramp starts.", _between(1, 1000)),
     "accounts_hold_s": Field(float, 0.0, "When every account is at its limit and the earliest reset is at most "
                              "this many seconds away, a request waits for it (a stream sends keep-alives) instead "
                              "of a 429; 0 = never (a 429 at once).", _between(0, 6 * 3600)),

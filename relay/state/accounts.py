@@ -26,6 +26,7 @@ from ..core.routing import (
     uses_overage,
     windows_of,
 )
+from ..core.storm import ramp_cap
 from ..errors import RateLimited, RelayError, SubscriptionLimited
 from .account_alerts import AccountAlerts, Forget
 from .connection import PREFIX
@@ -55,6 +56,23 @@ class Accounts:
         self.overage_policy = overage_policy
         self.emit: Emit = emit or (lambda *a, **k: False)
         self.notices = AccountAlerts(self.emit, thresholds, repeat_s, forget)
+        self.ramp_s, self.ramp_start, self.ramp_full = 0.0, 1, NO_SLOT_LIMIT   # storm control (set_ramp)
+
+    def set_ramp(self, ramp_s: float, start: int, host_limit: int) -> None:
+        """Failover storm control (core/storm.py): a receiving account's runs for moving conversations
+        start at `start` at once and reach its limit (or the host's) over `ramp_s` seconds."""
+        self.ramp_s, self.ramp_start, self.ramp_full = ramp_s, start, host_limit
+
+    def _moving_slot(self, name: str, member: str) -> bool:
+        """A slot for a run whose conversation moves here from another account, within the ramp."""
+        spec = self.by_name[name]
+        full = spec.max_concurrent or self.ramp_full
+        if self.ramp_s > 0:
+            key, now = f"{PREFIX}acctramp:{self._id(name)}", time.time()
+            self.r.set(key, now, nx=True, ex=max(1, int(self.ramp_s)))   # the first mover starts the ramp
+            began = float(self.r.get(key) or now)
+            full = ramp_cap(now - began, self.ramp_s, self.ramp_start, full)
+        return self.leases.try_slot(self.slot_key(name), full, member)
 
     # -- keys ------------------------------------------------------------------------------------
     def _id(self, name: str) -> str:
@@ -278,7 +296,8 @@ class Accounts:
             if sticky and order[0].name == sticky and not last:
                 order = order[:1]
             for v in order:
-                if self.try_slot(v.name, member):
+                moving = bool(exclude) or bool(sticky and sticky != v.name)
+                if self._moving_slot(v.name, member) if moving else self.try_slot(v.name, member):
                     return v.name
             if last:
                 caps = ", ".join(f"{v.name} ({v.max_concurrent})" for v in order)
