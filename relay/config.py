@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A setting is missing, of the wrong type or out of range; the message names the key."""
 
 
+# what an alert webhook may subscribe to (core/alerts.py sends them)
+ALERT_EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
+                "run_timeout", "runaway_conversation", "helper_down", "helper_restarted", "cli_too_old",
+                "cli_selftest_failed", "cache_health")
+
+
 @dataclass(frozen=True)
 class Field:
     kind: type | tuple[type, ...]
@@ -114,8 +120,7 @@ def _check_webhooks(value: Any) -> str | None:
         if fmt == "telegram" and item.get("chat_id") in (None, ""):
             return f"item {i}: the telegram format needs a chat_id"
         events = item.get("events")
-        from .core.alerts import EVENTS  # declared once, with the alerts
-        known = EVENTS
+        known = ALERT_EVENTS
         if events is not None and (not isinstance(events, list) or any(e not in known for e in events)):
             return f"item {i}: events must be a list of: {', '.join(known)}"
         unknown = set(item) - {"url", "format", "chat_id", "events", "timeout_s"}

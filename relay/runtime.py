@@ -40,6 +40,7 @@ from .state.runaway import Runaways
 from .state.sessions import Sessions
 from .state.slots import RunSlots
 from .state.stats import Stats
+from .state.storm import FailoverRamp
 
 if TYPE_CHECKING:
     from flask_limiter import Limiter
@@ -100,8 +101,8 @@ class Relay:
         self.accounts = Accounts(self._redis, self.leases, specs, self.host, settings["login_recheck_s"],
                                  settings["accounts_overage"], settings["alerts.thresholds"], self.alerts.emit,
                                  settings["alerts.repeat_window_s"], self.alerts.forget)
-        self.accounts.set_ramp(settings["accounts_failover_ramp_s"], settings["accounts_failover_start"],
-                               settings["max_concurrent_runs"])
+        self.accounts.ramp = FailoverRamp(self._redis, settings["accounts_failover_ramp_s"],
+                                          settings["accounts_failover_start"], settings["max_concurrent_runs"])
         # each account's login: its config dir and/or OAuth token; the others' tokens are scrubbed
         self.account_envs, self.account_problems = account_envs(specs, self.cli_env)
 

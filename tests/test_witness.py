@@ -3,8 +3,9 @@ rate-limit headers in the CLI's own shape, every message's usage, an error's sta
 
 import json
 
+from relay.cli.witness import Witness
 from relay.core.upstream import classify
-from relay.core.witness import CallMeter, Witness, rate_limit_info
+from relay.core.witness import CallMeter, rate_limit_info
 from relay.errors import SubscriptionLimited
 
 P = "anthropic-ratelimit-unified-"

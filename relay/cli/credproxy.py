@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.agent import ProxyLimits
-from ..core.witness import CallMeter, Witness
+from ..core.witness import CallMeter
 from ..errors import Forbidden, RateLimited, RelayError
 from . import credproxy_guard as guard
+from .witness import Witness
 
 log = logging.getLogger("relay.credproxy")
 AUTH_HEADERS = ("x-api-key", "authorization")
@@ -193,42 +194,45 @@ class CredProxy:
                     out = {k: v for k, v in out.items() if k.lower() != "anthropic-beta"}
                     out["anthropic-beta"] = ",".join(betas if OAUTH_BETA in betas else betas + [OAUTH_BETA])
                 out["Content-Length"] = str(len(body))
-                self._forward(body, out)
-
-            def _forward(self, body: bytes, headers: dict[str, str]) -> None:
-                u = urllib.parse.urlsplit(proxy.credential.upstream)
-                base = u.path.rstrip("/")
-                cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-                conn = cls(u.hostname or "localhost", u.port, timeout=600)
-                meter: CallMeter | None = None
-                try:
-                    conn.request("POST", base + self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    meter = CallMeter(self.path, resp.status, resp.getheaders())
-                    self.send_response(resp.status)
-                    for k, v in resp.getheaders():
-                        if k.lower() not in HOP_HEADERS:
-                            self.send_header(k, v)
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    self.close_connection = True
-                    while True:
-                        chunk = resp.read1(65536)
-                        if not chunk:
-                            break
-                        meter.feed(chunk)
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
-                except (OSError, http.client.HTTPException) as exc:
-                    log.warning("credproxy: upstream request failed: %s", exc)
-                    self.close_connection = True
-                finally:
-                    conn.close()
-                    if meter is not None:  # what the API answered counts, whether or not the CLI read it all
-                        meter.close()
-                        proxy.witness.record(meter)
+                forward(proxy, self, body, out)
 
         return Handler
+
+
+def forward(proxy: CredProxy, h: BaseHTTPRequestHandler, body: bytes, headers: dict[str, str]) -> None:
+    """Send an admitted request upstream with the real credential and stream the answer back through
+    a `CallMeter`, recorded in the run's witness."""
+    u = urllib.parse.urlsplit(proxy.credential.upstream)
+    base = u.path.rstrip("/")
+    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = cls(u.hostname or "localhost", u.port, timeout=600)
+    meter: CallMeter | None = None
+    try:
+        conn.request("POST", base + h.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        meter = CallMeter(h.path, resp.status, resp.getheaders())
+        h.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in HOP_HEADERS:
+                h.send_header(k, v)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        while True:
+            chunk = resp.read1(65536)
+            if not chunk:
+                break
+            meter.feed(chunk)
+            h.wfile.write(chunk)
+            h.wfile.flush()
+    except (OSError, http.client.HTTPException) as exc:
+        log.warning("credproxy: upstream request failed: %s", exc)
+        h.close_connection = True
+    finally:
+        conn.close()
+        if meter is not None:  # what the API answered counts, whether or not the CLI read it all
+            meter.close()
+            proxy.witness.record(meter)
 
 
 def unix_socket_ok(path: str) -> bool:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
-from ..core.witness import Witness
 from ..errors import Unavailable
+from .witness import Witness
 
 log = logging.getLogger("relay.cli")
 

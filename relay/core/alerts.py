@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
-          "run_timeout", "runaway_conversation", "helper_down", "helper_restarted", "cli_too_old",
-          "cli_selftest_failed", "cache_health")
+from ..config import ALERT_EVENTS
+
+EVENTS = ALERT_EVENTS
 FORMATS = ("json", "slack", "telegram")
 
 

@@ -4,20 +4,19 @@ An agent run's tools share the sandbox with the CLI, so nothing the CLI writes i
 accounts and billing: the proxy (`cli/credproxy.py`) feeds each upstream answer through a `CallMeter`,
 which reads the real `anthropic-ratelimit-unified-*` headers, the usage of every message (the CLI's
 own calls and any call a tool makes with the run's placeholder) and an error's status and text. The
-`Witness` of the run sums them; the pipeline charges that usage and notes that account state.
+`Witness` of the run (cli/witness.py) sums them; the pipeline charges that usage and notes that account state.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterable
 from typing import Any
 
-from .events import USAGE_KEYS, Turn
+from .events import USAGE_KEYS
 from .record import figure
 
-PREFIX = "anthropic-ratelimit-unified-"
+UNIFIED = "anthropic-ratelimit-unified-"
 # the CLI's own names for the windows and their header families (read from the pinned 2.1.330)
 WINDOWS = (("five_hour", "5h"), ("seven_day", "7d"), ("seven_day_overage_included", "7d_oi"),
            ("overage", "overage"))
@@ -39,25 +38,25 @@ def _number(v: str | None) -> float | None:
 def rate_limit_info(headers: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
     """The unified rate-limit headers of one answer, in the shape of the CLI's `rate_limit_event`
     (`rate_limit_info`); None when the answer carried none (an API key, or not Anthropic)."""
-    h = {k.lower(): v for k, v in headers if k.lower().startswith(PREFIX)}
-    if PREFIX + "status" not in h:
+    h = {k.lower(): v for k, v in headers if k.lower().startswith(UNIFIED)}
+    if UNIFIED + "status" not in h:
         return None
-    info: dict[str, Any] = {"status": h[PREFIX + "status"][:40]}
-    reset = _number(h.get(PREFIX + "reset"))
+    info: dict[str, Any] = {"status": h[UNIFIED + "status"][:40]}
+    reset = _number(h.get(UNIFIED + "reset"))
     if reset is not None:
         info["resetsAt"] = round(reset)
     for field, header in (("rateLimitType", "representative-claim"), ("overageStatus", "overage-status"),
                           ("overageDisabledReason", "overage-disabled-reason")):
-        if h.get(PREFIX + header):
-            info[field] = h[PREFIX + header][:80]
-    in_use = h.get(PREFIX + "overage-in-use") == "true"
+        if h.get(UNIFIED + header):
+            info[field] = h[UNIFIED + header][:80]
+    in_use = h.get(UNIFIED + "overage-in-use") == "true"
     info["isUsingOverage"] = in_use or (info["status"] == "rejected"
                                         and info.get("overageStatus") in ("allowed", "allowed_warning"))
     windows: dict[str, dict[str, Any]] = {}
     for name, short in WINDOWS:
-        util, wreset = _number(h.get(f"{PREFIX}{short}-utilization")), _number(h.get(f"{PREFIX}{short}-reset"))
-        surpassed = _number(h.get(f"{PREFIX}{short}-surpassed-threshold"))
-        status = h.get(f"{PREFIX}{short}-status")
+        util, wreset = _number(h.get(f"{UNIFIED}{short}-utilization")), _number(h.get(f"{UNIFIED}{short}-reset"))
+        surpassed = _number(h.get(f"{UNIFIED}{short}-surpassed-threshold"))
+        status = h.get(f"{UNIFIED}{short}-status")
         w: dict[str, Any] = {}
         if util is not None:
             w["utilization"] = max(0.0, util)
@@ -151,41 +150,3 @@ class CallMeter:
         except ValueError:
             pass
         return self._body[:2000].decode("utf-8", "replace")
-
-
-class Witness:
-    """Every API call of one agent run, as its proxy forwarded it (thread-safe: one thread per call)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.calls = 0                     # answered /v1/messages calls
-        self.usage = {k: 0 for k in USAGE_KEYS}
-        self.info: dict[str, Any] | None = None   # the newest unified rate-limit headers
-        self.last_status = 0
-        self.last_error = ""
-
-    def record(self, meter: CallMeter) -> None:
-        with self._lock:
-            if meter.info is not None:
-                self.info = meter.info
-            if not meter.billed:
-                return
-            self.calls += 1
-            self.last_status = meter.status
-            self.last_error = meter.error_text() if meter.status >= 400 else ""
-            for k, v in meter.usage.items():
-                self.usage[k] += v
-
-    def total(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.usage, reasoning_tokens=0)
-
-    def turn(self) -> Turn:
-        """What the run's last call says for the account, in the terms `upstream.classify` reads: the
-        headers as the rate-limit event, and an error answer as a failed result with its status."""
-        with self._lock:
-            t = Turn(rate_limit=dict(self.info) if self.info else None, done=True)
-            if self.last_status >= 400:
-                t.result = {"is_error": True, "api_error_status": self.last_status,
-                            "result": f"API Error: {self.last_status} {self.last_error}"}
-            return t

@@ -15,12 +15,12 @@ from ..cli.invocation import build_spec
 from ..cli.process import RunSpec
 from ..cli.run import DisconnectWatcher, Limits, Run
 from ..cli.session_files import live_environment, repair_transcript, transcript, write_transcript
+from ..cli.witness import Witness
 from ..core.conversation import Plan
 from ..core.history import write_history
 from ..core.prompt import held_results
 from ..core.run_description import RunDescription, describe, prompt_cache, system_of
 from ..core.upstream import SessionMissing, classify, is_account_error
-from ..core.witness import Witness
 from ..errors import PoolLost, RelayError, UpstreamError
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
 from .hold import AccountsHold, hold_until

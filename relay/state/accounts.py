@@ -26,11 +26,11 @@ from ..core.routing import (
     uses_overage,
     windows_of,
 )
-from ..core.storm import ramp_cap
 from ..errors import RateLimited, RelayError, SubscriptionLimited
 from .account_alerts import AccountAlerts, Forget
 from .connection import PREFIX
 from .leases import Leases
+from .storm import FailoverRamp
 
 log = logging.getLogger("relay.accounts")
 Emit = Callable[..., bool]
@@ -56,23 +56,7 @@ class Accounts:
         self.overage_policy = overage_policy
         self.emit: Emit = emit or (lambda *a, **k: False)
         self.notices = AccountAlerts(self.emit, thresholds, repeat_s, forget)
-        self.ramp_s, self.ramp_start, self.ramp_full = 0.0, 1, NO_SLOT_LIMIT   # storm control (set_ramp)
-
-    def set_ramp(self, ramp_s: float, start: int, host_limit: int) -> None:
-        """Failover storm control (core/storm.py): a receiving account's runs for moving conversations
-        start at `start` at once and reach its limit (or the host's) over `ramp_s` seconds."""
-        self.ramp_s, self.ramp_start, self.ramp_full = ramp_s, start, host_limit
-
-    def _moving_slot(self, name: str, member: str) -> bool:
-        """A slot for a run whose conversation moves here from another account, within the ramp."""
-        spec = self.by_name[name]
-        full = spec.max_concurrent or self.ramp_full
-        if self.ramp_s > 0:
-            key, now = f"{PREFIX}acctramp:{self._id(name)}", time.time()
-            self.r.set(key, now, nx=True, ex=max(1, int(self.ramp_s)))   # the first mover starts the ramp
-            began = float(self.r.get(key) or now)
-            full = ramp_cap(now - began, self.ramp_s, self.ramp_start, full)
-        return self.leases.try_slot(self.slot_key(name), full, member)
+        self.ramp = FailoverRamp(r)   # storm control (the runtime sets its figures)
 
     # -- keys ------------------------------------------------------------------------------------
     def _id(self, name: str) -> str:
@@ -276,9 +260,11 @@ class Accounts:
                 self.notices.recovered(s.name, until)
 
     # -- choosing --------------------------------------------------------------------------------
-    def try_slot(self, name: str, member: str) -> bool:
+    def try_slot(self, name: str, member: str, moving: bool = False) -> bool:
+        """`moving`: the run's conversation moves here from another account (within the failover ramp)."""
         spec = self.by_name[name]
-        return self.leases.try_slot(self.slot_key(name), spec.max_concurrent or NO_SLOT_LIMIT, member)
+        cap = self.ramp.cap(self._id(name), spec.max_concurrent) if moving else spec.max_concurrent or NO_SLOT_LIMIT
+        return self.leases.try_slot(self.slot_key(name), cap, member)
 
     def acquire(self, sticky: str | None, exclude: list[str], member: str, wait_s: float,
                 problems: dict[str, str], conv_ttl_s: float) -> str:
@@ -296,8 +282,7 @@ class Accounts:
             if sticky and order[0].name == sticky and not last:
                 order = order[:1]
             for v in order:
-                moving = bool(exclude) or bool(sticky and sticky != v.name)
-                if self._moving_slot(v.name, member) if moving else self.try_slot(v.name, member):
+                if self.try_slot(v.name, member, moving=bool(exclude) or bool(sticky and sticky != v.name)):
                     return v.name
             if last:
                 caps = ", ".join(f"{v.name} ({v.max_concurrent})" for v in order)
