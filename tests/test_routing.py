@@ -68,14 +68,14 @@ def test_rate_limit_events_as_the_pinned_cli_writes_them():
                "overageStatus": "rejected", "unifiedWindows": {
                    "five_hour": {"utilization": 0.3, "resetsAt": NOW + 100, "status": "allowed"},
                    "seven_day": {"utilization": 0.1, "resetsAt": NOW + 9000, "status": "allowed"}}}
-    assert windows_of(allowed) == {"five_hour": {"utilization": 0.3, "resets_at": NOW + 100},
-                                   "seven_day": {"utilization": 0.1, "resets_at": NOW + 9000}}
+    assert windows_of(allowed) == {"five_hour": {"utilization": 0.3, "resets_at": NOW + 100, "status": "allowed"},
+                                   "seven_day": {"utilization": 0.1, "resets_at": NOW + 9000, "status": "allowed"}}
     assert not uses_overage(allowed)
     overage = {"status": "rejected", "resetsAt": NOW + 100, "overageStatus": "allowed", "isUsingOverage": True,
                "overageInUse": True}
     assert uses_overage(overage) and limit_reset(overage, NOW) == NOW + 100
     old_cli = {"status": "rejected", "resetsAt": NOW + 50, "rateLimitType": "seven_day"}
-    assert windows_of(old_cli) == {"seven_day": {"utilization": 1.0, "resets_at": NOW + 50}}
+    assert windows_of(old_cli) == {"seven_day": {"utilization": 1.0, "resets_at": NOW + 50, "status": "rejected"}}
 
 
 def test_alert_bodies_in_each_format():
