@@ -121,7 +121,7 @@ def _check_webhooks(value: Any) -> str | None:
         events = item.get("events")
         known = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected",
                  "login_failing", "run_timeout", "runaway_conversation", "helper_down", "helper_restarted",
-                 "cli_too_old", "cli_selftest_failed")
+                 "cli_too_old", "cli_selftest_failed", "model_limited")
         if events is not None and (not isinstance(events, list) or any(e not in known for e in events)):
             return f"item {i}: events must be a list of: {', '.join(known)}"
         unknown = set(item) - {"url", "format", "chat_id", "events", "timeout_s"}
