@@ -186,23 +186,28 @@ class Accounts:
         now = time.time()
         key = self.key(name)
         fields: dict[str, Any] = {"updated": now}
+        gone: list[str] = []
         if ok:
-            self.r.hdel(key, "login_problem", "login_until", *([family_key(family)] if family else []))
+            gone += ["login_problem", "login_until", *([family_key(family)] if family else [])]
         if info:
             for w, vals in windows_of(info).items():
                 if "resets_at" in vals and "utilization" not in vals:
-                    self.r.hdel(key, f"{w}_util")  # a new period whose use was not reported: unknown, not the old
-                for field, name_ in (("utilization", "util"), ("resets_at", "reset"), ("status", "status"),
-                                     ("surpassed", "surpassed")):
+                    gone.append(f"{w}_util")  # a period whose use was not reported: unknown, not the old one's
+                for field, suffix in (("utilization", "util"), ("resets_at", "reset"), ("status", "status"),
+                                      ("surpassed", "surpassed")):
                     if field in vals:
-                        fields[f"{w}_{name_}"] = vals[field]
-                if "surpassed" not in vals:
-                    self.r.hdel(key, f"{w}_surpassed")
+                        fields[f"{w}_{suffix}"] = vals[field]
+                    elif field in ("status", "surpassed"):
+                        gone.append(f"{w}_{suffix}")  # what this turn did not report is not the last one's
             fields["status"] = info.get("status") or ""
             fields["overage_status"] = info.get("overageStatus") or ""
             fields["overage_in_use"] = "1" if uses_overage(info) else "0"
-        self.r.hset(key, mapping=fields)
-        self.r.expire(key, 8 * 86400)
+        pipe = self.r.pipeline()
+        if gone:
+            pipe.hdel(key, *gone)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, 8 * 86400)
+        pipe.execute()
         if not info:
             return
         self.notices.thresholds_crossed(name, info, now)
