@@ -200,6 +200,10 @@ def test_a_per_model_bucket_refusal_takes_the_account_out_for_that_family_only()
     v = view("a", **st)
     assert names(choose([v], now=NOW, family="sonnet")) == ["a"] and not choose([v], now=NOW, family="opus")
     assert "usage limit reached for opus models" in blocked_summary([v], NOW, "opus")[0]
+    from relay.core.routing import no_account_error
+    err = no_account_error([v], True, now=NOW, family="opus")
+    assert err.status == 429 and "for opus models (other models may still be served)" in err.message
+    assert err.retry_after == pytest.approx(700)
 
 
 def test_headroom_is_a_burn_rate_weighed_by_how_soon_each_window_resets():

@@ -230,6 +230,8 @@ def no_account_error(views: list[AccountView], single: bool, exclude: list[str] 
     wait = max(1.0, (earliest or now + UNKNOWN_LIMIT_S) - now)
     lead = ("The Claude subscription behind this relay hit its usage limit" if single else
             "Every Claude account behind this relay is at its usage limit or unusable")
+    if family and any(usability(v.state, now, family).kind == "model_limit" for v in views):
+        lead += f" for {family} models (other models may still be served)"
     return SubscriptionLimited(f"{lead}; no request is sent upstream until {clock(now + wait, now)}: {summary}",
                                retry_after=wait, headers={"x-should-retry": "false"} if wait > 120 else None)
 
