@@ -165,7 +165,14 @@ def test_a_per_model_bucket_rejection_leaves_the_account_serving_other_models(re
     mock_api.set_account(ta, five_hour=0.2, seven_day=0.1, seven_day_oi=1.0, seven_day_oi_reset=oi_reset)
     mock_api.set_account(tb, five_hour=0.3, seven_day=0.1, seven_day_oi=0.2)
     srv = start(relay_factory, [ta, tb], [{}, {"priority": 2}])
-    assert chat(srv, "oi opus 1", "opus").status_code == 200        # a0 refuses opus (429 7d_oi): a1 answers
+    with requests.post(srv.url + "/v1/chat/completions", timeout=120, stream=True,   # a0 refuses opus (429
+                       json={"model": "opus", "stream": True,                          # 7d_oi): a1 answers,
+                             "messages": [{"role": "user", "content": "oi opus 1"}]}) as r:  # before a byte
+        assert r.status_code == 200 and r.headers["x-relay-account"] == "a1"
+        streamed = r.text
+    assert "You said: oi opus 1" in "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                                            for line in streamed.splitlines()
+                                            if line.startswith("data: {") and json.loads(line[6:])["choices"])
     assert chat(srv, "oi sonnet 1", "sonnet").status_code == 200    # a0 still serves sonnet
     assert chat(srv, "oi opus 2", "opus").status_code == 200        # straight to a1: a0 is out for opus
     assert chat(srv, "oi haiku 1", "haiku").status_code == 200
