@@ -9,6 +9,7 @@ separate windows per bearer token and sends the unified headers (5h, 7d, 7d_oi, 
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -99,14 +100,15 @@ def test_the_meter_shows_every_window_exactly_on_every_surface_across_two_worker
         {"five_hour": 0.42, "seven_day": 0.13, "seven_day_overage_included": 0.3}
     labels = [bar.split('aria-label="')[1].split('"')[0] for bar in acc["a0"]["window_meters"]]
     assert labels == ["a0 5-hour: 42 % · allowed warning", "a0 weekly: 13 %", "a0 per-model wk: 30 %"]
-    assert "resets in 1 h 6" in acc["a0"]["window_meters"][0] and "resets in 5 d" in acc["a0"]["window_meters"][1]
+    assert re.search(r"resets in 1 h [0-6] min", acc["a0"]["window_meters"][0])   # 1 h 6 min 40 s after `now`
+    assert "resets in 5 d 1" in acc["a0"]["window_meters"][1]                        # 5 d 18 h 53 min
 
 
 def test_a_stale_window_says_so_and_is_never_shown_as_zero(relay_factory, mock_api):
     (ta,) = tokens(1)
-    soon = int(time.time()) + 6
-    mock_api.set_account(ta, five_hour=0.55, seven_day=0.2, five_hour_reset=soon)
     srv = start(relay_factory, [ta])
+    soon = int(time.time()) + 6          # set once the relay is up: its start must not outlast the window
+    mock_api.set_account(ta, five_hour=0.55, seven_day=0.2, five_hour_reset=soon)
     chat(srv, "stale-0").raise_for_status()
     assert meter(srv)["a0"]["windows"]["five_hour"]["utilization"] == pytest.approx(0.55)
     time.sleep(max(0.0, soon - time.time()) + 1)       # the reset passes with no turn since
@@ -264,8 +266,8 @@ def test_the_dashboard_draws_every_window_as_a_bar_in_headless_chromium(relay_fa
     assert bars == ["a0: limited", "a0 5-hour: 100 % · rejected", "a0 weekly: 13 %", "a0 per-model wk: 30 %",
                     "a1: 97 % of the fuller window", "a1 5-hour: 97 % · allowed warning", "a1 weekly: 61 %"], bars
     shown = [e.get_attribute("textContent") for e in browser.find_elements("css selector", "#accounts svg")]
-    assert "resets in 2 h 9" in shown[1] or "resets in 2 h 10" in shown[1], shown[1]
-    assert "resets in 3 d 1 h" in shown[2] or "resets in 3 d 2 h" in shown[2], shown[2]
-    assert "resets in 24 min" in shown[5] or "resets in 25 min" in shown[5], shown[5]
+    assert re.search(r"resets in 2 h ([0-9]|10) min", shown[1]), shown[1]     # 2 h 10 min after `now`
+    assert re.search(r"resets in 3 d [12] h", shown[2]), shown[2]
+    assert re.search(r"resets in (1[5-9]|2[0-5]) min", shown[5]), shown[5]    # 25 min after `now`
     assert "a0: limited until" in text(browser, "accounts")
     screenshot(browser, tmp_path, "dashboard-windows.png")
