@@ -121,7 +121,9 @@ def test_a_stale_window_says_so_and_is_never_shown_as_zero(relay_factory, mock_a
     assert ("a0", "five_hour") not in gauge(m, "relay_account_window_utilization")   # no sample, never 0
     assert gauge(m, "relay_account_window_stale")[("a0", "five_hour")] == 1.0
     assert gauge(m, "relay_account_window_utilization")[("a0", "seven_day")] == pytest.approx(0.2)
-    bars = requests.get(srv.url + "/dashboard/data", timeout=10).json()["accounts"][0]["window_meters"]
+    acc = requests.get(srv.url + "/dashboard/data", timeout=10).json()["accounts"][0]
+    bars = acc["window_meters"]
+    assert acc["utilization"] == pytest.approx(0.2)       # the fuller window known: the weekly one
     assert 'aria-label="a0 5-hour: unknown (stale)"' in bars[0] and "no turn since its reset" in bars[0]
     assert "0 %" not in bars[0]
     chat(srv, "stale-1").raise_for_status()             # the next turn reports the new period (the mock rolled)

@@ -47,7 +47,8 @@ def _account(a: AccountStatus) -> dict[str, Any]:
     if a.limited:
         pct, shown, note = 100.0, "limited", "until " + time.strftime("%H:%M UTC", time.gmtime(a.resets_at or 0))
     elif a.utilization is None:
-        pct, shown, note = 0.0, "usable", "no window reported yet"
+        stale = any(w.stale for w in a.windows)
+        pct, shown, note = 0.0, "usable", "stale: no turn since the reset" if stale else "no window reported yet"
     else:
         pct, shown, note = a.utilization * 100, f"{a.utilization * 100:.0f} % of the fuller window", ""
     return dict(a.__dict__, windows=[dict(w.__dict__) for w in a.windows],
