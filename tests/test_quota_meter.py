@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from harness import free_port, openai_client, wait_until
+from harness import anthropic_client, free_port, openai_client, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_accounts import Receiver, ask, meter, start, tokens
 from test_pages import browser, chromium, screenshot, settled, text  # noqa: F401  (the pages' fixtures)
@@ -183,10 +183,14 @@ def test_a_per_model_bucket_rejection_leaves_the_account_serving_other_models(re
     for i in range(4):                                               # both workers know it (Redis)
         assert chat(srv, f"oi opus more {i}", "opus").status_code == 200
         assert chat(srv, f"oi sonnet more {i}", "sonnet").status_code == 200
+    with anthropic_client(srv.url) as ac:          # the Messages API routes the same way
+        msg = ac.messages.with_raw_response.create(model="claude-opus-5-5", max_tokens=50,
+                                                   messages=[{"role": "user", "content": "oi messages opus"}])
+        assert msg.headers["x-relay-account"] == "a1" and "oi messages opus" in msg.parse().content[0].text
     to_a = [(r["body"]["model"], r["status"] if "status" in r else None) for r in mock_api.by_token(ta)]
     assert [m for m, _ in to_a if "opus" in m] == ["claude-opus-5-5"]       # refused once, never asked again
     assert len([m for m, _ in to_a if "sonnet" in m]) == 5 and len([m for m, _ in to_a if "haiku" in m]) == 1
-    assert len([r for r in mock_api.by_token(tb) if "opus" in r["body"]["model"]]) == 6
+    assert len([r for r in mock_api.by_token(tb) if "opus" in r["body"]["model"]]) == 7
     a0 = meter(srv)["a0"]
     assert a0["usable"] and a0["state"] == "ok" and a0["model_limits"] == {"opus": iso(oi_reset)}
     oi = a0["windows"]["seven_day_overage_included"]
