@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 # what an alert webhook may subscribe to (core/alerts.py sends them)
 ALERT_EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
                 "run_timeout", "runaway_conversation", "helper_down", "helper_restarted", "cli_too_old",
-                "cli_selftest_failed", "cache_health")
+                "cli_selftest_failed", "cache_health", "model_limited")
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,15 @@ def _check_models(value: Any) -> str | None:
     return None
 
 
-_ACCOUNT_FIELDS = {"name", "config_dir", "oauth_token_env", "max_concurrent", "priority"}
+_ACCOUNT_FIELDS = {"name", "config_dir", "oauth_token_env", "max_concurrent", "priority", "reserve"}
 
 
 def _check_accounts(value: Any) -> str | None:
     names: set[str] = set()
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            return f"item {i} must be an object {{name, config_dir | oauth_token_env, max_concurrent, priority}}"
+            return (f"item {i} must be an object {{name, config_dir | oauth_token_env, max_concurrent, priority, "
+                    "reserve}")
         name = item.get("name")
         if not isinstance(name, str) or not name or len(name) > 64 or \
                 not all(c.isalnum() or c in "._-" for c in name):
@@ -106,6 +107,10 @@ def _check_accounts(value: Any) -> str | None:
             v = item.get(f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 1000):
                 return f"item {i} ({name}): {f} must be an integer from {lo} to 1000"
+        reserve = item.get("reserve")
+        if reserve is not None and (not isinstance(reserve, (int, float)) or isinstance(reserve, bool)
+                                    or not 0 < reserve <= 1):
+            return f"item {i} ({name}): reserve must be a fraction of a window above 0 and at most 1 (e.g. 0.9)"
     return None
 
 
@@ -270,7 +275,9 @@ SCHEMA: dict[str, Field] = {
                     "{\"opus\": {\"input\": 5, \"output\": 25, \"cache_write\": 6.25, \"cache_read\": 0.5}}; used only "
                     "for the estimated_cost_usd figures."),
     "accounts": Field(list, [], "Claude accounts (subscriptions) to route over: {name, config_dir | "
-                      "oauth_token_env, max_concurrent, priority} (see docs/operations.md, Several accounts); "
+                      "oauth_token_env, max_concurrent, priority, reserve} (see docs/operations.md, Several "
+                      "accounts); `reserve` (e.g. 0.9) stops new conversations on an account once any of its "
+                      "windows is that full (its own conversations go on until the limit); "
                       "empty = the host's own login.", _check_accounts),
     "accounts_overage": Field(str, "block", "block: an account drawing on overage (extra usage) is not used until "
                               "its reset; allow: it is used (and alerted).", _one_of("block", "allow")),

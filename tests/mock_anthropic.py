@@ -42,7 +42,9 @@ with `mock.set_account(token, ...)` (or `POST /_mock/accounts/<token>` with the 
 answered with that account's `anthropic-ratelimit-unified-*` headers (5-hour and weekly utilization,
 resets, overage), a 429 (status rejected) once its 5-hour window is exhausted (unless overage is
 allowed: then it answers and says overage is in use), a 401 for a broken login, or the 400
-"Third-party apps now draw from your extra usage" refusal. A window whose reset time has passed starts
+"Third-party apps now draw from your extra usage" refusal. A request for an opus model on an account
+whose per-model weekly bucket (`seven_day_oi`) is exhausted gets a 429 whose representative claim is
+`seven_day_overage_included`; other models are still answered. A window whose reset time has passed starts
 over, empty, as the API's do. `mock.by_token(token)` lists its requests.
 """
 
@@ -118,6 +120,19 @@ class Window:
 
     def exhausted(self) -> bool:
         return self.five_hour >= 1.0 or self.seven_day >= 1.0
+
+    def model_rejected(self, model: str) -> bool:
+        """The per-model weekly bucket (`7d_oi`, opus models) is exhausted for this model."""
+        return self.seven_day_oi is not None and self.seven_day_oi >= 1.0 and "opus" in model.lower()
+
+    def model_headers(self) -> dict[str, str]:
+        """As the API answers a request the per-model bucket refuses: rejected, claimed by `7d_oi`."""
+        h = self.headers()
+        h.update({"anthropic-ratelimit-unified-status": "rejected",
+                  "anthropic-ratelimit-unified-reset": str(self.seven_day_oi_reset),
+                  "anthropic-ratelimit-unified-representative-claim": "seven_day_overage_included",
+                  "retry-after": str(max(1, self.seven_day_oi_reset - int(time.time())))})
+        return h
 
     def using_overage(self) -> bool:
         return self.exhausted() and self.overage in ("allowed", "allowed_warning")
@@ -323,6 +338,11 @@ class MockAnthropic:
                 if win is not None and win.exhausted() and not win.using_overage():
                     return self._json(429, {"type": "error", "error": {"type": "rate_limit_error",
                                                                        "message": "limit"}}, window_headers)
+                if win is not None and win.model_rejected(str(body.get("model") or "")):
+                    with mock.lock:
+                        refusal = win.model_headers()
+                    return self._json(429, {"type": "error", "error": {"type": "rate_limit_error",
+                                                                       "message": "limit"}}, refusal)
                 if win is not None:
                     with mock.lock:
                         win.five_hour = round(win.five_hour + win.per_request, 6)

@@ -138,7 +138,9 @@ def test_metrics_count_a_known_mix_exactly_across_workers_and_a_worker_restart(t
         assert m[name] == [({"host": host}, 0.0)], name
     assert m["relay_max_concurrent_runs"] == [({"host": host}, 4.0)]
     assert m["relay_account_limited"] == [({"account": account}, 0.0)]
-    assert m["relay_account_window_reset_timestamp_seconds"] == [({"account": account}, 0.0)]
+    assert m["relay_account_limited_until_timestamp_seconds"] == [({"account": account}, 0.0)]
+    assert not m.get("relay_account_window_reset_timestamp_seconds")  # no window reported: no sample, never 0 %
+    assert not m.get("relay_account_window_utilization")
 
     # a worker restart (gunicorn replaces it) loses nothing: the counts live in Redis
     before = team.worker_pids()

@@ -11,21 +11,49 @@ from typing import Any
 
 from .. import health
 from ..core.charts import meter, stacked_bars
-from ..core.metrics import AccountStatus, pivot
+from ..core.metrics import AccountStatus, WindowStatus, pivot
 from ..runtime import Relay
 from ..state.apikeys import ApiKey
 
 HOURS, DAYS = 24, 14
 
 
+WINDOW_LABEL = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_overage_included": "per-model wk"}
+
+
+def _until(ts: float | None, now: float) -> str:
+    """`resets in 3 h 12 min` (or `in 2 d 4 h` for a weekly window)."""
+    if not ts:
+        return "reset time not reported"
+    left = max(0, int(ts - now))
+    d, h, m = left // 86400, left % 86400 // 3600, left % 3600 // 60
+    return "resets in " + (f"{d} d {h} h" if d else f"{h} h {m} min" if h else f"{m} min")
+
+
+def _window_bar(account: str, w: WindowStatus, now: float) -> str:
+    """One window as a bar with the time to its reset; a stale window (its reset passed with no turn since)
+    says so with an empty track, never as 0 %."""
+    label = f"{account} {WINDOW_LABEL.get(w.name, w.name)}"
+    if w.stale or w.utilization is None:
+        return meter(label, 0, 100, "no turn since its reset" if w.stale else "", shown="unknown (stale)"
+                     if w.stale else "not reported")
+    status = f" · {w.status.replace('_', ' ')}" if w.status and w.status != "allowed" else ""
+    return meter(label, w.utilization * 100, 100, _until(w.resets_at, now),
+                 shown=f"{w.utilization * 100:.0f} %{status}")
+
+
 def _account(a: AccountStatus) -> dict[str, Any]:
+    now = time.time()
     if a.limited:
         pct, shown, note = 100.0, "limited", "until " + time.strftime("%H:%M UTC", time.gmtime(a.resets_at or 0))
     elif a.utilization is None:
-        pct, shown, note = 0.0, "usable", "window use not reported"
+        stale = any(w.stale for w in a.windows)
+        pct, shown, note = 0.0, "usable", "stale: no turn since the reset" if stale else "no window reported yet"
     else:
-        pct, shown, note = a.utilization * 100, f"{a.utilization * 100:.0f} % of the window", ""
-    return dict(a.__dict__, meter=meter(a.name, pct, 100, note, shown=shown))
+        pct, shown, note = a.utilization * 100, f"{a.utilization * 100:.0f} % of the fuller window", ""
+    return dict(a.__dict__, windows=[dict(w.__dict__) for w in a.windows],
+                meter=meter(a.name, pct, 100, note, shown=shown),
+                window_meters=[_window_bar(a.name, w, now) for w in a.windows])
 
 
 def _charts(relay: Relay, key: ApiKey | None = None) -> list[dict[str, str]]:

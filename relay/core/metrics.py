@@ -50,13 +50,24 @@ class WarmStats:
 
 
 @dataclass(frozen=True)
+class WindowStatus:
+    """One usage window of an account: `five_hour`, `seven_day` or `seven_day_overage_included`."""
+    name: str
+    utilization: float | None = None  # 0..1; None when stale (its reset passed with no turn since)
+    resets_at: float | None = None
+    status: str = ""                  # allowed | allowed_warning | rejected ("" when stale or unknown)
+    stale: bool = False
+
+
+@dataclass(frozen=True)
 class AccountStatus:
     """One Claude account as the metrics and the dashboard see it."""
     name: str
     limited: bool = False             # refusing runs until `resets_at`
-    utilization: float | None = None  # 0..1 of the current usage window, when known
+    utilization: float | None = None  # 0..1 of the fuller usage window, when known
     resets_at: float | None = None    # epoch seconds the window (or cooldown) resets, when known
     reason: str = ""
+    windows: tuple[WindowStatus, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,17 +197,30 @@ def families(stored: dict[str, dict[str, float]], live: Live) -> Iterator[Metric
         c.add_metric(host, value)
         yield c
     util = GaugeMetricFamily(NAME_PREFIX + "account_window_utilization",
-                             "Share of the account's usage window used (1 while limited; 0 when unknown).",
-                             labels=["account"])
+                             "Share of the account's usage window used, per window (five_hour, seven_day, "
+                             "seven_day_overage_included); absent while unknown or stale.",
+                             labels=["account", "window"])
     limited = GaugeMetricFamily(NAME_PREFIX + "account_limited", "1 while the account refuses runs.", labels=["account"])
     reset = GaugeMetricFamily(NAME_PREFIX + "account_window_reset_timestamp_seconds",
-                              "When the account's window or cooldown resets (epoch seconds; 0 when unknown).",
+                              "When the account's window resets (epoch seconds), per window.",
+                              labels=["account", "window"])
+    stale = GaugeMetricFamily(NAME_PREFIX + "account_window_stale",
+                              "1 when the window's reset passed with no turn since (its use is unknown).",
+                              labels=["account", "window"])
+    until = GaugeMetricFamily(NAME_PREFIX + "account_limited_until_timestamp_seconds",
+                              "When a limited account may be used again (epoch seconds; 0 when not limited).",
                               labels=["account"])
     for a in live.accounts:
-        util.add_metric([a.name], 1.0 if a.limited else (a.utilization or 0.0))
         limited.add_metric([a.name], 1.0 if a.limited else 0.0)
-        reset.add_metric([a.name], a.resets_at or 0.0)
+        until.add_metric([a.name], (a.resets_at or 0.0) if a.limited else 0.0)
+        for w in a.windows:
+            if w.utilization is not None:
+                util.add_metric([a.name, w.name], w.utilization)
+            if w.resets_at:
+                reset.add_metric([a.name, w.name], w.resets_at)
+            stale.add_metric([a.name, w.name], 1.0 if w.stale else 0.0)
     yield util
     yield limited
     yield reset
-
+    yield stale
+    yield until

@@ -18,6 +18,7 @@ from ..core.agent import Agent
 from ..core.conversation import Plan, conversation_id
 from ..core.events import Delta
 from ..core.request import ChatRequest
+from ..core.routing import model_family
 from ..errors import Conflict, RateLimited
 from ..runtime import Relay
 from ..state.apikeys import ApiKey
@@ -140,11 +141,12 @@ def _take_run_slots(f: Flight) -> None:
 
 def take_account(f: Flight, plan: Plan, tried: list[str]) -> Plan:
     """Choose the account (the conversation's own while it is usable) and take its slot; a
-    conversation that must move gets a fresh session there with the full history."""
+    conversation that must move gets a fresh session there with the full history. The model's
+    family (opus, sonnet, haiku) skips accounts whose per-model bucket refuses it."""
     relay, req, ctx = f.relay, f.req, f.ctx
     sticky = plan.account if plan.account in relay.accounts.by_name else None
     name = relay.accounts.acquire(sticky, tried, f.member, f.cfg["queue_timeout_s"], relay.account_problems,
-                                  f.cfg["sessions.ttl_hours"] * 3600)
+                                  f.cfg["sessions.ttl_hours"] * 3600, model_family(req.cli_model))
     f.account = name
     f.heartbeat.add("slot", relay.accounts.slot_key(name), f.member)
     if plan.account and plan.account != name and plan.conv_key:

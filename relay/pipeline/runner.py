@@ -19,6 +19,7 @@ from ..cli.witness import Witness
 from ..core.conversation import Plan
 from ..core.history import write_history
 from ..core.prompt import held_results
+from ..core.routing import model_family
 from ..core.run_description import RunDescription, describe, prompt_cache, system_of
 from ..core.upstream import SessionMissing, classify, is_account_error
 from ..errors import PoolLost, RelayError, UpstreamError
@@ -275,10 +276,11 @@ def classify_turn(f: Flight) -> RelayError | None:
                             "received; the relay does not believe it.", code="cli_unverified_error")
     if f.account and (err is not None or turn.done):
         try:
+            family = model_family(f.req.cli_model)
             if account_err is not None:
-                f.relay.accounts.note_error(f.account, account_err, account_turn.rate_limit)
+                f.relay.accounts.note_error(f.account, account_err, account_turn.rate_limit, family)
             else:
-                f.relay.accounts.note_turn(f.account, account_turn.rate_limit, ok=True)
+                f.relay.accounts.note_turn(f.account, account_turn.rate_limit, ok=True, family=family)
         except Exception as exc:  # Redis trouble must not hide the real error
             log.warning("could not record the account's state: %s", exc)
     return err

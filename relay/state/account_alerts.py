@@ -2,8 +2,13 @@
 
 A reset time, a utilization or a reason comes from the CLI's events, which a forged line or a changed
 upstream could vary at will; were they part of an alert's id, every variant would be a new alert. So the
-ids name only the account and the state (`limited:<account>`, `threshold:<account>:<window>:<threshold>`),
-and each is claimed for a window: an account's limit is announced when it starts (not again while it lasts,
+ids name only the account and the state (`limited:<account>`), and each is claimed for a window. A
+threshold alert's id also names the window's period, `threshold:<account>:<window>:<threshold>:<period>`,
+where the period is the reset to the hour, and only a reset within the window's length from now counts
+(any other names the period "?"): the claim is a Redis SET NX, so of all workers and hosts exactly one
+sends it, once per window period (the next period's crossing is news again), and a forged reset can name
+at most the hours of one window length. Anthropic's own `surpassedThreshold` counts as one more threshold.
+The claims: an account's limit is announced when it starts (not again while it lasts,
 whatever the next refusal says), its recovery when it ends, and each of them at most once per
 `alerts.repeat_window_s`, however often a forged reset makes the account flip. An admin's `clear` ends the
 claims, so the account's next state change is news again.
@@ -15,12 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..core.routing import windows_of
+from ..core.routing import WINDOW_S, windows_of
 
 Emit = Callable[..., bool]
 Forget = Callable[..., None]
-WINDOW_S = {"five_hour": 5 * 3600, "seven_day": 7 * 86400}
-LABEL = {"five_hour": "5-hour", "seven_day": "weekly"}
+LABEL = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_overage_included": "per-model weekly"}
 MAX_TTL_S = 8 * 86400
 
 
@@ -46,12 +50,17 @@ class AccountAlerts:
             if util is None:
                 continue
             util = min(max(util, 0.0), 1.0)  # a report above 100 % is still "full"
-            for t in self.thresholds:
-                if util >= t:  # once per window and threshold, whatever reset time the CLI reports
+            period = str(int(reset // 3600)) if reset and now < reset <= now + WINDOW_S[w] else "?"
+            marks = set(self.thresholds)
+            if vals.get("surpassed") is not None and 0 < vals["surpassed"] <= 1:
+                marks.add(float(vals["surpassed"]))
+            for t in sorted(marks):
+                if util >= t:  # once per window period and threshold, whichever worker saw it first
                     self.emit("utilization_threshold", name,
                               f"Claude account {name}: {LABEL[w]} window at {util:.0%} (threshold {t:.0%})",
-                              f"threshold:{name}:{w}:{t}", ttl=self._ttl(reset, now, WINDOW_S[w]),
+                              f"threshold:{name}:{w}:{t}:{period}", ttl=self._ttl(reset, now, WINDOW_S[w]),
                               details={"window": w, "utilization": util, "threshold": t,
+                                       "status": vals.get("status"), "surpassed_threshold": vals.get("surpassed"),
                                        "resets_at": _iso(reset) if reset else None})
 
     def overage(self, name: str, text: str, reset: float, now: float, details: dict[str, Any]) -> None:

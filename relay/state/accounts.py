@@ -1,7 +1,8 @@
 """Every Claude account's state, shared in Redis by all workers and hosts: the quota meter.
 
-Per account: the 5-hour and weekly windows (utilization, reset) and overage state as the CLI last
-reported them, a cooldown until the reset when the account is limited (or drawing on extra usage
+Per account: the 5-hour and weekly windows and the per-model weekly bucket (utilization, reset,
+status, surpassed threshold: `{window}_util`, `_reset`, `_status`, `_surpassed`) and overage state as
+the CLI last reported them, until when the per-model bucket refuses a model family, a cooldown until the reset when the account is limited (or drawing on extra usage
 under the `block` overage policy), a broken login, the last error, the runs in flight (leased
 slots, which also cap its concurrency) and the conversations whose CLI session it holds.
 State changes worth telling the operator about are handed to `emit` (the alert outbox).
@@ -14,16 +15,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..core.metrics import AccountStatus
+from ..core.metrics import AccountStatus, WindowStatus
 from ..core.routing import (
     UNKNOWN_LIMIT_S,
+    WINDOWS,
     AccountSpec,
     AccountView,
+    at_reserve,
     choose,
+    family_key,
     limit_reset,
+    model_rejection,
     no_account_error,
     usability,
     uses_overage,
+    window,
     windows_of,
 )
 from ..errors import RateLimited, RelayError, SubscriptionLimited
@@ -93,7 +99,7 @@ class Accounts:
             state = dict(st)
             if problems and s.name in problems:
                 state.update(login_problem=problems[s.name], login_until="")
-            out.append(AccountView(s.name, s.priority, s.max_concurrent, state, int(runs), int(convs)))
+            out.append(AccountView(s.name, s.priority, s.max_concurrent, state, int(runs), int(convs), s.reserve))
         return out
 
     def snapshot(self, conv_ttl_s: float = 86400, problems: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -103,16 +109,25 @@ class Accounts:
         for v in self.views(conv_ttl_s, problems):
             st, u = v.state, usability(v.state, now)
             windows = {}
-            for w in ("five_hour", "seven_day"):
-                util, reset = st.get(f"{w}_util"), st.get(f"{w}_reset")
-                windows[w] = {"utilization": float(util) if util else None,
-                              "resets_at": _iso(float(reset)) if reset else None}
+            for w in WINDOWS:
+                win = window(st, w, now)
+                if win is None and w not in ("five_hour", "seven_day"):
+                    continue  # the per-model bucket: only on plans whose answers report it
+                win = win or {"utilization": None, "resets_at": None, "status": None, "surpassed_threshold": None,
+                              "stale": False}
+                reset = win["resets_at"]
+                windows[w] = dict(win, resets_at=_iso(reset) if reset else None,
+                                  resets_in_s=max(0, round(reset - now)) if reset else None)
+            families = {f: _iso(float(st[family_key(f)])) for f in ("opus", "sonnet", "haiku")
+                        if float(st.get(family_key(f)) or 0) > now}
             out.append({
                 "name": v.name, "priority": v.priority, "max_concurrent": v.max_concurrent or None,
                 "usable": u.usable, "state": "ok" if u.usable else u.kind, "reason": u.reason or None,
                 "until": _iso(u.until) if u.until and not u.usable else None,
                 "retry_after_s": round(u.until - now) if u.until and not u.usable else None,
                 "windows": windows, "status": st.get("status") or None,
+                "reserve": v.reserve or None, "at_reserve": at_reserve(st, v.reserve, now) or None,
+                "model_limits": families,
                 "overage": {"status": st.get("overage_status") or None, "in_use": st.get("overage_in_use") == "1",
                             "policy": self.overage_policy},
                 "in_flight": v.in_flight, "conversations": v.conversations,
@@ -123,20 +138,24 @@ class Accounts:
         return out
 
     def statuses(self, problems: dict[str, str] | None = None) -> list[AccountStatus]:
-        """Every account as the metrics and the dashboard see it: limited or not, the fuller window's
-        utilization (when the CLI reported it) and when the limit or that window resets."""
+        """Every account as the metrics and the dashboard see it: limited or not, each window (a stale one
+        without utilization), the fuller window's utilization and when the limit or that window resets."""
         now = time.time()
         out = []
         for v in self.views(problems=problems):
             u = usability(v.state, now)
-            fullest: tuple[float, float | None] | None = None
-            for w in ("five_hour", "seven_day"):
-                util, reset = v.state.get(f"{w}_util"), v.state.get(f"{w}_reset")
-                if util and (fullest is None or float(util) > fullest[0]):
-                    fullest = (float(util), float(reset) if reset else None)
-            resets = u.until if not u.usable else (fullest[1] if fullest else None)
-            out.append(AccountStatus(name=v.name, limited=not u.usable, utilization=fullest[0] if fullest else None,
-                                     resets_at=resets, reason=u.reason or ""))
+            wins = []
+            for w in WINDOWS:
+                win = window(v.state, w, now)
+                if win is not None:
+                    wins.append(WindowStatus(w, win["utilization"], win["resets_at"], win["status"] or "",
+                                             win["stale"]))
+            known = [x for x in wins if x.utilization is not None and x.name != "seven_day_overage_included"]
+            fullest = max(known, key=lambda x: x.utilization or 0.0) if known else None
+            resets = u.until if not u.usable else (fullest.resets_at if fullest else None)
+            out.append(AccountStatus(name=v.name, limited=not u.usable,
+                                     utilization=fullest.utilization if fullest else None,
+                                     resets_at=resets, reason=u.reason or "", windows=tuple(wins)))
         return out
 
     def legacy(self, name: str) -> dict[str, Any]:
@@ -163,24 +182,34 @@ class Accounts:
             self.r.zrem(self.convs_key(name), conv_key)
 
     # -- what the CLI reported -------------------------------------------------------------------
-    def note_turn(self, name: str, info: dict[str, Any] | None, ok: bool) -> None:
-        """Record a turn's `rate_limit_event` (the meter), apply the overage policy, raise alerts."""
+    def note_turn(self, name: str, info: dict[str, Any] | None, ok: bool, family: str = "") -> None:
+        """Record a turn's `rate_limit_event` (the meter), apply the overage policy, raise alerts. A turn
+        of a model `family` that succeeded ends that family's refusal by the per-model bucket."""
         now = time.time()
         key = self.key(name)
         fields: dict[str, Any] = {"updated": now}
+        gone: list[str] = []
         if ok:
-            self.r.hdel(key, "login_problem", "login_until")
+            gone += ["login_problem", "login_until", *([family_key(family)] if family else [])]
         if info:
             for w, vals in windows_of(info).items():
-                if "utilization" in vals:
-                    fields[f"{w}_util"] = vals["utilization"]
-                if "resets_at" in vals:
-                    fields[f"{w}_reset"] = vals["resets_at"]
+                if "resets_at" in vals and "utilization" not in vals:
+                    gone.append(f"{w}_util")  # a period whose use was not reported: unknown, not the old one's
+                for field, suffix in (("utilization", "util"), ("resets_at", "reset"), ("status", "status"),
+                                      ("surpassed", "surpassed")):
+                    if field in vals:
+                        fields[f"{w}_{suffix}"] = vals[field]
+                    elif field in ("status", "surpassed"):
+                        gone.append(f"{w}_{suffix}")  # what this turn did not report is not the last one's
             fields["status"] = info.get("status") or ""
             fields["overage_status"] = info.get("overageStatus") or ""
             fields["overage_in_use"] = "1" if uses_overage(info) else "0"
-        self.r.hset(key, mapping=fields)
-        self.r.expire(key, 8 * 86400)
+        pipe = self.r.pipeline()
+        if gone:
+            pipe.hdel(key, *gone)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, 8 * 86400)
+        pipe.execute()
         if not info:
             return
         self.notices.thresholds_crossed(name, info, now)
@@ -193,16 +222,27 @@ class Accounts:
             if self.overage_policy == "block":
                 self._cool_down(name, reset, "overage", what + "; blocked by the overage policy")
 
-    def note_error(self, name: str, err: RelayError, info: dict[str, Any] | None = None) -> None:
-        """A failed turn: a limit cools the account down until its reset, a broken login takes it
-        out for `login_recheck_s`, a refusal for extra usage counts as overage."""
+    def note_error(self, name: str, err: RelayError, info: dict[str, Any] | None = None, family: str = "") -> None:
+        """A failed turn: a limit cools the account down until its reset (a refusal by the per-model bucket
+        only for the turn's model `family`), a broken login takes it out for `login_recheck_s`, a refusal
+        for extra usage counts as overage."""
         now = time.time()
         code = getattr(err, "code", None)
         self.r.hset(self.key(name), mapping={"last_error": f"{code or type(err).__name__}: {err.message}"[:500],
                                              "last_error_at": now})
         if info:
             self.note_turn(name, info, ok=False)
-        if isinstance(err, SubscriptionLimited):
+        model_reset = model_rejection(info) if isinstance(err, SubscriptionLimited) and family else None
+        if model_reset is not None or (isinstance(err, SubscriptionLimited) and family and info
+                                       and info.get("rateLimitType") == "seven_day_overage_included"):
+            until = min(model_reset or now + (err.retry_after or UNKNOWN_LIMIT_S), now + MAX_COOLDOWN_S)
+            self.r.hset(self.key(name), family_key(family), until)
+            self.emit("model_limited", name, f"Claude account {name}: its per-model weekly bucket refuses "
+                      f"{family} models until {_iso(until)}; it still serves other models.",
+                      f"model_limited:{name}:{family}", ttl=max(60, int(until - now)),
+                      details={"family": family, "window": "seven_day_overage_included", "until": _iso(until)})
+            log.warning("account %s: %s models refused by the per-model bucket until %s", name, family, _iso(until))
+        elif isinstance(err, SubscriptionLimited):
             until = now + (err.retry_after or UNKNOWN_LIMIT_S)
             self._cool_down(name, until, "limit", err.message)
         elif code == "extra_usage_required":
@@ -267,7 +307,7 @@ class Accounts:
         return self.leases.try_slot(self.slot_key(name), cap, member)
 
     def acquire(self, sticky: str | None, exclude: list[str], member: str, wait_s: float,
-                problems: dict[str, str], conv_ttl_s: float) -> str:
+                problems: dict[str, str], conv_ttl_s: float, family: str = "") -> str:
         """Choose the account for a run and take one of its slots (held by `member`); waits up to
         `wait_s` for a slot. A conversation waits for its own account's slot (its prompt cache is
         there) and moves only at the deadline. Raises when no account can take the run."""
@@ -275,9 +315,9 @@ class Accounts:
         delay = 0.02
         while True:
             views = self.views(conv_ttl_s, problems)
-            order = choose(views, sticky, exclude)
+            order = choose(views, sticky, exclude, family=family)
             if not order:
-                raise self.unusable_error(views, exclude)
+                raise self.unusable_error(views, exclude, family)
             last = time.monotonic() >= deadline
             if sticky and order[0].name == sticky and not last:
                 order = order[:1]
@@ -291,6 +331,7 @@ class Accounts:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 0.25)
 
-    def unusable_error(self, views: list[AccountView], exclude: list[str] | None = None) -> RelayError:
+    def unusable_error(self, views: list[AccountView], exclude: list[str] | None = None,
+                       family: str = "") -> RelayError:
         """No account can take the run: 429 with the earliest reset, or 503 when only logins are broken."""
-        return no_account_error(views, len(self.specs) == 1, exclude, time.time())
+        return no_account_error(views, len(self.specs) == 1, exclude, time.time(), family)

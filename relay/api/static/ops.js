@@ -74,6 +74,7 @@
     charts(d.charts);
     for (const a of d.accounts) {
       svg($("accounts"), a.meter);
+      for (const m of a.window_meters || []) svg($("accounts"), m);
       if (a.limited) {
         const p = document.createElement("p");
         p.textContent = a.name + ": limited until " + (a.resets_at ? utc(a.resets_at) : "?") + " UTC · " + a.reason;
