@@ -9,7 +9,7 @@ Histogram buckets are stored non-cumulative (one counter per bucket) and summed 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -196,6 +196,11 @@ def families(stored: dict[str, dict[str, float]], live: Live) -> Iterator[Metric
         c = CounterMetricFamily(NAME_PREFIX + name, doc, labels=["host"])
         c.add_metric(host, value)
         yield c
+    yield from account_families(live.accounts)
+
+
+def account_families(accounts: Iterable[AccountStatus]) -> Iterator[Metric]:
+    """Each account: limited or not and until when, and each window's utilization, reset and staleness."""
     util = GaugeMetricFamily(NAME_PREFIX + "account_window_utilization",
                              "Share of the account's usage window used, per window (five_hour, seven_day, "
                              "seven_day_overage_included); absent while unknown or stale.",
@@ -210,7 +215,7 @@ def families(stored: dict[str, dict[str, float]], live: Live) -> Iterator[Metric
     until = GaugeMetricFamily(NAME_PREFIX + "account_limited_until_timestamp_seconds",
                               "When a limited account may be used again (epoch seconds; 0 when not limited).",
                               labels=["account"])
-    for a in live.accounts:
+    for a in accounts:
         limited.add_metric([a.name], 1.0 if a.limited else 0.0)
         until.add_metric([a.name], (a.resets_at or 0.0) if a.limited else 0.0)
         for w in a.windows:

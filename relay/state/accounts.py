@@ -15,13 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..core.metrics import AccountStatus, WindowStatus
+from ..core.metrics import AccountStatus
 from ..core.routing import (
     UNKNOWN_LIMIT_S,
-    WINDOWS,
     AccountSpec,
     AccountView,
-    at_reserve,
     choose,
     family_key,
     limit_reset,
@@ -29,11 +27,12 @@ from ..core.routing import (
     no_account_error,
     usability,
     uses_overage,
-    window,
     windows_of,
 )
 from ..errors import RateLimited, RelayError, SubscriptionLimited
 from .account_alerts import AccountAlerts, Forget
+from .account_meter import iso as _iso
+from .account_meter import meter_entry, status_of
 from .connection import PREFIX
 from .leases import Leases
 from .storm import FailoverRamp
@@ -45,10 +44,6 @@ MAX_COOLDOWN_S = 7 * 86400 + 3600   # the weekly window, and an hour: no real li
 # what `clear` removes: the cooldown (limit or overage), a broken login, the overage flags and the last error
 CLEARED = ("cooldown_until", "cooldown_kind", "cooldown_reason", "recovered_alerted", "login_problem", "login_until",
            "overage_in_use", "status", "last_error", "last_error_at")
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class Accounts:
@@ -105,58 +100,12 @@ class Accounts:
     def snapshot(self, conv_ttl_s: float = 86400, problems: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The quota meter: every account's windows, overage, runs, conversations and last error."""
         now = time.time()
-        out = []
-        for v in self.views(conv_ttl_s, problems):
-            st, u = v.state, usability(v.state, now)
-            windows = {}
-            for w in WINDOWS:
-                win = window(st, w, now)
-                if win is None and w not in ("five_hour", "seven_day"):
-                    continue  # the per-model bucket: only on plans whose answers report it
-                win = win or {"utilization": None, "resets_at": None, "status": None, "surpassed_threshold": None,
-                              "stale": False}
-                reset = win["resets_at"]
-                windows[w] = dict(win, resets_at=_iso(reset) if reset else None,
-                                  resets_in_s=max(0, round(reset - now)) if reset else None)
-            families = {f: _iso(float(st[family_key(f)])) for f in ("opus", "sonnet", "haiku")
-                        if float(st.get(family_key(f)) or 0) > now}
-            out.append({
-                "name": v.name, "priority": v.priority, "max_concurrent": v.max_concurrent or None,
-                "usable": u.usable, "state": "ok" if u.usable else u.kind, "reason": u.reason or None,
-                "until": _iso(u.until) if u.until and not u.usable else None,
-                "retry_after_s": round(u.until - now) if u.until and not u.usable else None,
-                "windows": windows, "status": st.get("status") or None,
-                "reserve": v.reserve or None, "at_reserve": at_reserve(st, v.reserve, now) or None,
-                "model_limits": families,
-                "overage": {"status": st.get("overage_status") or None, "in_use": st.get("overage_in_use") == "1",
-                            "policy": self.overage_policy},
-                "in_flight": v.in_flight, "conversations": v.conversations,
-                "last_error": st.get("last_error") or None,
-                "last_error_at": _iso(float(st["last_error_at"])) if st.get("last_error_at") else None,
-                "updated_at": _iso(float(st["updated"])) if st.get("updated") else None,
-            })
-        return out
+        return [meter_entry(v, now, self.overage_policy) for v in self.views(conv_ttl_s, problems)]
 
     def statuses(self, problems: dict[str, str] | None = None) -> list[AccountStatus]:
-        """Every account as the metrics and the dashboard see it: limited or not, each window (a stale one
-        without utilization), the fuller window's utilization and when the limit or that window resets."""
+        """Every account as the metrics and the dashboard see it (`account_meter.status_of`)."""
         now = time.time()
-        out = []
-        for v in self.views(problems=problems):
-            u = usability(v.state, now)
-            wins = []
-            for w in WINDOWS:
-                win = window(v.state, w, now)
-                if win is not None:
-                    wins.append(WindowStatus(w, win["utilization"], win["resets_at"], win["status"] or "",
-                                             win["stale"]))
-            known = [x for x in wins if x.utilization is not None and x.name != "seven_day_overage_included"]
-            fullest = max(known, key=lambda x: x.utilization or 0.0) if known else None
-            resets = u.until if not u.usable else (fullest.resets_at if fullest else None)
-            out.append(AccountStatus(name=v.name, limited=not u.usable,
-                                     utilization=fullest.utilization if fullest else None,
-                                     resets_at=resets, reason=u.reason or "", windows=tuple(wins)))
-        return out
+        return [status_of(v, now) for v in self.views(problems=problems)]
 
     def legacy(self, name: str) -> dict[str, Any]:
         """The single-account view `/health` has always shown under `account`."""
