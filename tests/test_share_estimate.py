@@ -1,6 +1,7 @@
 """A request's share of a window, learnt from the account's own turns (relay/core/share_estimate.py)."""
 
-from relay.core.share_estimate import Learnt, learn, would_cross
+from relay.core.routing import AccountView, blocked_summary, choose
+from relay.core.share_estimate import Learnt, learn, learnt_fields, would_cross
 
 START = Learnt(None, 0, None, None)
 
@@ -27,3 +28,25 @@ def test_would_cross():
     assert not would_cross(0.5, None, 10**6, 0.9)     # no rate learnt: only the known utilization counts
     assert would_cross(0.85, 2e-7, 300_000, 0.9) and not would_cross(0.85, 2e-7, 200_000, 0.9)
     assert not would_cross(None, 1.0, 10**6, 0.9)
+
+
+def test_learnt_fields_follow_the_windows_in_the_account_hash():
+    stored = {"five_hour_util": "0.40", "five_hour_reset": "9000", "five_hour_pending": "500"}
+    out = learnt_fields(stored, {"five_hour": {"utilization": 0.45, "resets_at": 9000.0}}, 9_500)
+    assert out["five_hour_pending"] == 0 and abs(out["five_hour_upt"] - 0.05 / 10_000) < 1e-15
+    assert learnt_fields(stored, {"five_hour": {"utilization": 0.40, "resets_at": 9000.0}}, 700) == \
+        {"five_hour_pending": 1200}
+
+
+def test_an_account_whose_window_this_request_would_cross_is_not_chosen():
+    now = 1_000.0
+    near = {"five_hour_util": 0.80, "five_hour_reset": now + 3600, "five_hour_upt": 1e-6}
+    a = AccountView("a", state=dict(near), reserve=0.9)
+    b = AccountView("b", state={"five_hour_util": 0.85, "five_hour_reset": now + 3600})   # no rate learnt
+    assert [v.name for v in choose([a, b], now=now, estimate=50_000)] == ["a", "b"]     # 0.80 + 0.05 < 0.9
+    assert [v.name for v in choose([a, b], now=now, estimate=200_000)] == ["b"]         # 0.80 + 0.2 >= 0.9
+    # its own conversation goes on up to the hard limit, not the reserve
+    assert [v.name for v in choose([a], sticky="a", now=now, estimate=150_000)] == ["a"]
+    assert choose([a], sticky="a", now=now, estimate=250_000) == []
+    summary, _, _ = blocked_summary([a], now=now, estimate=200_000)
+    assert "too close to its reserve or limit" in summary and "past 90%" in summary

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from harness import openai_client
 from test_accounts import ask, start, tokens
 
@@ -48,3 +49,30 @@ def test_a_herd_moving_to_another_account_ramps_onto_it(relay_factory, mock_api,
         assert mock_api.max_active_by_token[tb] >= 3       # without the ramp the herd lands at once
     else:
         assert mock_api.max_active_by_token[tb] <= 2       # the ramp's start: 2 at once
+
+
+def test_a_request_whose_estimated_share_would_cross_the_reserve_goes_elsewhere(relay_factory, mock_api):
+    """With the block policy, an account that this request's estimated share (its learnt utilization per
+    token times the request's tokens) would take past its reserve is not chosen (core/share_estimate.py)."""
+    ta, tb = tokens(2)
+    mock_api.set_account(ta, five_hour=0.50, seven_day=0.1, per_request=0.05)
+    mock_api.set_account(tb, five_hour=0.85, seven_day=0.1)
+    srv = start(relay_factory, [ta, tb], [{"reserve": 0.9}, {}])
+    c = openai_client(srv.url)
+
+    def served(text, session):
+        r = requests.post(srv.url + "/v1/chat/completions", timeout=60, headers={"X-Session-Id": session},
+                          json={"model": "sonnet", "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 200, r.text
+        return r.headers["x-relay-account"]
+
+    assert served("se-p1 hi", "se-p1") == "a0"           # both unknown: a0 by name; then a1 learns its 0.85
+    assert served("se-p2 hi", "se-p2") == "a1"
+    for i in range(3):                                   # a0 learns: 0.05 per 5,005-token turn
+        assert served(f"se-learn{i} MOCK:usage=5000,0,0,5", "se-learn") == "a0"
+    assert served("se-small hi", "se-small") == "a0"     # a0 at about 0.65 has more room than a1 at 0.85
+    big = "se-big " + "lorem ipsum dolor " * 8000        # about 24,000 tokens: about 0.24 of a0's window
+    assert served(big, "se-big") == "a1"                 # about 0.7 + 0.24 would pass a0's reserve of 0.9
+    acct = {a["name"]: a for a in requests.get(srv.url + "/v1/accounts", timeout=10).json()["data"]}["a0"]
+    assert acct["usable"] and acct["windows"]["five_hour"]["utilization"] == pytest.approx(0.70)
+    del c

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import RelayError, SubscriptionLimited, Unavailable
+from .share_estimate import would_cross
 from .upstream import LOGIN_HINT
 
 RATE_STEP = 1.25      # burn-rate headrooms within a factor of this count as equal, so load spreads by what each holds
@@ -165,14 +166,34 @@ def at_reserve(state: dict[str, Any], reserve: float, now: float | None = None, 
     return ""
 
 
+def crossing(state: dict[str, Any], reserve: float, estimate: int, own: bool, now: float | None = None,
+             family: str = "") -> tuple[str, float, float]:
+    """The first window this request's estimated share (`estimate` tokens at the account's learnt
+    utilization per token, core/share_estimate.py) would take to its line: the reserve for a new
+    conversation, the limit for one the account holds (`own`). ("", 0, 0) when none would cross."""
+    if estimate <= 0:
+        return "", 0.0, 0.0
+    now = time.time() if now is None else now
+    line = 1.0 if own or not reserve else reserve
+    for w in WINDOWS:
+        win = window(state, w, now) if counted(w, family) else None
+        rate = _num(state.get(f"{w}_upt"))
+        if win and win["utilization"] is not None and win["utilization"] < line \
+                and would_cross(win["utilization"], rate, estimate, line):
+            return w, line, (rate or 0.0) * estimate
+    return "", 0.0, 0.0
+
+
 def choose(views: Iterable[AccountView], sticky: str | None = None, exclude: Iterable[str] = (),
-           now: float | None = None, family: str = "") -> list[AccountView]:
+           now: float | None = None, family: str = "", estimate: int = 0) -> list[AccountView]:
     """Usable accounts in the order to try them: the conversation's own account first, then by
     priority, burn-rate headroom (in steps), conversations held, runs in flight, name. An account at
-    its reserve takes only the conversations it already holds."""
+    its reserve takes only the conversations it already holds; with `estimate` (the overage policy
+    blocks), none is chosen that this request's estimated share would take past its reserve or limit."""
     skip = set(exclude)
     usable = [v for v in views if v.name not in skip and usability(v.state, now, family).usable
-              and (v.name == sticky or not at_reserve(v.state, v.reserve, now, family))]
+              and (v.name == sticky or not at_reserve(v.state, v.reserve, now, family))
+              and not crossing(v.state, v.reserve, estimate, v.name == sticky, now, family)[0]]
 
     def rank(v: AccountView) -> tuple[Any, ...]:
         steps = math.floor(math.log(max(burn_headroom(v.state, now, family), 1e-3)) / math.log(RATE_STEP) + 1e-9)
@@ -189,7 +210,7 @@ def clock(ts: float, now: float | None = None) -> str:
 
 
 def blocked_summary(views: Iterable[AccountView], now: float | None = None,
-                    family: str = "") -> tuple[str, float | None, bool]:
+                    family: str = "", estimate: int = 0) -> tuple[str, float | None, bool]:
     """Why no account is usable: (message, earliest reset or None, True if only logins are broken)."""
     now = time.time() if now is None else now
     parts, resets, only_login = [], [], True
@@ -197,14 +218,18 @@ def blocked_summary(views: Iterable[AccountView], now: float | None = None,
         u = usability(v.state, now, family)
         if u.usable:
             w = at_reserve(v.state, v.reserve, now, family)
-            if not w:
+            cw, line, share = crossing(v.state, v.reserve, estimate, False, now, family) if not w else ("", 0, 0)
+            if not w and not cw:
                 continue
-            win = window(v.state, w, now) or {}
+            win = window(v.state, w or cw, now) or {}
             u = Usability(False, "reserve", f"{w} at {win.get('utilization', 0):.0%}, its reserve is "
-                          f"{v.reserve:.0%}", win.get("resets_at"))
+                          f"{v.reserve:.0%}", win.get("resets_at")) if w else \
+                Usability(False, "crossing", f"{cw} at {win.get('utilization', 0):.0%}; this request's estimated "
+                          f"share (about {share:.1%}) would take it past {line:.0%}", win.get("resets_at"))
         when = f" until {clock(u.until, now)}" if u.until and u.kind != "login" else ""
         label = {"limit": "usage limit reached", "overage": "would draw on extra usage (overage policy: block)",
                  "login": "login not working", "reserve": "at its reserve (no new conversations)",
+                 "crossing": "too close to its reserve or limit for this request (overage policy: block)",
                  "model_limit": f"usage limit reached for {family} models"}.get(u.kind, u.kind)
         parts.append(f"{v.name}: {label}{when} ({u.reason})" if u.reason else f"{v.name}: {label}{when}")
         if u.kind != "login":
@@ -215,11 +240,11 @@ def blocked_summary(views: Iterable[AccountView], now: float | None = None,
 
 
 def no_account_error(views: list[AccountView], single: bool, exclude: list[str] | None = None,
-                     now: float | None = None, family: str = "") -> RelayError:
+                     now: float | None = None, family: str = "", estimate: int = 0) -> RelayError:
     """No account can take the run: 429 with the earliest reset (a date when it is not today), or 503 when
     only logins are broken. `single`: the relay has one account (the message speaks of "the subscription")."""
     now = time.time() if now is None else now
-    summary, earliest, only_login = blocked_summary(views, now, family)
+    summary, earliest, only_login = blocked_summary(views, now, family, estimate)
     if not summary:
         return Unavailable(f"No Claude account could take this request (tried: {', '.join(exclude or [])}).",
                            code="no_account_available", retry_after=5)

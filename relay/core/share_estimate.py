@@ -11,6 +11,7 @@ an account from crossing its reserve (or its limit) with the request that would 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 ALPHA = 0.3                  # weight of the newest move in the smoothed rate
 MIN_TOKENS = 1_000           # fewer tokens than this behind a move teach nothing (rounding noise)
@@ -49,3 +50,24 @@ def would_cross(util: float | None, rate: float | None, tokens: int, line: float
     if util >= line:
         return True
     return rate is not None and util + rate * tokens >= line
+
+
+def _num(v: Any) -> float | None:
+    try:
+        return float(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def learnt_fields(stored: dict[str, Any], windows: dict[str, dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """The account hash's `<window>_upt` (utilization per token) and `<window>_pending` (tokens since the
+    last move) after a turn of `tokens` tokens that reported `windows` (core/routing.py `windows_of`)."""
+    out: dict[str, Any] = {}
+    for w, vals in windows.items():
+        prev = Learnt(_num(stored.get(f"{w}_upt")), int(_num(stored.get(f"{w}_pending")) or 0),
+                      _num(stored.get(f"{w}_util")), _num(stored.get(f"{w}_reset")))
+        now = learn(prev, _num(vals.get("utilization")), _num(vals.get("resets_at")), max(0, tokens))
+        if now.rate is not None:
+            out[f"{w}_upt"] = now.rate
+        out[f"{w}_pending"] = now.pending
+    return out

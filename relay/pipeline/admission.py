@@ -146,7 +146,7 @@ def take_account(f: Flight, plan: Plan, tried: list[str]) -> Plan:
     relay, req, ctx = f.relay, f.req, f.ctx
     sticky = plan.account if plan.account in relay.accounts.by_name else None
     name = relay.accounts.acquire(sticky, tried, f.member, f.cfg["queue_timeout_s"], relay.account_problems,
-                                  f.cfg["sessions.ttl_hours"] * 3600, model_family(req.cli_model))
+                                  f.cfg["sessions.ttl_hours"] * 3600, model_family(req.cli_model), f.estimate)
     f.account = name
     f.heartbeat.add("slot", relay.accounts.slot_key(name), f.member)
     if plan.account and plan.account != name and plan.conv_key:

@@ -17,6 +17,7 @@ from ..cli.run import DisconnectWatcher, Limits, Run
 from ..cli.session_files import live_environment, repair_transcript, transcript, write_transcript
 from ..cli.witness import Witness
 from ..core.conversation import Plan
+from ..core.events import USAGE_KEYS
 from ..core.history import write_history
 from ..core.prompt import held_results
 from ..core.routing import model_family
@@ -280,7 +281,9 @@ def classify_turn(f: Flight) -> RelayError | None:
             if account_err is not None:
                 f.relay.accounts.note_error(f.account, account_err, account_turn.rate_limit, family)
             else:
-                f.relay.accounts.note_turn(f.account, account_turn.rate_limit, ok=True, family=family)
+                used = seen.total() if seen is not None else (turn.usage or {})
+                f.relay.accounts.note_turn(f.account, account_turn.rate_limit, ok=True, family=family,
+                                           tokens=sum(int(used.get(k, 0)) for k in USAGE_KEYS))
         except Exception as exc:  # Redis trouble must not hide the real error
             log.warning("could not record the account's state: %s", exc)
     return err

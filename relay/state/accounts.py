@@ -29,6 +29,7 @@ from ..core.routing import (
     uses_overage,
     windows_of,
 )
+from ..core.share_estimate import learnt_fields
 from ..errors import RateLimited, RelayError, SubscriptionLimited
 from .account_alerts import AccountAlerts, Forget
 from .account_meter import iso as _iso
@@ -131,7 +132,7 @@ class Accounts:
             self.r.zrem(self.convs_key(name), conv_key)
 
     # -- what the CLI reported -------------------------------------------------------------------
-    def note_turn(self, name: str, info: dict[str, Any] | None, ok: bool, family: str = "") -> None:
+    def note_turn(self, name: str, info: dict[str, Any] | None, ok: bool, family: str = "", tokens: int = 0) -> None:
         """Record a turn's `rate_limit_event` (the meter), apply the overage policy, raise alerts. A turn
         of a model `family` that succeeded ends that family's refusal by the per-model bucket."""
         now = time.time()
@@ -150,6 +151,7 @@ class Accounts:
                         fields[f"{w}_{suffix}"] = vals[field]
                     elif field in ("status", "surpassed"):
                         gone.append(f"{w}_{suffix}")  # what this turn did not report is not the last one's
+            fields.update(learnt_fields(self.r.hgetall(key), windows_of(info), tokens))
             fields["status"] = info.get("status") or ""
             fields["overage_status"] = info.get("overageStatus") or ""
             fields["overage_in_use"] = "1" if uses_overage(info) else "0"
@@ -256,7 +258,7 @@ class Accounts:
         return self.leases.try_slot(self.slot_key(name), cap, member)
 
     def acquire(self, sticky: str | None, exclude: list[str], member: str, wait_s: float,
-                problems: dict[str, str], conv_ttl_s: float, family: str = "") -> str:
+                problems: dict[str, str], conv_ttl_s: float, family: str = "", estimate: int = 0) -> str:
         """Choose the account for a run and take one of its slots (held by `member`); waits up to
         `wait_s` for a slot. A conversation waits for its own account's slot (its prompt cache is
         there) and moves only at the deadline. Raises when no account can take the run."""
@@ -264,9 +266,10 @@ class Accounts:
         delay = 0.02
         while True:
             views = self.views(conv_ttl_s, problems)
-            order = choose(views, sticky, exclude, family=family)
+            estimate = estimate if self.overage_policy == "block" else 0  # never into extra usage unnoticed
+            order = choose(views, sticky, exclude, family=family, estimate=estimate)
             if not order:
-                raise self.unusable_error(views, exclude, family)
+                raise self.unusable_error(views, exclude, family, estimate)
             last = time.monotonic() >= deadline
             if sticky and order[0].name == sticky and not last:
                 order = order[:1]
@@ -281,6 +284,6 @@ class Accounts:
             delay = min(delay * 1.5, 0.25)
 
     def unusable_error(self, views: list[AccountView], exclude: list[str] | None = None,
-                       family: str = "") -> RelayError:
+                       family: str = "", estimate: int = 0) -> RelayError:
         """No account can take the run: 429 with the earliest reset, or 503 when only logins are broken."""
-        return no_account_error(views, len(self.specs) == 1, exclude, time.time(), family)
+        return no_account_error(views, len(self.specs) == 1, exclude, time.time(), family, estimate)
