@@ -57,6 +57,10 @@ def _check_keys(value: Any) -> str | None:
             return f"item {i} must be a key string or an object with a name"
         if not (item.get("key") or item.get("key_sha256")):
             return f"item {i} ({item['name']}) needs key or key_sha256"
+        share = item.get("window_share")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or
+                                  not 0 < share <= 1):
+            return f"item {i} ({item['name']}): window_share must be a number above 0 and at most 1"
     return None
 
 
@@ -116,7 +120,7 @@ def _check_webhooks(value: Any) -> str | None:
         events = item.get("events")
         known = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected",
                  "login_failing", "run_timeout", "runaway_conversation", "helper_down", "helper_restarted",
-                 "cli_too_old", "cli_selftest_failed")
+                 "cli_too_old", "cli_selftest_failed", "model_mismatch")
         if events is not None and (not isinstance(events, list) or any(e not in known for e in events)):
             return f"item {i}: events must be a list of: {', '.join(known)}"
         unknown = set(item) - {"url", "format", "chat_id", "events", "timeout_s"}
@@ -218,7 +222,9 @@ SCHEMA: dict[str, Field] = {
     "rate_limit.max_tokens_per_day": Field(int, 0, "Global tokens per day (0 = no limit).", _between(0, 10**12)),
     "auth.enabled": Field(bool, False, "Require an API key on /v1/*."),
     "auth.api_keys": Field(list, [], "Keys: strings (named key-XXXXXXXX: the first 8 hex digits of the digest), or objects {name, key | "
-                          "key_sha256, rpm, tokens_per_day, max_concurrent, models, admin, agent}.", _check_keys),
+                          "key_sha256, rpm, tokens_per_day, max_concurrent, models, admin, agent, window_share}. "
+                          "window_share (0 < x <= 1): the most of each subscription window (per account) the "
+                          "key may use; past it, 429 window_share_exceeded until the window resets.", _check_keys),
     "sessions.enabled": Field(bool, True, "Map conversations onto CLI sessions (resume)."),
     "sessions.ttl_hours": Field(float, 24.0, "How long an idle conversation is kept.", _POS),
     "sessions.lock_wait_s": Field(float, 30.0, "How long a second request for a busy conversation waits.",

@@ -37,6 +37,7 @@ from .state.quotas import Quotas
 from .state.responses import ResponseStore
 from .state.runaway import Runaways
 from .state.sessions import Sessions
+from .state.shares import WindowShares
 from .state.slots import RunSlots
 from .state.stats import Stats
 
@@ -100,6 +101,7 @@ class Relay:
                                  settings["alerts.repeat_window_s"], self.alerts.forget)
         # each account's login: its config dir and/or OAuth token; the others' tokens are scrubbed
         self.account_envs, self.account_problems = account_envs(specs, self.cli_env)
+        self.shares = WindowShares(self._redis)   # each key's share of each window (api_keys[].window_share)
 
     # -- the CLI ---------------------------------------------------------------------------------
     def check_cli(self, force: bool = False) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
           "run_timeout", "runaway_conversation", "helper_down", "helper_restarted", "cli_too_old",
-          "cli_selftest_failed")
+          "cli_selftest_failed", "model_mismatch")
 FORMATS = ("json", "slack", "telegram")
 
 

@@ -17,6 +17,7 @@ from ..cli.run import DisconnectWatcher, Run
 from ..core.agent import Agent
 from ..core.conversation import Plan, conversation_id
 from ..core.events import Delta
+from ..core.receipt import Receipt, Window
 from ..core.request import ChatRequest
 from ..errors import Conflict, RateLimited
 from ..runtime import Relay
@@ -66,6 +67,8 @@ class Flight:
     member: str = ""
     account: str | None = None           # the Claude account this request runs on
     moved_from: str | None = None        # the conversation's previous account, when it moved
+    before: dict[str, Window] = field(default_factory=dict)   # the account's windows when it was chosen
+    receipt: Receipt | None = None       # what the answer's headers and record say (pipeline/receipts.py)
 
     def __post_init__(self) -> None:
         self.heartbeat = Heartbeat(self.relay.leases, self.lease_lost)

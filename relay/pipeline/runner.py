@@ -22,6 +22,7 @@ from ..core.run_description import RunDescription, describe, prompt_cache, syste
 from ..core.upstream import SessionMissing, classify, is_account_error
 from ..core.witness import Witness
 from ..errors import PoolLost, RelayError, UpstreamError
+from . import receipts
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
 
 log = logging.getLogger("relay.pipeline")
@@ -32,9 +33,10 @@ def open_run(f: Flight) -> None:
     if f.ctx.client_socket is not None:  # watched from the start: a client may give up while queued
         f.watcher = DisconnectWatcher(f.ctx.client_socket, f.client_gone).start()
     plan = admit(f)
-    tried: list[str] = []
+    tried: list[str] = receipts.over_share(f)   # accounts where this key used its window_share
     while True:  # accounts: fail over before the first byte reaches the client
         plan = take_account(f, plan, tried)
+        receipts.note_before(f)
         try:
             _start_on_account(f, plan)
             _answer_by(f)

@@ -47,6 +47,7 @@ class ApiKey:
     max_concurrent: int | None = None
     models: tuple[str, ...] | None = None
     admin: bool = False
+    window_share: float | None = None   # the most of any subscription window this key may use (0 < x <= 1)
     agent: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     @classmethod
@@ -58,7 +59,8 @@ class ApiKey:
         models = item.get("models")
         return cls(name=str(item["name"]), sha256=sha, rpm=item.get("rpm"), tokens_per_day=item.get("tokens_per_day"),
                    max_concurrent=item.get("max_concurrent"), models=tuple(models) if models else None,
-                   admin=bool(item.get("admin")), agent=item.get("agent"))
+                   admin=bool(item.get("admin")), agent=item.get("agent"),
+                   window_share=float(item["window_share"]) if item.get("window_share") is not None else None)
 
     @property
     def id(self) -> str:
