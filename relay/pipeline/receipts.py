@@ -44,20 +44,25 @@ def over_share(f: Flight) -> list[str]:
         return []
     relay, now = f.relay, time.time()
     over: dict[str, tuple[float, list[str]]] = {}
+    running_resets: dict[str, dict[str, float]] = {}
     for spec in relay.accounts.specs:
         running = live(windows(relay.accounts.state(spec.name)), now)
         used = relay.shares.used(_account_id(f, spec.name), _member(f), running)
         full = [w for w, share in used.items() if share >= cap]
+        running_resets[spec.name] = {w: win.resets_at or now for w, win in running.items()}
         if full:  # free again when the last of its full windows resets
             over[spec.name] = (max(running[w].resets_at or now for w in full), full)
     if over and len(over) == len(relay.accounts.specs):
         name, (free_at, full) = min(over.items(), key=lambda item: item[1][0])
-        which = " and ".join(w.replace("_", "-") + " window" for w in full)
+        names = [w.replace("_", "-") for w in full]
+        which = f"{names[0]} window" if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]} windows"
+        last = "that window" if len(names) == 1 else \
+            f"the {max(full, key=lambda w: running_resets[name][w]).replace('_', '-')} window"
         where = f" of account {name}" if len(relay.accounts.specs) > 1 else ""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(free_at))
         raise WindowShareExceeded(
-            f"This API key used its share ({cap:g}) of the {which}{where}; it is served again when that "
-            f"window resets at {stamp}.", retry_after=max(1.0, free_at - now))
+            f"This API key used its share ({cap:g}) of the {which}{where}; it is served again when {last} "
+            f"resets at {stamp}.", retry_after=max(1.0, free_at - now))
     return list(over)
 
 
