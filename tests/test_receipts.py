@@ -194,3 +194,72 @@ def test_window_share_refuses_a_key_over_its_share_while_another_key_is_served(r
     assert bob_me["limit"] is None and [w["share"] for w in bob_me["windows"]] == [0.05, 0.01]
     recent = requests.get(srv.url + "/v1/usage/recent?limit=2", headers=alice, timeout=10).json()["data"]
     assert recent[0]["error"] == "window_share_exceeded" and recent[0]["status"] == 429
+
+
+def test_shares_are_counted_once_across_workers_when_turns_overlap(relay_factory, mock_api, tmp_path):
+    """Two keys, three turns each at once on one account (both gevent workers): the windows rose by 6 × 5 %
+    after the first report, and the keys' shares add up to exactly that, never counting one rise twice."""
+    (tok,) = tokens(1)
+    mock_api.set_account(tok, five_hour=0.3, seven_day=0.1, per_request=0.05)
+    srv = start(relay_factory, [tok], env=keys_env(tmp_path, share=0.9))
+    keys = {"alice": ALICE, "bob": BOB}
+
+    def ask(who: str, text: str) -> requests.Response:
+        return requests.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {keys[who]}"},
+                             json={"model": "sonnet", "messages": [{"role": "user", "content": text}]}, timeout=60)
+    assert ask("bob", "overlap prime").status_code == 200      # the first report: 30 %
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [(who, f"overlap {who} {i} MOCK:delay=0.5") for who in keys for i in range(3)]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda job: ask(*job), jobs))
+    assert [a.status_code for a in answers] == [200] * 6
+    assert len(mock_api.by_token(tok)) == 7
+    me = {who: requests.get(srv.url + "/me/data", headers={"Authorization": f"Bearer {k}"},
+                            timeout=10).json()["window_shares"]["windows"] for who, k in keys.items()}
+    total = {w: round(me["alice"][i]["share"] + me["bob"][i]["share"], 6)
+             for i, w in enumerate(("five_hour", "seven_day"))}
+    assert total == {"five_hour": 0.3, "seven_day": 0.3}
+    recent = requests.get(srv.url + "/v1/usage/recent?limit=7", headers={"Authorization": f"Bearer {ALICE}"},
+                          timeout=10).json()["data"]
+    assert len(recent) == 6 and all(r["receipt"]["window_share"] == 0.9 for r in recent)
+
+
+def test_an_account_without_windows_sets_no_share_limit(relay_factory, mock_api, tmp_path):
+    """The host's own login with an API key (no unified headers): the receipt names the account only, and a
+    key's window_share cannot be exceeded there (no window is reported, so no share is measured)."""
+    srv = relay_factory(keys_env(tmp_path, share=0.01))
+    for i in range(3):
+        r = requests.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}"},
+                          json={"model": "sonnet", "messages": [{"role": "user", "content": f"no windows {i}"}]},
+                          timeout=60)
+        assert r.status_code == 200
+        assert receipt_headers(r.headers) == {"x-relay-account": r.headers["x-relay-account"],
+                                              "x-relay-key-window-share-limit": "0.01"}
+    me = requests.get(srv.url + "/me/data", headers={"Authorization": f"Bearer {ALICE}"}, timeout=10).json()
+    assert me["window_shares"] == {"limit": 0.01, "windows": []}
+
+
+def test_window_share_must_be_above_0_and_at_most_1(tmp_path):
+    from relay.config import ConfigError, load_settings
+    for bad in (0, 1.5, "0.5", True):
+        cfg = json.loads((ROOT / "config.json").read_text())
+        cfg["auth"] = {"enabled": True, "api_keys": [{"name": "alice", "key": ALICE, "window_share": bad}]}
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(ConfigError, match="window_share must be a number above 0 and at most 1"):
+            load_settings(path, env={})
+    cfg["auth"]["api_keys"][0]["window_share"] = 1
+    path.write_text(json.dumps(cfg))
+    assert load_settings(path, env={})["auth.api_keys"][0]["window_share"] == 1
+
+
+def test_the_served_model_rule_knows_aliases():
+    from relay.core.receipt import served_differs
+    assert not served_differs("sonnet", "claude-sonnet-4-5-20250929")
+    assert not served_differs("sonnet[1m]", "claude-sonnet-4-5-20250929")
+    assert not served_differs("claude-sonnet-4-5", "claude-sonnet-4-5-20250929")
+    assert not served_differs("claude-sonnet-4-5-20250929", "claude-sonnet-4-5-20250929")
+    assert not served_differs("opus", None) and not served_differs("opus", "<synthetic>")
+    assert served_differs("sonnet", DOWNGRADE)
+    assert served_differs("opus", "claude-sonnet-4-5-20250929")
+    assert served_differs("claude-sonnet-4-5-20250929", "claude-sonnet-4-20250514")
