@@ -94,8 +94,10 @@ def take(f: Flight) -> Receipt | None:
     try:
         state = f.relay.accounts.state(f.account)
         after = windows(state)
+        seen = f.run.spec.witness if f.run.spec else None  # an agent run: what its proxy saw, not the CLI
+        reported = (seen.turn() if seen is not None else f.run.turn).rate_limit
         share = f.relay.shares.add(_account_id(f, f.account), _member(f), f.before, after) \
-            if f.run.turn.rate_limit else f.relay.shares.used(_account_id(f, f.account), _member(f), after)
+            if reported else f.relay.shares.used(_account_id(f, f.account), _member(f), after)
         f.receipt = receipt_of(f.account, state, share, _cap(f), f.req.cli_model, _served(f), asked=f.req.model)
     except Exception as exc:  # the answer stands without its receipt
         log.warning("%s: no receipt: %s", f.ctx.request_id, exc)
