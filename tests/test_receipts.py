@@ -263,3 +263,24 @@ def test_the_served_model_rule_knows_aliases():
     assert served_differs("sonnet", DOWNGRADE)
     assert served_differs("opus", "claude-sonnet-4-5-20250929")
     assert served_differs("claude-sonnet-4-5-20250929", "claude-sonnet-4-20250514")
+
+
+def test_windows_and_deltas_are_read_from_the_meter_as_it_is():
+    from relay.core.receipt import Window, receipt_of, turn_delta, windows
+    state = {"five_hour_util": "0.42", "five_hour_reset": "1796593208", "seven_day_util": "0.13",
+             "seven_day_overage_included_util": "0.5", "bogus_util": "nan", "_util": "1", "status": "allowed",
+             "overage_in_use": "1"}
+    assert windows(state) == {"five_hour": Window(0.42, 1796593208.0), "seven_day": Window(0.13, None),
+                              "seven_day_overage_included": Window(0.5, None)}
+    assert turn_delta(None, Window(0.5, 10)) is None                      # nothing known before: not told
+    assert turn_delta(Window(0.4, 10), Window(0.45, 10)) == pytest.approx(0.05)
+    assert turn_delta(Window(0.4, 10), Window(0.3, 10)) == 0               # clamped
+    assert turn_delta(Window(0.9, 10), Window(0.02, 20)) == 0.02           # the window reset in between
+    r = receipt_of("a0", state, {"five_hour": 0.1}, 0.25, "sonnet", DOWNGRADE, asked="gpt-4o")
+    assert r.headers() == {
+        "x-relay-account": "a0", "x-relay-receipt": "after_turn",
+        "x-relay-window-utilization": "five_hour=0.42, seven_day=0.13, seven_day_overage_included=0.5",
+        "x-relay-window-reset": "five_hour=1796593208", "x-relay-overage-in-use": "true",
+        "x-relay-key-window-share": "five_hour=0.1, seven_day=0, seven_day_overage_included=0",
+        "x-relay-key-window-share-limit": "0.25", "x-relay-served-model": DOWNGRADE,
+        "x-relay-requested-model": "gpt-4o"}
