@@ -126,7 +126,7 @@ def _stream(fmt: Format, parsed: Parsed, ex: Exchange, io: RouteIO) -> Iterator[
         ex.settle()  # before the last events: the client's next request finds the conversation committed
         if io.keep and events.final is not None:
             io.keep(parsed, ex, view, events.final)
-        if ex.receipt is not None:  # an SSE comment: every client's parser skips it; it is there for who looks
+        if ex.receipt is not None and ex.receipt.utilization:  # an SSE comment: every parser skips it
             yield b": x-relay-receipt " + json.dumps(ex.receipt.headers(), separators=(",", ":")).encode() + b"\n\n"
         yield last
         ex.close(None)  # the CLI's exit is waited for after the client has its whole answer
