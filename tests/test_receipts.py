@@ -284,3 +284,36 @@ def test_windows_and_deltas_are_read_from_the_meter_as_it_is():
         "x-relay-key-window-share": "five_hour=0.1, seven_day=0, seven_day_overage_included=0",
         "x-relay-key-window-share-limit": "0.25", "x-relay-served-model": DOWNGRADE,
         "x-relay-requested-model": "gpt-4o"}
+
+
+def test_a_key_over_its_share_on_one_account_is_served_by_another(relay_factory, mock_api, tmp_path):
+    """alice (window_share 0.05) fills her share of a0's 5-hour window in one turn, so her next goes to a1; once
+    she is over on both, the 429 names the account that frees her first and its reset; bob stays on a0."""
+    ta, tb = tokens(2)
+    now = int(time.time())
+    wa = mock_api.set_account(ta, five_hour=0.1, seven_day=0.1, per_request=0.05, per_request_7d=0.0,
+                              five_hour_reset=now + 1000)
+    mock_api.set_account(tb, five_hour=0.5, seven_day=0.1, per_request=0.05, per_request_7d=0.0,
+                         five_hour_reset=now + 2000)
+    srv = start(relay_factory, [ta, tb], env=keys_env(tmp_path, share=0.05))
+
+    def ask(key: str, text: str) -> requests.Response:
+        return requests.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "sonnet", "messages": [{"role": "user", "content": text}]}, timeout=60)
+    # bob's two first turns make both accounts known (a0 by name, then a1: unknown means full headroom)
+    assert [ask(BOB, f"two accounts bob {i}").headers["x-relay-account"] for i in range(2)] == ["a0", "a1"]
+    first = ask(ALICE, "two accounts alice 0")          # a0: 10 % → 15 %, her share 0.05: full
+    assert first.headers["x-relay-account"] == "a0"
+    assert first.headers["x-relay-key-window-share"] == "five_hour=0.05, seven_day=0"
+    second = ask(ALICE, "two accounts alice 1")         # a0 is full for her: a1, 50 % → 55 %
+    assert second.headers["x-relay-account"] == "a1"
+    assert second.headers["x-relay-key-window-share"] == "five_hour=0.05, seven_day=0"
+    refused = ask(ALICE, "two accounts alice 2")
+    assert refused.status_code == 429
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wa.five_hour_reset))
+    assert refused.json()["error"]["message"] == (
+        f"This API key used its share (0.05) of the five-hour window of account a0; it is served again when that "
+        f"window resets at {stamp}.")
+    assert abs(int(refused.headers["Retry-After"]) - (wa.five_hour_reset - time.time())) <= 3
+    assert ask(BOB, "two accounts bob 2").headers["x-relay-account"] == "a0"
+    assert len(mock_api.by_token(ta)) == 3 and len(mock_api.by_token(tb)) == 2
