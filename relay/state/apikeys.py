@@ -38,6 +38,15 @@ def new_key() -> str:
     return "sk-relay-" + secrets.token_urlsafe(32)
 
 
+def _share(value: Any) -> float | None:
+    """`window_share` as checked in relay/config.py; a bad one in Redis is a ValueError (the old keys stay)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"window_share must be a number above 0 and at most 1, not {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
@@ -60,7 +69,7 @@ class ApiKey:
         return cls(name=str(item["name"]), sha256=sha, rpm=item.get("rpm"), tokens_per_day=item.get("tokens_per_day"),
                    max_concurrent=item.get("max_concurrent"), models=tuple(models) if models else None,
                    admin=bool(item.get("admin")), agent=item.get("agent"),
-                   window_share=float(item["window_share"]) if item.get("window_share") is not None else None)
+                   window_share=_share(item.get("window_share")))
 
     @property
     def id(self) -> str:
