@@ -226,7 +226,8 @@ def keys_list() -> list[dict[str, Any]]:
     for item in load_settings()["auth.api_keys"]:
         k = ApiKey.parse(item)
         out[k.name] = {"name": k.name, "admin": k.admin, "rpm": k.rpm, "tokens_per_day": k.tokens_per_day,
-                       "max_concurrent": k.max_concurrent, "models": k.models, "source": "config"}
+                       "max_concurrent": k.max_concurrent, "models": k.models, "window_share": k.window_share,
+                       "source": "config"}
     r = _redis()
     if r is not None:
         for v in r.hgetall(KEYS_HASH).values():
