@@ -276,6 +276,9 @@ SCHEMA: dict[str, Field] = {
                       "empty = the host's own login.", _check_accounts),
     "accounts_overage": Field(str, "block", "block: an account drawing on overage (extra usage) is not used until "
                               "its reset; allow: it is used (and alerted).", _one_of("block", "allow")),
+    "window_share_release_s": Field(float, 0.0, "In the last this many seconds before a window resets, "
+                                    "api_keys[].window_share no longer caps that window: a share not used by then "
+                                    "goes to whoever asks (0 = shares hold to the reset).", _NONNEG),
     "alerts.webhooks": Field(list, [], "Webhooks for operator alerts: {url, format: json | slack | telegram, "
                              "chat_id, events}.", _check_webhooks),
     "alerts.thresholds": Field(list, [0.8, 0.95], "Window utilizations that raise an alert (once per window).",

@@ -317,3 +317,18 @@ def test_a_key_over_its_share_on_one_account_is_served_by_another(relay_factory,
     assert abs(int(refused.headers["Retry-After"]) - (wa.five_hour_reset - time.time())) <= 3
     assert ask(BOB, "two accounts bob 2").headers["x-relay-account"] == "a0"
     assert len(mock_api.by_token(ta)) == 3 and len(mock_api.by_token(tb)) == 2
+
+
+def test_near_its_reset_a_windows_unused_shares_go_to_whoever_asks(relay_factory, mock_api, tmp_path):
+    """window_share_release_s = 3600 and the 5-hour window resets in 30 minutes: alice's share (0.05) no longer
+    caps it, so she is served past it; the weekly window, far from its reset, would still cap her."""
+    (tok,) = tokens(1)
+    mock_api.set_account(tok, five_hour=0.1, seven_day=0.1, per_request=0.05, per_request_7d=0.0,
+                         five_hour_reset=int(time.time()) + 1800)
+    srv = start(relay_factory, [tok], env={**keys_env(tmp_path, share=0.05), "RELAY_WINDOW_SHARE_RELEASE_S": "3600"})
+    for i in range(4):
+        r = requests.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}"}, timeout=60,
+                          json={"model": "sonnet", "messages": [{"role": "user", "content": f"release {i}"}]})
+        assert r.status_code == 200, r.text
+    assert r.headers["x-relay-key-window-share"] == "five_hour=0.15, seven_day=0"
+    assert r.headers["x-relay-key-window-share-limit"] == "0.05"

@@ -3,7 +3,8 @@
 Admission: a key with `window_share` skips each account where it already used that share of a window (the
 window's reset frees it); on every account it is a 429 `window_share_exceeded` naming the window, with
 Retry-After to the earliest time one of them frees the key. An account that reports no windows (API key
-mode, or no turn seen yet) has no shares to exceed: no limit applies there.
+mode, or no turn seen yet) has no shares to exceed: no limit applies there. In the last `window_share_release_s` before a
+window's reset, its shares no longer cap anyone.
 
 Once the account is chosen its meter is read (the figures before the turn). When the turn ends (and the
 meter learned its `rate_limit_event`, pipeline/runner.classify_turn) the rise of each window is attributed
@@ -43,10 +44,12 @@ def over_share(f: Flight) -> list[str]:
     if cap is None:
         return []
     relay, now = f.relay, time.time()
+    release_s = f.cfg["window_share_release_s"]  # near its reset, a window's unused shares go to others
     over: dict[str, tuple[float, list[str]]] = {}
     running_resets: dict[str, dict[str, float]] = {}
     for spec in relay.accounts.specs:
-        running = live(windows(relay.accounts.state(spec.name)), now)
+        running = {w: win for w, win in live(windows(relay.accounts.state(spec.name)), now).items()
+                   if win.resets_at is None or win.resets_at - now > release_s}
         used = relay.shares.used(_account_id(f, spec.name), _member(f), running)
         full = [w for w, share in used.items() if share >= cap]
         running_resets[spec.name] = {w: win.resets_at or now for w, win in running.items()}
