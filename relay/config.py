@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 # what an alert webhook may subscribe to (core/alerts.py sends them)
 ALERT_EVENTS = ("account_limited", "account_recovered", "utilization_threshold", "overage_detected", "login_failing",
                 "run_timeout", "runaway_conversation", "helper_down", "helper_restarted", "cli_too_old",
-                "cli_selftest_failed", "cache_health", "model_limited")
+                "cli_selftest_failed", "cache_health", "model_limited", "model_mismatch")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ def _check_keys(value: Any) -> str | None:
             return f"item {i} must be a key string or an object with a name"
         if not (item.get("key") or item.get("key_sha256")):
             return f"item {i} ({item['name']}) needs key or key_sha256"
+        share = item.get("window_share")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or
+                                  not 0 < share <= 1):
+            return f"item {i} ({item['name']}): window_share must be a number above 0 and at most 1"
     return None
 
 
@@ -227,7 +231,9 @@ SCHEMA: dict[str, Field] = {
     "rate_limit.max_tokens_per_day": Field(int, 0, "Global tokens per day (0 = no limit).", _between(0, 10**12)),
     "auth.enabled": Field(bool, False, "Require an API key on /v1/*."),
     "auth.api_keys": Field(list, [], "Keys: strings (named key-XXXXXXXX: the first 8 hex digits of the digest), or objects {name, key | "
-                          "key_sha256, rpm, tokens_per_day, max_concurrent, models, admin, agent}.", _check_keys),
+                          "key_sha256, rpm, tokens_per_day, max_concurrent, models, admin, agent, window_share}. "
+                          "window_share (0 < x <= 1): the most of each subscription window (per account) the "
+                          "key may use; past it, 429 window_share_exceeded until the window resets.", _check_keys),
     "sessions.enabled": Field(bool, True, "Map conversations onto CLI sessions (resume)."),
     "sessions.ttl_hours": Field(float, 24.0, "How long an idle conversation is kept.", _POS),
     "sessions.lock_wait_s": Field(float, 30.0, "How long a second request for a busy conversation waits.",
@@ -289,6 +295,9 @@ SCHEMA: dict[str, Field] = {
     "accounts_hold_s": Field(float, 0.0, "When every account is at its limit and the earliest reset is at most "
                              "this many seconds away, a request waits for it (a stream sends keep-alives) instead "
                              "of a 429; 0 = never (a 429 at once).", _between(0, 6 * 3600)),
+    "window_share_release_s": Field(float, 0.0, "In the last this many seconds before a window resets, "
+                                    "api_keys[].window_share no longer caps that window: a share not used by then "
+                                    "goes to whoever asks (0 = shares hold to the reset).", _NONNEG),
     "alerts.webhooks": Field(list, [], "Webhooks for operator alerts: {url, format: json | slack | telegram, "
                              "chat_id, events}.", _check_webhooks),
     "alerts.thresholds": Field(list, [0.8, 0.95], "Window utilizations that raise an alert (once per window).",

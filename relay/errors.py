@@ -13,7 +13,8 @@ Anthropic's (`{"type": "error", "error": {"type", "message"}}`) on the Messages 
     ├── RateLimited (429 requests/rate_limit_exceeded)   relay limits, upstream 429
     │   ├── SubscriptionLimited                         the subscription's own limit (cooldown)
     │   ├── QuotaExceeded (429 insufficient_quota)       tokens per day
-    │   └── RunawayStopped (429 runaway_conversation)    a conversation replaying or burning far too much
+    │   ├── RunawayStopped (429 runaway_conversation)    a conversation replaying or burning far too much
+    │   └── WindowShareExceeded (429 window_share_exceeded)  a key past its window_share of a window
     ├── UpstreamError (502)                              upstream 5xx, CLI crash, garbage output
     │   └── PoolLost                                     the pool server died under the run (retried if it can be)
     ├── Unavailable (503)                                CLI missing, login expired, overloaded
@@ -135,6 +136,14 @@ class QuotaExceeded(RateLimited):
 class RunawayStopped(RateLimited):
     """The runaway guard refuses this conversation until its cooldown ends; retrying sooner cannot help."""
     code = "runaway_conversation"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after, headers={"x-should-retry": "false"})
+
+
+class WindowShareExceeded(RateLimited):
+    """The API key used its `window_share` of a subscription window on every account; the window's reset frees it."""
+    code = "window_share_exceeded"
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message, retry_after=retry_after, headers={"x-should-retry": "false"})

@@ -38,6 +38,7 @@ from .state.quotas import Quotas
 from .state.responses import ResponseStore
 from .state.runaway import Runaways
 from .state.sessions import Sessions
+from .state.shares import WindowShares
 from .state.slots import RunSlots
 from .state.stats import Stats
 from .state.storm import FailoverRamp
@@ -105,6 +106,7 @@ class Relay:
                                           settings["accounts_failover_start"], settings["max_concurrent_runs"])
         # each account's login: its config dir and/or OAuth token; the others' tokens are scrubbed
         self.account_envs, self.account_problems = account_envs(specs, self.cli_env)
+        self.shares = WindowShares(self._redis)   # each key's share of each window (api_keys[].window_share)
 
     # -- the CLI ---------------------------------------------------------------------------------
     def check_cli(self, force: bool = False) -> dict[str, Any]:

@@ -34,6 +34,7 @@ Markers (any number, anywhere in the last user message):
   MOCK:write=<path>                     the file_path of a Write tool_use (content "written-by-agent")
   MOCK:read=<absolute path>             the file_path of a Read tool_use
   MOCK:structured                       call the StructuredOutput tool with MOCK_STRUCTURED_INPUT
+  MOCK:served_model=<id>                answer as model <id> (a fallback or downgrade), not the one asked for
   MOCK:usage=<in>,<cache_create>,<cache_read>,<out>
 Without markers the answer is "Hello from mock. You said: <last text>".
 
@@ -103,6 +104,7 @@ class Window:
     five_hour_reset: int = field(default_factory=lambda: int(time.time()) + 5 * 3600)
     seven_day_reset: int = field(default_factory=lambda: int(time.time()) + 7 * 86400)
     per_request: float = 0.0          # utilization each answered request adds to both windows
+    per_request_7d: float | None = None  # what it adds to the weekly window instead, when set
     overage: str = "rejected"         # overage status: allowed | allowed_warning | rejected
     overage_disabled_reason: str = "out_of_credits"
     login_ok: bool = True             # False: 401 (a revoked or expired token)
@@ -346,7 +348,8 @@ class MockAnthropic:
                 if win is not None:
                     with mock.lock:
                         win.five_hour = round(win.five_hour + win.per_request, 6)
-                        win.seven_day = round(win.seven_day + win.per_request, 6)
+                        weekly = win.per_request if win.per_request_7d is None else win.per_request_7d
+                        win.seven_day = round(win.seven_day + weekly, 6)
                 self.window_headers = window_headers
                 text = last_user_text(body)
                 markers = dict(
@@ -399,7 +402,7 @@ class MockAnthropic:
                     stop = "max_tokens"
                 if "refusal" in markers:
                     stop = "refusal"
-                model = body.get("model", "claude-mock")
+                model = markers.get("served_model") or body.get("model", "claude-mock")
                 msg_id = "msg_mock_" + uuid.uuid4().hex[:16]
                 n_out = out_tokens if out_tokens is not None else max(1, len(_words(blocks)))
                 usage_obj = {

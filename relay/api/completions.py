@@ -8,6 +8,7 @@ and records a refusal once. Streams set their headers before the first byte and 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -84,9 +85,11 @@ def serve(fmt: Format, io: RouteIO = NO_IO) -> Any:
     if req.stream:
         if ex.token_budget is not None:  # headers go out now: the budget minus this prompt's estimate
             g.token_budget = dict(ex.token_budget, remaining=max(0, ex.token_budget["remaining"] - ex.estimate))
+        g.receipt = _head_receipt(ex)  # the head has only what is known before the turn
         # the request's context stays with the stream: a route's `keep` may read the caller and the relay
         return Response(stream_with_context(_stream(fmt, parsed, ex, io)), mimetype="text/event-stream", headers=SSE_HEADERS)
     view = ex.complete()
+    g.receipt = ex.receipt
     answer = fmt.complete(view, parsed)
     if io.keep:
         io.keep(parsed, ex, view, answer)
@@ -142,6 +145,14 @@ def _held(fmt: Format, parsed: Parsed, hold: AccountsHold, io: RouteIO) -> Itera
     yield from _stream(fmt, parsed, ex, io)
 
 
+def _head_receipt(ex: Exchange) -> Any:
+    try:
+        return ex.head_receipt()
+    except Exception as exc:  # the stream goes on without its receipt
+        log.warning("%s: no receipt in the stream's head: %s", g.request_id, exc)
+        return None
+
+
 def _stream(fmt: Format, parsed: Parsed, ex: Exchange, io: RouteIO) -> Iterator[bytes]:
     events = fmt.stream(ex.head(), parsed)
     try:
@@ -155,6 +166,8 @@ def _stream(fmt: Format, parsed: Parsed, ex: Exchange, io: RouteIO) -> Iterator[
         ex.settle()  # before the last events: the client's next request finds the conversation committed
         if io.keep and events.final is not None:
             io.keep(parsed, ex, view, events.final)
+        if ex.receipt is not None and ex.receipt.utilization:  # an SSE comment: every parser skips it
+            yield b": x-relay-receipt " + json.dumps(ex.receipt.headers(), separators=(",", ":")).encode() + b"\n\n"
         yield last
         ex.close(None)  # the CLI's exit is waited for after the client has its whole answer
     except RelayError as exc:

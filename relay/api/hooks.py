@@ -33,7 +33,10 @@ CORS_ALLOW_HEADERS = ("Authorization, Content-Type, OpenAI-Organization, OpenAI-
                       "anthropic-beta, anthropic-dangerous-direct-browser-access")
 CORS_EXPOSE = ("x-request-id, request-id, retry-after, retry-after-ms, x-should-retry, openai-version, "
                "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
-               "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")
+               "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, "
+               "x-relay-account, x-relay-receipt, x-relay-window-utilization, x-relay-window-reset, "
+               "x-relay-overage-in-use, x-relay-key-window-share, x-relay-key-window-share-limit, "
+               "x-relay-served-model, x-relay-requested-model")
 ADMIN_PREFIXES = ("/v1/sessions", "/stats", "/v1/accounts")
 # with auth off, everyone's data: answered only on this machine (like /dashboard/data)
 ADMIN_DATA = ADMIN_PREFIXES + ("/v1/usage",)
@@ -199,6 +202,8 @@ def install(app: Flask, relay: Relay) -> None:
             resp.headers["request-id"] = getattr(g, "request_id", "")  # what the Anthropic SDKs report
         if getattr(g, "relay_account", None):
             resp.headers["x-relay-account"] = g.relay_account
+        if getattr(g, "receipt", None) is not None:  # pipeline/receipts.py: the answer's receipt
+            resp.headers.update(g.receipt.headers())
         origin = allowed_origin()
         if origin and request.method != "OPTIONS":
             resp.headers["Access-Control-Allow-Origin"] = origin

@@ -154,4 +154,7 @@ def own_usage(relay: Relay, key: ApiKey) -> dict[str, Any]:
                   "meter": meter("tokens today", used, key.tokens_per_day, "resets at midnight UTC")},
         "charts": _charts(relay, key=key),
         "recent": relay.stats.recent(20, key=key.name, key_id=key.id),
+        # its share of each subscription window (api_keys[].window_share), per account
+        "window_shares": {"limit": key.window_share, "windows": relay.shares.of_key(relay.accounts, key.id,
+                                                                                     key.window_share)},
     }

@@ -63,6 +63,7 @@ class RequestRecord:
     account: str = ""                    # the Claude account whose CLI ran it ("" when refused before a run)
     response_cache_hit: bool = False
     tokens_saved: int = 0
+    receipt: dict[str, Any] | None = None  # core/receipt.Receipt.record(): windows, overage, key share, served model
     timestamp: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:

@@ -25,9 +25,10 @@ from typing import Any
 
 from ..core.events import Delta
 from ..core.formats.base import StreamHead, TurnView
+from ..core.receipt import Receipt
 from ..core.request import ChatRequest
 from ..runtime import Relay
-from . import answer, finish, runner
+from . import answer, finish, receipts, runner
 from .admission import Context, Flight
 from .hold import AccountsHold
 
@@ -59,6 +60,15 @@ class Exchange:
     @property
     def created(self) -> int:
         return self.flight.created
+
+    @property
+    def receipt(self) -> Receipt | None:
+        """The finished turn's receipt (None before the end, or when it could not be made)."""
+        return self.flight.receipt
+
+    def head_receipt(self) -> Receipt:
+        """What a stream's head can carry: the figures from before the turn."""
+        return receipts.head(self.flight)
 
     def open(self) -> None:
         """Raises `AccountsHold` for a stream that must wait for an account's reset: the route then sends

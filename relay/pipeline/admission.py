@@ -17,6 +17,7 @@ from ..cli.run import DisconnectWatcher, Run
 from ..core.agent import Agent
 from ..core.conversation import Plan, conversation_id
 from ..core.events import Delta
+from ..core.receipt import Receipt, Window
 from ..core.request import ChatRequest
 from ..core.routing import model_family
 from ..errors import Conflict, RateLimited
@@ -69,6 +70,8 @@ class Flight:
     held_s: float = 0.0                  # time spent holding for an account's reset (pipeline/hold.py)
     pending: Any = None                  # (plan, tried) of a stream whose route holds it
     moved_from: str | None = None        # the conversation's previous account, when it moved
+    before: dict[str, Window] = field(default_factory=dict)   # the account's windows when it was chosen
+    receipt: Receipt | None = None       # what the answer's headers and record say (pipeline/receipts.py)
 
     def __post_init__(self) -> None:
         self.heartbeat = Heartbeat(self.relay.leases, self.lease_lost)

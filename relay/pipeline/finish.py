@@ -14,7 +14,7 @@ from ..core.formats.base import stored_answer
 from ..core.record import RequestRecord
 from ..core.request import text_of
 from ..errors import ClientStalled, RelayError, Timeout
-from . import guard
+from . import guard, receipts
 from .admission import Flight
 from .answer import model, raw_usage, view
 from .runner import end_run
@@ -29,6 +29,7 @@ def settle(f: Flight) -> None:
     if f.closed or f.settled or not f.run:
         return
     f.settled = True
+    receipts.take(f)  # the stream's last comment carries it
     cancelled = f.run.cancelled or (f.watcher is not None and f.watcher.gone)
     warm = _keep_warm(f, not cancelled)
     try:
@@ -80,6 +81,8 @@ def close(f: Flight, exc: BaseException | None) -> None:
             f.relay.alerts.emit("cli_too_old", f.account, f"Host {f.relay.host}: Anthropic refuses the relay's Claude "
                                 f"Code CLI {version}: {exc.message}", f"cli_too_old:{f.relay.host}:{version}",
                                 details={"version": version, "request_id": f.ctx.request_id})
+        if f.run:
+            receipts.take(f)
         f.relay.record(record_of(f, exc))
 
 
@@ -144,4 +147,5 @@ def record_of(f: Flight, exc: BaseException | None) -> RequestRecord:
         ttft_ms=f.run.ttft_ms if f.run else None, first_message=first_user[:200],
         resumed=bool(f.plan and f.plan.resume and not f.plan.written), moved=bool(f.moved_from),
         bytes_to_cli=f.bytes_to_cli, worker=os.getpid(),
-        endpoint=f.ctx.endpoint, account=f.account or "", pool=f.pool_use)
+        endpoint=f.ctx.endpoint, account=f.account or "", pool=f.pool_use,
+        receipt=f.receipt.record() if f.receipt else None)

@@ -24,6 +24,7 @@ from ..core.routing import model_family
 from ..core.run_description import RunDescription, describe, prompt_cache, system_of
 from ..core.upstream import SessionMissing, classify, is_account_error
 from ..errors import PoolLost, RelayError, UpstreamError
+from . import receipts
 from .admission import Flight, admit, drop_account, fresh_plan, take_account
 from .hold import AccountsHold, hold_until
 from .hold import wait as hold_wait
@@ -35,14 +36,15 @@ def open_run(f: Flight) -> None:
     """Admit the request and start its run; returns once the upstream API accepted it."""
     if f.ctx.client_socket is not None:  # watched from the start: a client may give up while queued
         f.watcher = DisconnectWatcher(f.ctx.client_socket, f.client_gone).start()
-    _place(f, admit(f), [])
+    plan = admit(f)
+    _place(f, plan, receipts.over_share(f))   # accounts where this key used its window_share
 
 
 def resume_run(f: Flight) -> None:
     """A held stream, after its wait: every account is tried again (their resets have come)."""
     plan, _ = f.pending
     f.pending = None
-    _place(f, plan, [])
+    _place(f, plan, receipts.over_share(f))
 
 
 def _place(f: Flight, plan: Plan, tried: list[str]) -> None:
@@ -61,8 +63,9 @@ def _place(f: Flight, plan: Plan, tried: list[str]) -> None:
                 raise h from None
             if not hold_wait(f, h):
                 raise
-            tried.clear()
+            tried[:] = receipts.over_share(f)
             continue
+        receipts.note_before(f)
         try:
             _start_on_account(f, plan)
             _answer_by(f)

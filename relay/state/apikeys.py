@@ -38,6 +38,15 @@ def new_key() -> str:
     return "sk-relay-" + secrets.token_urlsafe(32)
 
 
+def _share(value: Any) -> float | None:
+    """`window_share` as checked in relay/config.py; a bad one in Redis is a ValueError (the old keys stay)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"window_share must be a number above 0 and at most 1, not {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
@@ -47,6 +56,7 @@ class ApiKey:
     max_concurrent: int | None = None
     models: tuple[str, ...] | None = None
     admin: bool = False
+    window_share: float | None = None   # the most of any subscription window this key may use (0 < x <= 1)
     agent: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     @classmethod
@@ -58,7 +68,8 @@ class ApiKey:
         models = item.get("models")
         return cls(name=str(item["name"]), sha256=sha, rpm=item.get("rpm"), tokens_per_day=item.get("tokens_per_day"),
                    max_concurrent=item.get("max_concurrent"), models=tuple(models) if models else None,
-                   admin=bool(item.get("admin")), agent=item.get("agent"))
+                   admin=bool(item.get("admin")), agent=item.get("agent"),
+                   window_share=_share(item.get("window_share")))
 
     @property
     def id(self) -> str:
@@ -215,7 +226,8 @@ def keys_list() -> list[dict[str, Any]]:
     for item in load_settings()["auth.api_keys"]:
         k = ApiKey.parse(item)
         out[k.name] = {"name": k.name, "admin": k.admin, "rpm": k.rpm, "tokens_per_day": k.tokens_per_day,
-                       "max_concurrent": k.max_concurrent, "models": k.models, "source": "config"}
+                       "max_concurrent": k.max_concurrent, "models": k.models, "window_share": k.window_share,
+                       "source": "config"}
     r = _redis()
     if r is not None:
         for v in r.hgetall(KEYS_HASH).values():

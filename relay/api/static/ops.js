@@ -130,6 +130,12 @@
     row(lim, ["models", d.limits.models === null ? "all" : d.limits.models.join(", ")]);
     row(lim, ["tightest budget today", d.today.limited_by === null ? "none" : d.today.limited_by]);
     row(lim, ["resets in", d.today.resets_in_s === null ? "–" : Math.round(d.today.resets_in_s / 60) + " min"]);
+    const ws = d.window_shares || { limit: null, windows: [] };  // api_keys[].window_share (pipeline/receipts.py)
+    row(lim, ["share of each window", ws.limit === null ? "no limit" : ws.limit]);
+    for (const w of ws.windows) {
+      row(tbody("window-shares"), [w.account, w.window, w.share, w.limit === null ? "no limit" : w.left,
+                                   w.window_utilization, w.resets_at || "–"]);
+    }
     svg($("today-meter"), d.today.meter);
     charts(d.charts);
     for (const [day, u] of Object.entries(d.usage.days)) {
