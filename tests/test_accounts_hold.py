@@ -51,7 +51,7 @@ def test_a_held_stream_keeps_alive_then_answers(held, mock_api):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     comments, data, first_data_at = 0, [], None
     for line in r.iter_lines():
-        if line.startswith(b":"):
+        if line.startswith(b": keep-alive"):                # (the after-turn receipt is a comment too)
             comments += 1
             assert not data                               # keep-alives come before the answer
         elif line.startswith(b"data: "):
