@@ -20,7 +20,7 @@ Anything that fails in `open()` is an ordinary HTTP error: nothing has reached t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..core.events import Delta
@@ -73,18 +73,16 @@ class Exchange:
     def open(self) -> None:
         """Raises `AccountsHold` for a stream that must wait for an account's reset: the route then sends
         keep-alives until `hold.until` and calls `resume()`."""
-        try:
-            runner.open_run(self.flight)
-        except AccountsHold:
-            raise
-        except BaseException as exc:
-            self.close(exc)
-            raise
+        self._start(runner.open_run)
 
     def resume(self) -> None:
         """A held stream, after its wait; may raise `AccountsHold` again (within its hold budget)."""
+        self._start(runner.resume_run)
+
+    def _start(self, step: Callable[[Flight], None]) -> None:
+        """Anything but a hold that fails before the run answers closes the exchange."""
         try:
-            runner.resume_run(self.flight)
+            step(self.flight)
         except AccountsHold:
             raise
         except BaseException as exc:

@@ -68,7 +68,7 @@ class Flight:
     member: str = ""
     account: str | None = None           # the Claude account this request runs on
     held_s: float = 0.0                  # time spent holding for an account's reset (pipeline/hold.py)
-    pending: Any = None                  # (plan, tried) of a stream whose route holds it
+    pending: Plan | None = None          # the plan of a stream whose route holds it (pipeline/hold.py)
     moved_from: str | None = None        # the conversation's previous account, when it moved
     before: dict[str, Window] = field(default_factory=dict)   # the account's windows when it was chosen
     receipt: Receipt | None = None       # what the answer's headers and record say (pipeline/receipts.py)

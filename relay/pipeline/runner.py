@@ -42,8 +42,8 @@ def open_run(f: Flight) -> None:
 
 def resume_run(f: Flight) -> None:
     """A held stream, after its wait: every account is tried again (their resets have come)."""
-    plan, _ = f.pending
-    f.pending = None
+    plan, f.pending = f.pending, None
+    assert plan is not None, "resumed without a hold"
     _place(f, plan, receipts.over_share(f))
 
 
@@ -59,7 +59,7 @@ def _place(f: Flight, plan: Plan, tried: list[str]) -> None:
             log.info("%s: every account is limited; holding %.0f s for the earliest reset", f.ctx.request_id,
                      until - time.time())
             if f.req.stream:  # its route sends keep-alives while it waits, then resumes it
-                f.pending = (plan, tried)
+                f.pending = plan
                 raise h from None
             if not hold_wait(f, h):
                 raise
